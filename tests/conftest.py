@@ -1,0 +1,58 @@
+"""Shared fixtures: one local Supabase stack for the whole run (tests/local_supabase.py).
+
+`stack` hands each test the running stack with faults cleared and the row cap and
+statement timeout back at their defaults; `fresh_stack` also reloads the demo data,
+for tests that write. `db` is a superuser psycopg connection, for checking the
+database through a path that is not the tool's.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from local_supabase import LocalSupabase  # noqa: E402
+
+DEFAULT_MAX_ROWS = 1000
+DEFAULT_STATEMENT_TIMEOUT = "8s"
+
+
+@pytest.fixture(scope="session")
+def local_stack():
+    with LocalSupabase(max_rows=DEFAULT_MAX_ROWS,
+                       statement_timeout=DEFAULT_STATEMENT_TIMEOUT) as stack:
+        yield stack
+
+
+@pytest.fixture
+def stack(local_stack):
+    local_stack.faults.clear()
+    local_stack.requests.clear()
+    yield local_stack
+    local_stack.faults.clear()
+    local_stack.max_rows = DEFAULT_MAX_ROWS
+    local_stack.statement_timeout = DEFAULT_STATEMENT_TIMEOUT
+
+
+@pytest.fixture
+def fresh_stack(stack):
+    stack.reset()
+    return stack
+
+
+@pytest.fixture
+def db(stack):
+    with psycopg.connect(stack.database_url, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+def client(stack):
+    from supabase import create_client
+
+    return create_client(stack.url, stack.service_role_key)
