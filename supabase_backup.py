@@ -51,11 +51,21 @@ The service key is never printed or logged.
 """
 
 import argparse
+import base64
+import contextlib
+import datetime
+import fcntl
+import gzip
+import hashlib
+import io
+import json
 import logging
 import logging.handlers
 import os
 import re
 import sys
+import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, NamedTuple
@@ -78,6 +88,14 @@ LOG_DIR = "logs"
 LOG_FILE_NAME = "supabase_backup.log"
 LOG_FILE_MAX_BYTES = 5 * 1024 * 1024
 LOG_FILE_BACKUPS = 5
+
+# Rows asked for per page. The server may cap lower (Supabase's db-max-rows, 1000 by default);
+# paging learns the cap from what comes back instead of assuming it.
+PAGE_SIZE = 1000
+MIN_PAGE_SIZE = 10  # a page that times out is halved down to this before the table fails
+REQUEST_TIMEOUT = 120  # seconds, per request
+RETRY_DELAYS = (1.0, 2.0, 4.0)  # seconds before each new attempt at a transient failure
+GZIP_LEVEL = 6
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -124,6 +142,10 @@ class IncompleteBackupError(BackupError):
     """A table could not be read completely, so no backup file was written."""
 
     exit_code = EXIT_INCOMPLETE
+
+
+class TableMissingError(IncompleteBackupError):
+    """A table the run was reading is gone from the API (dropped, renamed)."""
 
 
 class ValidationError(BackupError):
@@ -310,16 +332,765 @@ def data_paths(config):
 
 
 # --- Supabase access --------------------------------------------------------------------------
-# Filled by issue #3: the only code that talks to the API (client, OpenAPI discovery, paging).
+# The only code that makes requests. Everything goes through the official supabase client; the
+# OpenAPI document, which the client has no call for, is fetched through the client's own HTTP
+# session, so it carries the same URL, key and keep-alive connection.
+
+SERVICE_ROLE = "service_role"
+SECRET_KEY_PREFIX = "sb_secret_"
+PUBLISHABLE_KEY_PREFIX = "sb_publishable_"
+STATEMENT_TIMEOUT = "57014"
+# Codes worth another attempt: the gateway's 5xx/429 (the client reports the HTTP status when the
+# body is not PostgREST JSON), PostgREST's connection errors, and PostgreSQL's connection, resource,
+# shutdown, serialization and internal errors.
+TRANSIENT_CODES = {"408", "429", "500", "502", "503", "504", "520", "521", "522", "523", "524",
+                   "PGRST000", "PGRST001", "PGRST002", "PGRST003", "40001", "40P01"}
+TRANSIENT_PREFIXES = ("08", "53", "57P", "XX")
+AUTH_CODES = {"401", "PGRST301", "PGRST302", "PGRST303", "22023"}
+MISSING_TABLE_CODES = {"PGRST205", "42P01"}
+
+
+class StatementTimeout(Exception):
+    """Control flow: a request hit the server's statement timeout (57014); ask for less."""
+
+
+def key_role(key):
+    """The role a key acts as: from the sb_ prefix, or the role claim of a JWT; None if unknown.
+
+    The JWT is decoded, not verified: only the server can verify it. This is a guard against a
+    key that would make RLS hide rows silently, not an authentication.
+    """
+    if key.startswith(SECRET_KEY_PREFIX):
+        return SERVICE_ROLE
+    if key.startswith(PUBLISHABLE_KEY_PREFIX):
+        return "anon"
+    parts = key.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, TypeError):
+        return None
+    role = payload.get("role") if isinstance(payload, dict) else None
+    return role if isinstance(role, str) else None
+
+
+def check_key_role(config, allow_rls_limited=False):
+    """Refuse a key that is not the service role: RLS would hide rows without any error.
+
+    Returns the role; with allow_rls_limited a weaker key passes with a warning.
+    """
+    role = key_role(config.key)
+    if role == SERVICE_ROLE:
+        return role
+    what = f"the {role} role" if role else "an unknown role"
+    if allow_rls_limited:
+        log.warning("%s acts as %s: row level security may hide rows, so this backup may be "
+                    "incomplete without any error (--allow-rls-limited)", config.key_setting, what)
+        return role or "unknown"
+    raise ConfigError(f"{config.key_setting} is a key for {what}, not the service role: row level "
+                      f"security would hide rows without an error; set it to the service_role "
+                      f"(secret) key from Project Settings > API, or pass --allow-rls-limited to "
+                      f"accept a partial backup")
+
+
+def is_transient(code):
+    """Whether an error code is worth another attempt at the same request."""
+    return code in TRANSIENT_CODES or code.startswith(TRANSIENT_PREFIXES)
+
+
+class SupabaseApi:
+    """The project's REST API through the supabase client, with retries and request counting."""
+
+    def __init__(self, config):
+        # Imported here: the client takes a moment to import, and --help should not wait for it.
+        from supabase import ClientOptions, create_client
+
+        options = ClientOptions(postgrest_client_timeout=REQUEST_TIMEOUT,
+                                postgrest_client_retry=False)  # retries are ours, see execute()
+        try:
+            self.client = create_client(config.url, config.key, options=options)
+        except Exception as exc:  # the client validates the URL and key format
+            raise ConfigError(f"the supabase client refused the settings: {one_line(exc)}; "
+                              f"check SUPABASE_URL and {config.key_setting}") from None
+        self.url = config.url
+        self.key_setting = config.key_setting
+        self.requests = 0
+
+    def close(self):
+        """Close the HTTP session."""
+        self.client.postgrest.session.close()
+
+    def execute(self, what, build):
+        """Run build().execute() with retries on transient failures; what names it in errors.
+
+        Statement timeouts raise StatementTimeout for the caller to ask for less.
+        """
+        import httpx
+        from postgrest.exceptions import APIError
+
+        attempts = len(RETRY_DELAYS) + 1
+        for attempt in range(1, attempts + 1):
+            self.requests += 1
+            try:
+                return build().execute()
+            except APIError as exc:
+                code = str(exc.code or "")
+                if code == STATEMENT_TIMEOUT:
+                    raise StatementTimeout(what) from None
+                if not is_transient(code) or attempt == attempts:
+                    raise self.api_failure(what, exc, attempt) from None
+                reason = f"{code} {one_line(exc.message or '', 120)}"
+            except httpx.TransportError as exc:
+                if attempt == attempts:
+                    raise ConnectionFailure(
+                        f"{what}: cannot reach {self.url} ({type(exc).__name__}: "
+                        f"{one_line(exc, 120)}) after {attempts} attempts; check SUPABASE_URL "
+                        f"and the network, then run again") from None
+                reason = f"{type(exc).__name__}: {one_line(exc, 120)}"
+            delay = RETRY_DELAYS[attempt - 1]
+            log.warning("%s: %s; retrying in %gs (attempt %d of %d)", what, reason, delay,
+                        attempt + 1, attempts)
+            time.sleep(delay)
+
+    def api_failure(self, what, exc, attempts):
+        """The BackupError for an API error that retrying did not cure."""
+        code = str(exc.code or "")
+        message = one_line(exc.message or "", 200)
+        if code in AUTH_CODES:
+            return ConfigError(f"{what}: the API refused the key ({code} {message}); check "
+                               f"{self.key_setting} (Project Settings > API)")
+        if code in MISSING_TABLE_CODES:
+            return TableMissingError(f"{what}: {message}")
+        if code.isdigit() and not exc.message or (code.isdigit() and
+                                                  "<html" in str(exc.details or "").lower()):
+            return ConnectionFailure(f"{what}: {self.url} answered HTTP {code}, not like a "
+                                     f"Supabase project; check SUPABASE_URL")
+        tried = f" after {attempts} attempts" if attempts > 1 else ""
+        return ConnectionFailure(f"{what}: the API answered {code} {message}{tried}")
+
+    def openapi(self):
+        """The PostgREST OpenAPI document at /rest/v1/ (service role only on hosted Supabase)."""
+        import httpx
+
+        what = "reading the table list (GET /rest/v1/)"
+        for attempt in range(1, len(RETRY_DELAYS) + 2):
+            self.requests += 1
+            try:
+                response = self.client.postgrest.session.get("/")
+            except httpx.TransportError as exc:
+                if attempt > len(RETRY_DELAYS):
+                    raise ConnectionFailure(f"{what}: cannot reach {self.url} "
+                                            f"({type(exc).__name__}); check SUPABASE_URL and the "
+                                            f"network, then run again") from None
+                time.sleep(RETRY_DELAYS[attempt - 1])
+                continue
+            if is_transient(str(response.status_code)) and attempt <= len(RETRY_DELAYS):
+                time.sleep(RETRY_DELAYS[attempt - 1])
+                continue
+            break
+        status = response.status_code
+        if status in (401, 403):
+            raise ConfigError(f"{what}: the API refused the key (HTTP {status}); "
+                              f"{self.key_setting} must be the service_role (secret) key")
+        try:
+            document = response.json()
+        except ValueError:
+            document = None
+        if status != 200 or not isinstance(document, dict) or "definitions" not in document:
+            raise ConnectionFailure(f"{what}: {self.url} answered HTTP {status} without a "
+                                    f"PostgREST schema; check SUPABASE_URL (the project URL, "
+                                    f"e.g. https://abcd.supabase.co)")
+        return document
+
+    def count(self, table, method="exact"):
+        """The number of rows of a table (a HEAD request with Prefer: count=...)."""
+        response = self.execute(f"counting {table}",
+                                lambda: self.client.table(table).select("*", count=method,
+                                                                        head=True))
+        if response.count is None:
+            raise ConnectionFailure(f"counting {table}: the API answered without a count")
+        return response.count
+
+    def page(self, table, order_by, after, limit, offset=0):
+        """One page of rows in order_by order: rows after the key values `after` (keyset), or
+        from `offset` when the table has no key."""
+
+        def build():
+            query = self.client.table(table).select("*")
+            if after is not None:
+                query = keyset_filter(query, order_by, after)
+            for column in order_by:
+                query = query.order(column)
+            query = query.limit(limit)
+            return query.offset(offset) if offset else query
+
+        return self.execute(f"reading {table} (rows after {after!r})" if after is not None
+                            else f"reading {table} (offset {offset})", build).data
+
+
+def quote_filter_value(value):
+    """A value inside a PostgREST logic tree, double-quoted so commas and dots stay in it."""
+    text = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def keyset_filter(query, columns, values):
+    """Rows strictly after `values` in the order of `columns` (the key): a > x, or a = x and b > y...
+
+    One column is a plain gt filter, which PostgreSQL answers with an index range scan.
+    """
+    if len(columns) == 1:
+        return query.gt(columns[0], values[0])
+    branches = []
+    for i, column in enumerate(columns):
+        equal = [f"{c}.eq.{quote_filter_value(v)}" for c, v in zip(columns[:i], values[:i])]
+        greater = f"{column}.gt.{quote_filter_value(values[i])}"
+        branches.append(f"and({','.join(equal + [greater])})" if equal else greater)
+    return query.or_(",".join(branches))
+
+
+def discover_tables(openapi):
+    """Every relation of the OpenAPI document: name -> its metadata (columns, keys, writable)."""
+    paths = openapi.get("paths") or {}
+    tables = {}
+    for name, definition in (openapi.get("definitions") or {}).items():
+        properties = definition.get("properties") or {}
+        required = set(definition.get("required") or [])
+        columns, primary_key, foreign_keys = [], [], []
+        for column, prop in properties.items():
+            description = prop.get("description") or ""
+            columns.append({"name": column, "type": prop.get("type"), "format": prop.get("format"),
+                            "nullable": column not in required,
+                            **({"default": prop["default"]} if "default" in prop else {})})
+            if "<pk/>" in description:
+                primary_key.append(column)
+            for fk_table, fk_column in FK_MARKER.findall(description):
+                foreign_keys.append({"column": column, "references_table": fk_table,
+                                     "references_column": fk_column})
+        operations = paths.get(f"/{name}") or {}
+        tables[name] = {"columns": columns, "primary_key": primary_key,
+                        "foreign_keys": foreign_keys,
+                        "writable": "post" in operations,
+                        "relation": "table" if "post" in operations else "read-only"}
+    return tables
+
+
+FK_MARKER = re.compile(r"<fk table='([^']+)' column='([^']+)'/>")
+# Column formats PostgreSQL cannot sort by (no btree ordering): left out of a no-key table's order.
+UNORDERABLE_FORMATS = {"json", "point", "line", "lseg", "box", "path", "polygon", "circle", "xml",
+                       "tsvector", "tsquery"}
+
+
+def select_tables(discovered, wanted=None, exclude=None):
+    """The tables to back up, in name order: the named ones (views too), else every writable one."""
+    if wanted:
+        missing = [name for name in wanted if name not in discovered]
+        if missing:
+            known = ", ".join(sorted(discovered)) or "(none)"
+            raise ConfigError(f"no table named {', '.join(missing)} in the project's API (the "
+                              f"service role sees: {known}); check --tables / BACKUP_TABLES")
+        return list(wanted)
+    exclude = set(exclude or [])
+    unknown = exclude - set(discovered)
+    if unknown:
+        log.warning("--exclude names tables the project does not have: %s",
+                    ", ".join(sorted(unknown)))
+    return [name for name in sorted(discovered)
+            if discovered[name]["writable"] and name not in exclude]
+
+
+def read_order(meta):
+    """(order_by columns, paging): the key for keyset paging, else every sortable column."""
+    if meta["primary_key"]:
+        return list(meta["primary_key"]), "keyset"
+    columns = [c["name"] for c in meta["columns"]
+               if (c.get("format") or "").lower() not in UNORDERABLE_FORMATS]
+    return columns, "offset"
 
 
 # --- Backup file format -----------------------------------------------------------------------
-# Filled by issue #3: reading and writing the gzip JSON format, checksums, atomic writes.
+# One gzip-compressed JSON document that json.load and jq read whole. The writer lays it out one
+# row per line, with the metadata of each table on the line before its rows and the count and
+# checksum on the line after, so that the reader can stream it in constant memory:
+#
+#   {"format":"supabase_backup","format_version":1,...,"tables":{
+#   "bookings":{"name":"bookings","columns":[...],"primary_key":["id"],...,"rows":[
+#   {"id":1,...}
+#   ,{"id":2,...}
+#   ],"row_count":2,"sha256":"...","count_before":2,"count_after":2}
+#   ,"packages":{...
+#   },"complete":true,"finished_at":"...","table_count":9,"row_count":13205}
+#
+# sha256 is over the table's rows in file order, each as compact JSON (row_json) plus "\n".
+
+BACKUP_NAME_PATTERN = re.compile(r"supabase_backup_(\d{8}_\d{6})\.json(\.gz)?")
+TEMP_PREFIX = ".partial-"
+
+
+def row_json(row):
+    """A row as the compact JSON the checksum is computed over (key order kept)."""
+    return json.dumps(row, ensure_ascii=False, separators=(",", ":"))
+
+
+def utc_now():
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def timestamp_name(prefix, moment, suffix=".json.gz"):
+    """prefix_YYYYMMDD_HHMMSS.suffix, in UTC."""
+    return f"{prefix}_{moment.strftime('%Y%m%d_%H%M%S')}{suffix}"
+
+
+def clear_partial_files(folder):
+    """Remove the temporary files of runs that died; called under the lock, so none is live."""
+    removed = []
+    for path in folder.glob(TEMP_PREFIX + "*"):
+        try:
+            path.unlink()
+            removed.append(path.name)
+        except OSError:
+            pass
+    if removed:
+        log.info("removed %d unfinished file(s) left by an earlier run that died: %s",
+                 len(removed), ", ".join(removed))
+
+
+class BackupWriter:
+    """Writes a backup file atomically: a temporary name in the same folder, fsync, rename.
+
+    Until finish() the final name does not exist, so a run that dies leaves no file that looks
+    whole; the temporary file is removed by abort() or, after kill -9, by the next run.
+    """
+
+    def __init__(self, path, header):
+        self.path = Path(path)
+        self.temp_path = self.path.parent / f"{TEMP_PREFIX}{os.getpid()}-{self.path.name}"
+        fd = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self.raw = os.fdopen(fd, "wb")
+        self.gzip = gzip.GzipFile(filename="", mode="wb", fileobj=self.raw,
+                                  compresslevel=GZIP_LEVEL, mtime=0)
+        self.out = io.BufferedWriter(self.gzip, buffer_size=1 << 20)
+        self.tables_written = 0
+        self.rows_written = 0
+        head = json.dumps(header, ensure_ascii=False, separators=(",", ":"))
+        self.out.write(head[:-1].encode() + b',"tables":{\n')
+        self._table = None
+
+    def begin_table(self, name, meta):
+        """Start a table: its metadata line; rows follow with write_rows()."""
+        first = json.dumps({"name": name, **meta}, ensure_ascii=False, separators=(",", ":"))
+        sep = b"," if self.tables_written else b""
+        self.out.write(sep + json.dumps(name).encode() + b":" + first[:-1].encode()
+                       + b',"rows":[\n')
+        self._table = {"rows": 0, "sha": hashlib.sha256()}
+
+    def write_rows(self, rows):
+        """Append rows to the current table, updating its count and checksum."""
+        table = self._table
+        for row in rows:
+            line = row_json(row).encode()
+            table["sha"].update(line + b"\n")
+            self.out.write((b"," if table["rows"] else b"") + line + b"\n")
+            table["rows"] += 1
+        self.rows_written += len(rows)
+
+    def end_table(self, **trailer):
+        """Close the current table; returns (row_count, sha256)."""
+        table, self._table = self._table, None
+        count, digest = table["rows"], table["sha"].hexdigest()
+        tail = json.dumps({"row_count": count, "sha256": digest, **trailer},
+                          ensure_ascii=False, separators=(",", ":"))
+        self.out.write(b"]," + tail[1:].encode() + b"\n")
+        self.tables_written += 1
+        return count, digest
+
+    def finish(self, **trailer):
+        """Write the closing line, fsync, and rename into place; the file is whole from here on."""
+        tail = json.dumps({"complete": True, **trailer}, ensure_ascii=False, separators=(",", ":"))
+        self.out.write(b"}," + tail[1:].encode() + b"\n")
+        self.out.flush()
+        self.gzip.close()
+        self.raw.flush()
+        os.fsync(self.raw.fileno())
+        self.raw.close()
+        os.replace(self.temp_path, self.path)
+        fsync_dir(self.path.parent)
+        return self.path
+
+    def abort(self):
+        """Throw the unfinished file away."""
+        for closer in (self.out.close, self.gzip.close, self.raw.close):
+            try:
+                closer()
+            except Exception:  # the file is being thrown away; closing errors do not matter
+                pass
+        try:
+            self.temp_path.unlink()
+        except OSError:
+            pass
+
+
+def fsync_dir(folder):
+    """Make a rename durable (the folder's entry reaches the disk)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def open_backup(path):
+    """A binary stream of the decompressed file (.json.gz, or plain .json)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValidationError(f"{path} is a folder, not a backup file; give the path of a "
+                              f".json.gz file")
+    try:
+        raw = open(path, "rb")
+    except OSError as exc:
+        raise ValidationError(f"cannot open {path}: {exc.strerror or exc}; check the path "
+                              f"(`python {PROG} list` shows the backups)") from None
+    magic = raw.read(2)
+    raw.seek(0)
+    if magic == b"\x1f\x8b":
+        return io.BufferedReader(gzip.GzipFile(fileobj=raw, mode="rb"), buffer_size=1 << 20)
+    return raw
+
+
+def _parse_line(path, number, text):
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise ValidationError(f"{path.name} is damaged: line {number} is not valid JSON "
+                              f"({exc.msg}); use another backup") from None
+
+
+def read_backup(path):
+    """Stream a backup file: yields ("header", dict), ("table", name, meta), ("row", name, row),
+    ("end_table", name, trailer), ("end", trailer).
+
+    Checks as it goes: the format, that every table's rows match its row_count and sha256, and
+    that the document is complete. A problem raises ValidationError naming it.
+    """
+    path = Path(path)
+    stream = open_backup(path)
+    try:
+        try:
+            first = stream.readline()
+        except (OSError, EOFError, zlib.error) as exc:
+            raise ValidationError(f"{path.name} is not a readable backup ({exc}); "
+                                  f"use another backup") from None
+        if not first.startswith(b'{"format":'):
+            yield from _read_whole(path, first + stream.read())
+            return
+        yield from _read_lines(path, first, stream)
+    finally:
+        stream.close()
+
+
+def _check_header(path, header):
+    if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
+        raise ValidationError(f"{path.name} is not a supabase_backup file (no "
+                              f"\"format\": \"{FORMAT_NAME}\"); give a file this tool wrote")
+    version = header.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValidationError(f"{path.name} has format version {version!r}; this tool "
+                              f"({TOOL_VERSION}) reads version {FORMAT_VERSION}; use a matching "
+                              f"version of supabase_backup.py")
+
+
+def _read_lines(path, first, stream):
+    """The streaming reader for the layout BackupWriter writes."""
+    if not first.endswith(b',"tables":{\n'):
+        raise ValidationError(f"{path.name} is damaged: its first line is not a backup header; "
+                              f"use another backup")
+    header = _parse_line(path, 1, first[:-len(b',"tables":{\n')] + b"}")
+    _check_header(path, header)
+    yield ("header", header)
+    number, table, rows, sha, finished = 1, None, 0, None, False
+    try:
+        for line in stream:
+            number += 1
+            if finished:
+                raise ValidationError(f"{path.name} is damaged: data after the end (line "
+                                      f"{number}); use another backup")
+            if table is not None and (line.startswith(b"{") or line.startswith(b",{")):
+                body = line[1:] if line.startswith(b",") else line
+                body = body.rstrip(b"\n")
+                row = _parse_line(path, number, body)
+                sha.update(body + b"\n")
+                rows += 1
+                yield ("row", table, row)
+            elif table is not None and line.startswith(b"],"):
+                trailer = _parse_line(path, number, b"{" + line[2:])
+                if trailer.get("row_count") != rows or trailer.get("sha256") != sha.hexdigest():
+                    raise ValidationError(
+                        f"{path.name} is damaged: table {table} holds {rows} rows with checksum "
+                        f"{sha.hexdigest()[:12]}..., but its record says "
+                        f"{trailer.get('row_count')} rows, {str(trailer.get('sha256'))[:12]}...; "
+                        f"use another backup")
+                yield ("end_table", table, trailer)
+                table = None
+            elif table is None and line.endswith(b',"rows":[\n'):
+                text = line[1:] if line.startswith(b",") else line
+                name_end = text.index(b":{") if b":{" in text else -1
+                if name_end < 0:
+                    raise ValidationError(f"{path.name} is damaged at line {number}; use "
+                                          f"another backup")
+                name = _parse_line(path, number, text[:name_end])
+                meta = _parse_line(path, number, text[name_end + 1:-len(b',"rows":[\n')] + b"}")
+                table, rows, sha = name, 0, hashlib.sha256()
+                yield ("table", name, meta)
+            elif table is None and line.startswith(b"},"):
+                trailer = _parse_line(path, number, b"{" + line[2:])
+                if trailer.get("complete") is not True:
+                    break
+                finished = True
+                yield ("end", trailer)
+            else:
+                raise ValidationError(f"{path.name} is damaged at line {number} (unexpected "
+                                      f"content); use another backup")
+    except (OSError, EOFError, zlib.error) as exc:
+        raise ValidationError(f"{path.name} is damaged or truncated ({exc}); use another "
+                              f"backup") from None
+    if not finished:
+        raise ValidationError(f"{path.name} is incomplete: it ends before its closing record "
+                              f"(truncated?); use another backup")
+
+
+def _read_whole(path, data):
+    """A backup in the same format but another layout (e.g. re-indented by jq): read it whole."""
+    try:
+        document = json.loads(data)
+    except ValueError as exc:
+        raise ValidationError(f"{path.name} is not a supabase_backup file (not valid JSON: "
+                              f"{exc.msg}); give a file this tool wrote") from None
+    _check_header(path, document)
+    if document.get("complete") is not True or not isinstance(document.get("tables"), dict):
+        raise ValidationError(f"{path.name} is incomplete (no \"complete\": true); use another "
+                              f"backup")
+    header = {k: v for k, v in document.items() if k not in ("tables",)}
+    yield ("header", header)
+    for name, table in document["tables"].items():
+        rows = table.get("rows")
+        if not isinstance(rows, list):
+            raise ValidationError(f"{path.name}: table {name} has no rows list; use another "
+                                  f"backup")
+        meta = {k: v for k, v in table.items()
+                if k not in ("rows", "row_count", "sha256", "count_before", "count_after",
+                             "count_method")}
+        yield ("table", name, meta)
+        sha = hashlib.sha256()
+        for row in rows:
+            sha.update(row_json(row).encode() + b"\n")
+            yield ("row", name, row)
+        if table.get("row_count") != len(rows) or table.get("sha256") != sha.hexdigest():
+            raise ValidationError(f"{path.name} is damaged: table {name} does not match its "
+                                  f"row count and checksum; use another backup")
+        yield ("end_table", name, {k: table.get(k) for k in
+                                   ("row_count", "sha256", "count_before", "count_after")})
+    yield ("end", {"complete": True, "finished_at": document.get("finished_at")})
+
+
+def check_backup(path):
+    """Read a whole backup, verifying it; returns (header, {table: trailer}) or raises."""
+    header, tables = None, {}
+    for event in read_backup(path):
+        if event[0] == "header":
+            header = event[1]
+        elif event[0] == "table":
+            tables[event[1]] = {"meta": event[2]}
+        elif event[0] == "end_table":
+            tables[event[1]].update(event[2])
+    return header, tables
 
 
 # --- Snapshot, validate, record counts, restore, verify, rollback -----------------------------
-# Filled by issue #3 (snapshot, the lock), issue #4 (validate_backup, record_counts, upsert_restore,
-# verify_restore, write_restore_log) and issue #5 (rollback, safety backup listing).
+# snapshot() is here; validate_backup, record_counts, upsert_restore, verify_restore and
+# write_restore_log come with issue #4, rollback and the safety backup listing with issue #5.
+
+LOCK_FILE_NAME = ".supabase_backup.lock"
+
+
+@contextlib.contextmanager
+def data_lock(data_dir, command):
+    """Hold the data folder's lock for the whole run: one backup or restore at a time."""
+    path = Path(data_dir) / LOCK_FILE_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another run"
+            raise LockedError(f"{holder} is using {data_dir}; wait for it to finish (one backup "
+                              f"or restore at a time), then run {command} again") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"supabase_backup {command} (pid {os.getpid()})".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock, also when the process dies
+
+
+class Progress:
+    """A one-line progress display per table on a terminal; a summary line per table otherwise."""
+
+    def __init__(self, quiet=False):
+        self.live = sys.stderr.isatty() and not quiet
+        self.started = self.last = 0.0
+
+    def start(self, table, expected):
+        self.table, self.expected, self.rows = table, expected, 0
+        self.started = self.last = time.monotonic()
+
+    def advance(self, rows):
+        self.rows += rows
+        now = time.monotonic()
+        if self.live and now - self.last >= 0.2:
+            self.last = now
+            rate = self.rows / max(now - self.started, 1e-6)
+            total = f"/{self.expected}" if self.expected is not None else ""
+            sys.stderr.write(f"\r  {self.table}: {self.rows}{total} rows, {rate:,.0f} rows/s   ")
+            sys.stderr.flush()
+
+    def done(self, message):
+        if self.live:
+            sys.stderr.write("\r\033[K")
+        log.info("%s", message)
+
+
+def read_table(api, name, meta, writer, progress):
+    """Stream one table into the writer; returns its trailer (counts, checksum, paging notes).
+
+    Keyset paging on the primary key: each page asks for the rows after the last key read, so a
+    row that exists throughout the backup is read exactly once even while others are inserted or
+    deleted. A table without a key is paged by offset in an order on all sortable columns, which
+    is stable only while the table does not change: the counts before and after tell.
+    Any error fails the table: never a silently short table.
+    """
+    order_by, paging = read_order(meta)
+    count_method = "exact"
+    try:
+        count_before = api.count(name)
+    except StatementTimeout:
+        count_method = "planned"
+        count_before = api.count(name, "planned")
+        log.warning("%s: the exact count timed out on the server; using PostgreSQL's estimate "
+                    "(%d) and the rows read instead", name, count_before)
+    progress.start(name, count_before)
+    writer.begin_table(name, {**meta, "order_by": order_by, "paging": paging})
+    page_size, largest_page, after, offset, pages = PAGE_SIZE, None, None, 0, 0
+    while True:
+        try:
+            rows = api.page(name, order_by, after, page_size, offset if paging == "offset" else 0)
+        except StatementTimeout:
+            if page_size <= MIN_PAGE_SIZE:
+                raise IncompleteBackupError(
+                    f"{name}: even a page of {page_size} rows hits the server's statement "
+                    f"timeout; raise the API's statement_timeout for this backup, or exclude "
+                    f"{name}") from None
+            page_size = max(MIN_PAGE_SIZE, page_size // 2)
+            log.warning("%s: a page hit the server's statement timeout; asking for %d rows "
+                        "per page from now on", name, page_size)
+            continue
+        pages += 1
+        if rows:
+            writer.write_rows(rows)
+            progress.advance(len(rows))
+            if paging == "keyset":
+                last = rows[-1]
+                after = [last.get(column) for column in order_by]
+            offset += len(rows)
+        # The server returns min(asked, its row cap, rows left): a page shorter than both what was
+        # asked and the largest page seen so far is the last one. The cap is learned, not assumed.
+        if not rows or (largest_page is not None and len(rows) < min(page_size, largest_page)):
+            break
+        largest_page = max(largest_page or 0, len(rows))
+    count_after = api.count(name, "exact" if count_method == "exact" else "planned")
+    rows_read = progress.rows
+    trailer = {"count_before": count_before, "count_after": count_after,
+               "count_method": count_method, "pages": pages}
+    rate = rows_read / max(time.monotonic() - progress.started, 1e-6)
+    if count_method == "exact" and not (count_before == rows_read == count_after):
+        trailer["count_mismatch"] = True
+        progress.done(f"  {name}: {rows_read} rows; the table changed during the backup (count "
+                      f"{count_before} before, {count_after} after); rows that existed "
+                      f"throughout are all in the file" if paging == "keyset" else
+                      f"  {name}: {rows_read} rows; the table changed during the backup (count "
+                      f"{count_before} before, {count_after} after) and has no primary key, so "
+                      f"rows may be missing or doubled: run the backup again")
+    else:
+        progress.done(f"  {name}: {rows_read} rows in {pages} page(s), {rate:,.0f} rows/s")
+    return trailer
+
+
+def snapshot(api, tables, discovered, path, project_host, role, progress, note=None):
+    """Back up the given tables into one new file at path; returns the backup's summary.
+
+    The file appears under its final name only once every table is read completely.
+    """
+    header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+              "tool_version": TOOL_VERSION, "created_at": utc_now().isoformat(),
+              "project_host": project_host, "key_role": role,
+              "rls_limited": role != SERVICE_ROLE}
+    if note:
+        header["note"] = note
+    writer = BackupWriter(path, header)
+    summary = {"file": str(path), "tables": {}, "rows": 0, "warnings": []}
+    try:
+        for name in tables:
+            try:
+                trailer = read_table(api, name, discovered[name], writer, progress)
+            except TableMissingError as exc:
+                raise IncompleteBackupError(f"{name} disappeared during the backup ({exc}); no "
+                                            f"backup file was written; run the backup again")
+            except BackupError as exc:
+                exc.args = (f"{name}: {exc}; no backup file was written",)
+                raise
+            count, digest = writer.end_table(**trailer)
+            summary["tables"][name] = {"rows": count, "sha256": digest, **trailer}
+            summary["rows"] += count
+            if trailer.get("count_mismatch"):
+                summary["warnings"].append(f"{name} changed during the backup")
+        writer.finish(finished_at=utc_now().isoformat(), table_count=len(tables),
+                      row_count=summary["rows"])
+    except BaseException:
+        writer.abort()
+        raise
+    # Re-read what was written: a backup is only as good as the file on disk.
+    _, checked = check_backup(path)
+    if [name for name in checked] != list(tables):
+        raise IncompleteBackupError(f"{path} does not read back as written; it was kept for "
+                                    f"inspection, but do not rely on it")
+    summary["bytes"] = path.stat().st_size
+    return summary
+
+
+def apply_retention(folder, keep=None, keep_days=None, protect=None, now=None):
+    """Delete old backups in folder (never protect, never anything but backup files); returns
+    the names deleted. Every backup is self-contained, so deleting one never breaks another."""
+    now = now or utc_now()
+    backups = sorted((p for p in folder.iterdir() if BACKUP_NAME_PATTERN.fullmatch(p.name)),
+                     key=lambda p: p.name, reverse=True)
+    doomed = []
+    for index, path in enumerate(backups):
+        if protect is not None and path.resolve() == Path(protect).resolve():
+            continue
+        stamp = datetime.datetime.strptime(BACKUP_NAME_PATTERN.fullmatch(path.name).group(1),
+                                           "%Y%m%d_%H%M%S").replace(tzinfo=datetime.timezone.utc)
+        too_many = keep is not None and index >= keep
+        too_old = keep_days is not None and now - stamp > datetime.timedelta(days=keep_days)
+        if too_many or too_old:
+            doomed.append(path)
+    for path in doomed:
+        path.unlink()
+        log.info("retention: deleted %s", path.name)
+    return [p.name for p in doomed]
 
 
 # --- Logs and summaries -----------------------------------------------------------------------
@@ -437,11 +1208,155 @@ def begin_run(args):
     return config, paths
 
 
+def resolve_tables(args, config, discovered):
+    """--tables, else BACKUP_TABLES, else every writable table (less --exclude)."""
+    wanted = args.tables
+    if not wanted and config.settings.get("BACKUP_TABLES"):
+        try:
+            wanted = table_list(config.settings["BACKUP_TABLES"])
+        except argparse.ArgumentTypeError as exc:
+            raise ConfigError(f"BACKUP_TABLES: {exc}") from None
+    return select_tables(discovered, wanted, args.exclude)
+
+
+def backup_output_path(args, paths):
+    """Where the new backup goes: --output, else backups/supabase_backup_<UTC time>.json.gz."""
+    if args.output:
+        output = Path(args.output).expanduser()
+        if output.is_dir():
+            output = output / timestamp_name("supabase_backup", utc_now())
+        if not output.parent.is_dir():
+            raise ConfigError(f"--output {args.output}: the folder {output.parent} does not "
+                              f"exist; create it or choose another path")
+        return output.resolve()
+    return paths.backups / timestamp_name("supabase_backup", utc_now())
+
+
 def cmd_backup(args):
     """Back up tables to a gzip JSON file in backups/."""
-    begin_run(args)
-    raise NotImplementedYetError("backup", 3, "nothing was read from the database or written "
-                                 "to backups/")
+    config, paths = begin_run(args)
+    role = check_key_role(config, args.allow_rls_limited)
+    started = time.monotonic()
+    with data_lock(config.data_dir, "backup"):
+        clear_partial_files(paths.backups)
+        output = backup_output_path(args, paths)
+        if output.parent != paths.backups:
+            clear_partial_files(output.parent)
+        api = SupabaseApi(config)
+        try:
+            discovered = discover_tables(api.openapi())
+            tables = resolve_tables(args, config, discovered)
+            if not tables:
+                raise ConfigError("there is no table to back up: the service role sees none in "
+                                  "the public schema (or --exclude left none)")
+            for name in tables:
+                if not discovered[name]["writable"]:
+                    log.info("  %s is read-only (a view?): backed up as asked, marked so that "
+                             "restore leaves it alone", name)
+            log.info("backing up %d table(s) from %s to %s", len(tables), config.host, output)
+            note = ("made with a key that is not the service role (--allow-rls-limited): row "
+                    "level security may have hidden rows" if role != SERVICE_ROLE else None)
+            summary = snapshot(api, tables, discovered, output, config.host, role,
+                               Progress(args.quiet), note)
+        finally:
+            api.close()
+        deleted = []
+        if args.keep or args.keep_days:
+            deleted = apply_retention(paths.backups, args.keep, args.keep_days, protect=output)
+    summary.update(requests=api.requests, seconds=round(time.monotonic() - started, 3),
+                   deleted=deleted, status="ok")
+    for warning in summary["warnings"]:
+        log.warning("%s", warning)
+    log.info("backup complete: %s (%d tables, %d rows, %s, %d requests, %.1fs)", output,
+             len(summary["tables"]), summary["rows"], human_size(summary["bytes"]),
+             api.requests, summary["seconds"])
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    return EXIT_OK
+
+
+def human_size(size):
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+
+
+def find_backup_file(name, folder):
+    """A path as given, else a file of that name in folder."""
+    path = Path(name).expanduser()
+    if path.exists() or path.parent != Path("."):
+        return path
+    return folder / name
+
+
+def cmd_check(args):
+    """Verify a backup file offline: structure, per-table row counts and checksums."""
+    setup_local_run(args)
+    path = find_backup_file(args.file, local_data_dir(args) / BACKUP_DIR)
+    header, tables = check_backup(path)
+    if args.json:
+        print(json.dumps({"file": str(path), "status": "ok", "created_at": header.get("created_at"),
+                          "tables": {n: {"rows": t["row_count"], "sha256": t["sha256"]}
+                                     for n, t in tables.items()}}, indent=2))
+        return EXIT_OK
+    print(f"{path}: intact (format v{header['format_version']}, created "
+          f"{header.get('created_at')}, project {header.get('project_host')})")
+    width = max([len(n) for n in tables] + [5])
+    print(f"  {'table':<{width}}  {'rows':>9}  sha256")
+    for name, table in tables.items():
+        print(f"  {name:<{width}}  {table['row_count']:>9}  {table['sha256'][:16]}...")
+    print(f"  {len(tables)} tables, {sum(t['row_count'] for t in tables.values())} rows")
+    return EXIT_OK
+
+
+def backup_summary(path):
+    """created_at, tables and rows of a backup, read from its content (the whole file)."""
+    header, tables = check_backup(path)
+    return {"file": path.name, "created_at": header.get("created_at"), "bytes": path.stat().st_size,
+            "tables": len(tables), "rows": sum(t["row_count"] for t in tables.values())}
+
+
+def cmd_list(args):
+    """List the backups in backups/, newest first."""
+    setup_local_run(args)
+    folder = local_data_dir(args) / BACKUP_DIR
+    files = sorted((p for p in folder.glob("supabase_backup_*") if
+                    BACKUP_NAME_PATTERN.fullmatch(p.name)), key=lambda p: p.name, reverse=True)
+    entries = []
+    for path in files:
+        try:
+            entries.append({**backup_summary(path), "status": "ok"})
+        except ValidationError as exc:
+            entries.append({"file": path.name, "bytes": path.stat().st_size,
+                            "status": f"damaged: {exc}"})
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return EXIT_OK
+    if not entries:
+        print(f"no backups in {folder}")
+        return EXIT_OK
+    for entry in entries:
+        if entry["status"] == "ok":
+            print(f"{entry['file']}  {entry['created_at'][:19].replace('T', ' ')} UTC  "
+                  f"{human_size(entry['bytes']):>10}  {entry['tables']} tables  "
+                  f"{entry['rows']} rows")
+        else:
+            print(f"{entry['file']}  {human_size(entry['bytes']):>10}  {entry['status']}")
+    return EXIT_OK
+
+
+def local_data_dir(args):
+    """The data folder for the commands that only read local files (no URL or key needed)."""
+    return resolve_data_dir(args, merge_settings(setting_layers()))
+
+
+def setup_local_run(args):
+    """Start the log file of a command that reads only local files."""
+    logs = local_data_dir(args) / LOG_DIR
+    if logs.is_dir():
+        attach_log_file(logs)
 
 
 def cmd_restore(args):
@@ -539,7 +1454,7 @@ def build_parser():
 
     backup = add_command(
         subparsers, "backup", cmd_backup,
-        "back up tables to a .json.gz file in backups/ (not in 0.1.0: exits 69)",
+        "back up tables to a .json.gz file in backups/",
         ["backup", "--quiet backup --keep 14",
          "backup --tables users,packages,bookings --output /mnt/offsite/today.json.gz",
          "backup --exclude audit_log --json"])
@@ -555,7 +1470,24 @@ def build_parser():
                         help="after a complete backup, keep only the newest N backups in backups/")
     backup.add_argument("--keep-days", type=positive_int, metavar="D",
                         help="after a complete backup, delete backups older than D days")
+    backup.add_argument("--allow-rls-limited", action="store_true",
+                        help="accept a key that is not the service role; row level security may "
+                             "then hide rows (the file and the log say so)")
     add_json_argument(backup)
+
+    check = add_command(
+        subparsers, "check", cmd_check,
+        "verify a backup file offline: structure, row counts and checksums of every table",
+        ["check --file supabase_backup_20251128_074723.json.gz",
+         "check --file /mnt/offsite/today.json.gz --json"])
+    check.add_argument("--file", required=True, metavar="FILE",
+                       help="the backup to check: a path, or a file name in backups/")
+    add_json_argument(check)
+
+    listing = add_command(subparsers, "list", cmd_list,
+                          "list the backups in backups/, newest first, with tables and rows",
+                          ["list", "list --json"])
+    add_json_argument(listing)
 
     restore = add_command(
         subparsers, "restore", cmd_restore,

@@ -509,13 +509,18 @@ def _check_column(rel: Relation, name: str) -> str:
     return quote_ident(name)
 
 
-def build_condition(rel: Relation, column: str, expr: str, q: Query) -> str:
+def build_condition(rel: Relation, column: str, expr: str, q: Query,
+                    in_logic: bool = False) -> str:
     """One filter `op.value` (optionally `not.op.value`) on a column, as SQL."""
     col = _check_column(rel, _unquote_name(column))
     negate = False
     if expr.startswith("not."):
         negate, expr = True, expr[4:]
     op, dot, value = expr.partition(".")
+    if in_logic and len(value) >= 2 and value[0] == value[-1] == '"':
+        # Inside or=(...)/and=(...) PostgREST reads a double-quoted value as a string literal
+        # (so it may hold commas, dots and parentheses); a top-level value is taken verbatim.
+        value = re.sub(r'\\(.)', r'\1', value[1:-1])
     if not dot and op not in ("is",):
         raise parse_error(f'"failed to parse filter ({expr})" (line 1, column {len(op) + 1})',
                           "unexpected end of input expecting operator")
@@ -555,7 +560,7 @@ def build_logic(rel: Relation, op: str, raw: str, q: Query) -> str:
         column, dot, expr = item.partition(".")
         if not dot:
             raise parse_error(f'"failed to parse logic tree ({raw})" (line 1, column 1)')
-        conds.append(build_condition(rel, column, expr, q))
+        conds.append(build_condition(rel, column, expr, q, in_logic=True))
     if not conds:
         raise parse_error(f'"failed to parse logic tree ({raw})" (line 1, column 1)')
     joined = "(" + f" {op.upper()} ".join(conds) + ")"
@@ -722,6 +727,7 @@ class RequestRecord:
     table: str | None
     status: int
     query: str
+    peer: int = 0  # the client's port: same port, same kept-alive connection
 
 
 # --- Auth ---------------------------------------------------------------------
@@ -855,7 +861,8 @@ class ApiHandler(BaseHTTPRequestHandler):
             if stack.verbose:
                 raise
         finally:
-            stack.requests.append(RequestRecord(method, table, status, parsed.query))
+            stack.requests.append(RequestRecord(method, table, status, parsed.query,
+                                                 self.client_address[1]))
 
     def _admin(self, method: str, path: str, body: bytes) -> int:
         """/_local/faults and /_local/stats: test control for an out-of-process server."""
