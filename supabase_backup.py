@@ -512,12 +512,12 @@ class SupabaseApi:
             raise ConnectionFailure(f"counting {table}: the API answered without a count")
         return response.count
 
-    def page(self, table, order_by, after, limit, offset=0):
+    def page(self, table, select, order_by, after, limit, offset=0):
         """One page of rows in order_by order: rows after the key values `after` (keyset), or
         from `offset` when the table has no key."""
 
         def build():
-            query = self.client.table(table).select("*")
+            query = self.client.table(table).select(select)
             if after is not None:
                 query = keyset_filter(query, order_by, after)
             for column in order_by:
@@ -598,6 +598,30 @@ def select_tables(discovered, wanted=None, exclude=None):
                     ", ".join(sorted(unknown)))
     return [name for name in sorted(discovered)
             if discovered[name]["writable"] and name not in exclude]
+
+
+def select_list(meta):
+    """The select parameter for a table: * unless a numeric column must come as exact text.
+
+    PostgREST sends numeric values as JSON numbers, and a JSON parser turns those into binary
+    floats, which cannot hold every numeric(p,s) exactly (e.g. 12345678901234567.89). Cast to
+    text, the exact decimal comes through; PostgreSQL casts it back on restore.
+    """
+    exact = [c["name"] for c in meta["columns"] if (c.get("format") or "") in EXACT_TEXT_FORMATS]
+    if not exact:
+        return "*"
+    return ",".join(quote_column(c["name"]) + ("::text" if c["name"] in exact else "")
+                    for c in meta["columns"])
+
+
+def quote_column(name):
+    """A column name in a select parameter, double-quoted when it holds special characters."""
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        return name
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+EXACT_TEXT_FORMATS = {"numeric"}
 
 
 def read_order(meta):
@@ -922,7 +946,11 @@ LOCK_FILE_NAME = ".supabase_backup.lock"
 def data_lock(data_dir, command):
     """Hold the data folder's lock for the whole run: one backup or restore at a time."""
     path = Path(data_dir) / LOCK_FILE_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the lock file {path}: {exc.strerror or exc}; choose a "
+                          f"data folder you can write to (--data-dir)") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -974,6 +1002,7 @@ def read_table(api, name, meta, writer, progress):
     Any error fails the table: never a silently short table.
     """
     order_by, paging = read_order(meta)
+    select = select_list(meta)
     count_method = "exact"
     try:
         count_before = api.count(name)
@@ -983,11 +1012,13 @@ def read_table(api, name, meta, writer, progress):
         log.warning("%s: the exact count timed out on the server; using PostgreSQL's estimate "
                     "(%d) and the rows read instead", name, count_before)
     progress.start(name, count_before)
-    writer.begin_table(name, {**meta, "order_by": order_by, "paging": paging})
+    writer.begin_table(name, {**meta, "order_by": order_by, "paging": paging,
+                              "numeric_as_text": select != "*"})
     page_size, largest_page, after, offset, pages = PAGE_SIZE, None, None, 0, 0
     while True:
         try:
-            rows = api.page(name, order_by, after, page_size, offset if paging == "offset" else 0)
+            rows = api.page(name, select, order_by, after, page_size,
+                            offset if paging == "offset" else 0)
         except StatementTimeout:
             if page_size <= MIN_PAGE_SIZE:
                 raise IncompleteBackupError(
@@ -1040,7 +1071,12 @@ def snapshot(api, tables, discovered, path, project_host, role, progress, note=N
               "rls_limited": role != SERVICE_ROLE}
     if note:
         header["note"] = note
-    writer = BackupWriter(path, header)
+    try:
+        writer = BackupWriter(path, header)
+    except OSError as exc:
+        raise IncompleteBackupError(f"cannot create a file in {path.parent}: "
+                                    f"{exc.strerror or exc}; choose a folder you can write to "
+                                    f"(--output or --data-dir)") from None
     summary = {"file": str(path), "tables": {}, "rows": 0, "warnings": []}
     try:
         for name in tables:
@@ -1059,6 +1095,12 @@ def snapshot(api, tables, discovered, path, project_host, role, progress, note=N
                 summary["warnings"].append(f"{name} changed during the backup")
         writer.finish(finished_at=utc_now().isoformat(), table_count=len(tables),
                       row_count=summary["rows"])
+    except OSError as exc:  # disk full, folder gone, quota: the file is thrown away, loudly
+        writer.abort()
+        raise IncompleteBackupError(f"cannot write the backup file {path}: "
+                                    f"{exc.strerror or exc}; free some space or choose another "
+                                    f"place (--output), then run again; no backup file was "
+                                    f"written") from None
     except BaseException:
         writer.abort()
         raise
