@@ -315,13 +315,12 @@ class Column:
     type: str  # format_type() with typmod, as used in casts
     nominal: str  # format_type() without typmod, as the OpenAPI format
     nullable: bool
-    default: str | None
+    default: str | None  # as PostgREST's column_default (see SCHEMA_QUERY)
     generated: bool  # GENERATED ALWAYS AS (expr)
     identity: str  # '' | 'a' (always) | 'd' (by default)
     comment: str | None
     max_length: int | None
     enum: list[str] | None
-    element: str | None  # element type of an array
 
 
 @dataclass
@@ -349,16 +348,22 @@ SELECT c.relname, c.relkind, obj_description(c.oid, 'pg_class'),
            'type', format_type(a.atttypid, a.atttypmod),
            'nominal', format_type(a.atttypid, NULL),
            'nullable', NOT a.attnotnull,
-           'default', pg_get_expr(d.adbin, d.adrelid),
+           -- PostgREST's column_default: a domain's default, nextval() for an identity
+           -- BY DEFAULT, none for GENERATED ALWAYS identities and generated columns.
+           'default', CASE WHEN t.typbasetype <> 0 AND d.adbin IS NULL
+                             THEN pg_get_expr(t.typdefaultbin, 0)
+                           WHEN a.attidentity = 'd'
+                             THEN format('nextval(%%L)', pg_get_serial_sequence(
+                                    format('%%I.%%I', n.nspname, c.relname), a.attname))
+                           WHEN a.attgenerated <> '' THEN NULL
+                           ELSE pg_get_expr(d.adbin, d.adrelid) END,
            'generated', a.attgenerated <> '',
            'identity', a.attidentity,
            'comment', col_description(c.oid, a.attnum),
            'max_length', CASE WHEN a.atttypid IN (1042, 1043) AND a.atttypmod > 4
                               THEN a.atttypmod - 4 END,
            'enum', (SELECT json_agg(e.enumlabel ORDER BY e.enumsortorder)
-                      FROM pg_enum e WHERE e.enumtypid = a.atttypid),
-           'element', CASE WHEN t.typelem <> 0 AND t.typlen = -1
-                           THEN format_type(t.typelem, NULL) END
+                      FROM pg_enum e WHERE e.enumtypid = a.atttypid)
          ) ORDER BY a.attnum)
          FROM pg_attribute a
          JOIN pg_type t ON t.oid = a.atttypid
@@ -456,30 +461,30 @@ def _split_top(text: str, sep: str = ",") -> list[str]:
     return parts
 
 
-def _array_literal(items: list[str | None]) -> str:
-    """A PostgreSQL array literal, sent as an untyped value so PostgreSQL casts it."""
-    out = []
-    for item in items:
-        if item is None:
-            out.append("NULL")
-        else:
-            out.append('"' + item.replace("\\", "\\\\").replace('"', '\\"') + '"')
+def _array_literal(items: list[str]) -> str:
+    """A PostgreSQL array literal, every element quoted (pgBuildArrayLiteral), sent
+    as an untyped value so PostgreSQL casts it."""
+    out = ['"' + item.replace("\x00", "").replace("\\", "\\\\").replace('"', '\\"') + '"'
+           for item in items]
     return "{" + ",".join(out) + "}"
 
 
-def _parse_list_value(raw: str) -> list[str | None]:
+def _parse_list_value(raw: str) -> list[str]:
+    """The elements of `in.(...)`, as PostgREST's pListVal reads them.
+
+    Every element is a string that PostgreSQL casts: an unquoted `null` is the
+    text "null" (not SQL NULL) and unquoted elements keep their spaces.
+    """
+    raw = raw.strip()
     if not (raw.startswith("(") and raw.endswith(")")):
         raise parse_error(f'"failed to parse filter (in.{raw})" (line 1, column 4)')
-    inner = raw[1:-1]
+    inner = raw[1:-1].lstrip()
     if inner == "":
         return []
-    items: list[str | None] = []
+    items: list[str] = []
     for part in _split_top(inner):
-        part = part.strip()
         if len(part) >= 2 and part[0] == part[-1] == '"':
             items.append(re.sub(r'\\(.)', r'\1', part[1:-1]))
-        elif part == "null":
-            items.append(None)
         else:
             items.append(part)
     return items
@@ -589,18 +594,19 @@ def build_order(rel: Relation, raw: str | None) -> str:
         return ""
     terms = []
     for term in _split_top(raw):
-        parts = term.split(".")
+        parts = term.strip().split(".")
         col = _check_column(rel, _unquote_name(parts[0]))
         sql = col
-        for mod in parts[1:]:
-            if mod in ("asc", "desc"):
-                sql += " " + mod.upper()
-            elif mod in ("nullsfirst", "nullslast"):
-                sql += " NULLS " + mod[5:].upper()
-            else:
-                raise parse_error(f'"failed to parse order ({raw})" (line 1, column 1)',
-                                  f'unexpected "{mod[:1]}" expecting "asc", "desc", '
-                                  '"nullsfirst" or "nullslast"')
+        mods = parts[1:]
+        # pOrder: an optional direction, then an optional nulls order, nothing else.
+        if mods and mods[0] in ("asc", "desc"):
+            sql += " " + mods.pop(0).upper()
+        if mods and mods[0] in ("nullsfirst", "nullslast"):
+            sql += " NULLS " + mods.pop(0)[5:].upper()
+        if mods:
+            raise parse_error(f'"failed to parse order ({raw})" (line 1, column 1)',
+                              f'unexpected "{mods[0][:1]}" expecting "asc", "desc", '
+                              '"nullsfirst" or "nullslast"')
         terms.append(sql)
     return " ORDER BY " + ", ".join(terms)
 
@@ -795,6 +801,7 @@ class ApiHandler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, body: bytes = b"", headers: dict | None = None,
               method: str = "GET", drop_after_headers: bool = False) -> None:
+        self._log_request(0 if drop_after_headers else status)
         self.send_response(status)
         hdrs = {"Content-Type": "application/json; charset=utf-8"}
         hdrs.update(headers or {})
@@ -809,6 +816,14 @@ class ApiHandler(BaseHTTPRequestHandler):
         if method != "HEAD" and body:
             self.wfile.write(body)
 
+    def _log_request(self, status: int) -> None:
+        """Record the request once, before its answer leaves: a test that reads
+        stack.requests right after a call must find it there."""
+        record, self._record = self._record, None
+        if record is not None:
+            record.status = status
+            self.server.stack.requests.append(record)
+
     def _handle(self, method: str) -> None:
         stack = self.server.stack
         parsed = urllib.parse.urlsplit(self.path)
@@ -816,6 +831,7 @@ class ApiHandler(BaseHTTPRequestHandler):
         body = self._read_body()
         table = None
         status = 500
+        self._record = RequestRecord(method, None, status, parsed.query, self.client_address[1])
         try:
             if path.startswith("/_local/"):
                 status = self._admin(method, path, body)
@@ -826,6 +842,7 @@ class ApiHandler(BaseHTTPRequestHandler):
                 return
             rest = path[len("/rest/v1"):].strip("/")
             table = urllib.parse.unquote(rest) if rest else None
+            self._record.table = table
             faults = stack.faults.pick(method, table)
             drop_after = False
             for f in faults:
@@ -849,6 +866,7 @@ class ApiHandler(BaseHTTPRequestHandler):
             self._send(err.status, err.body(), headers, method)
         except DropConnection:
             status = 0
+            self._log_request(status)
             self.close_connection = True
             try:
                 self.connection.shutdown(socket.SHUT_RDWR)
@@ -861,8 +879,7 @@ class ApiHandler(BaseHTTPRequestHandler):
             if stack.verbose:
                 raise
         finally:
-            stack.requests.append(RequestRecord(method, table, status, parsed.query,
-                                                 self.client_address[1]))
+            self._log_request(status)
 
     def _admin(self, method: str, path: str, body: bytes) -> int:
         """/_local/faults and /_local/stats: test control for an out-of-process server."""
@@ -910,10 +927,15 @@ class ApiHandler(BaseHTTPRequestHandler):
                                "Supabase `anon` or `service_role` API key.")
             return "anon", {"role": "anon"}, True
         try:
-            claims = jwt.decode(token, stack.jwt_secret, algorithms=["HS256"],
+            # PostgREST allows 30 s of clock skew on exp, nbf and iat.
+            claims = jwt.decode(token, stack.jwt_secret, algorithms=["HS256"], leeway=30,
                                 options={"verify_aud": False})
         except jwt.ExpiredSignatureError:
             raise ApiError(401, "PGRST303", "JWT expired",
+                           headers={"WWW-Authenticate": 'Bearer error="invalid_token"'}) from None
+        except jwt.ImmatureSignatureError as exc:  # nbf or iat in the future: a claims error
+            message = "JWT issued at future" if "iat" in str(exc) else "JWT not yet valid"
+            raise ApiError(401, "PGRST303", message,
                            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'}) from None
         except jwt.InvalidTokenError as exc:
             raise ApiError(401, "PGRST301", f"JWSError ({type(exc).__name__})",
@@ -927,6 +949,12 @@ class ApiHandler(BaseHTTPRequestHandler):
         role, claims, authed = self._role_and_claims()
         params = urllib.parse.parse_qsl(query, keep_blank_values=True)
         prefer = parse_prefer(self.headers)
+        profile = self.headers.get("Accept-Profile" if method in ("GET", "HEAD")
+                                   else "Content-Profile")
+        if profile and profile != EXPOSED_SCHEMA:
+            # client.schema("auth") must fail here as on Supabase, not read public.
+            raise ApiError(406, "PGRST106",
+                           f"The schema must be one of the following: {EXPOSED_SCHEMA}")
         if table is None:
             if method not in ("GET", "HEAD"):
                 raise ApiError(405, "PGRST117", f"Unsupported HTTP method: {method}")
@@ -1007,8 +1035,7 @@ class ApiHandler(BaseHTTPRequestHandler):
             raise ApiError(416, "PGRST103", "Requested range not satisfiable",
                            f"An offset of {offset} was requested, but there are only {total} rows.",
                            headers={"Content-Range": f"*/{total}"})
-        range_part = f"{lower}-{upper}" if (total != 0 and lower <= upper) else "*"
-        headers["Content-Range"] = f"{range_part}/{'*' if total is None else total}"
+        headers["Content-Range"] = content_range(lower, upper, total)
         if total is not None and n < total:
             status = 206
         else:
@@ -1048,25 +1075,22 @@ class ApiHandler(BaseHTTPRequestHandler):
         return f"coalesce(json_agg((SELECT _r FROM (SELECT {select}) _r)), '[]')::text"
 
     def _insert(self, conn, rel: Relation, params, prefer, body):
-        if not rel.insertable:
-            raise ApiError(405, "PGRST117", f"cannot insert into {rel.name}")
         payload, rows, cols = self._payload(rel, params, body)
         pmap = dict(params)
         resolution = prefer.get("resolution")
         if not cols:
             if not rows:
-                return 201, b"[]", {"Content-Range": "*/*"}
+                # Nothing to insert: a merge that inserted nothing is a 200 (isInsertIfGTZero).
+                status = 200 if resolution == "merge-duplicates" else 201
+                out = b"[]" if prefer.get("return") == "representation" else b""
+                return status, out, {"Content-Range": "*/0" if prefer.get("count") else "*/*"}
             raise ApiError(400, "PGRST102", "Empty or invalid json")
         col_list = ", ".join(quote_ident(c) for c in cols)
         typed = ", ".join(f"{quote_ident(c)} {rel.columns[c].type}" for c in cols)
         if prefer.get("missing") == "default":
             exprs = []
             for c in cols:
-                col = rel.columns[c]
-                if col.identity:
-                    default = f"nextval(pg_get_serial_sequence('{rel.qualified}', '{c}'))"
-                else:
-                    default = col.default or "NULL"
+                default = rel.columns[c].default or "NULL"
                 exprs.append(f"CASE WHEN _e.val::jsonb ? {self._lit(c)} THEN _.{quote_ident(c)} "
                              f"ELSE {default} END")
             source = (f"SELECT {', '.join(exprs)} FROM json_array_elements("
@@ -1078,22 +1102,26 @@ class ApiHandler(BaseHTTPRequestHandler):
                       f"(SELECT CASE WHEN json_typeof(b) = 'array' THEN b ELSE json_build_array(b) END "
                       f"FROM (SELECT %s::json AS b) _b)) AS _({typed})")
         conflict = ""
-        if resolution in ("merge-duplicates", "ignore-duplicates"):
-            target_cols = ([_unquote_name(c) for c in pmap["on_conflict"].split(",")]
-                           if pmap.get("on_conflict") else rel.pk)
-            target = f"({', '.join(quote_ident(c) for c in target_cols)})" if target_cols else ""
+        target_cols = ([_unquote_name(c) for c in pmap["on_conflict"].split(",")]
+                       if pmap.get("on_conflict") else rel.pk)
+        # Without conflict columns (no primary key, no on_conflict) PostgREST writes no
+        # ON CONFLICT clause at all: the upsert is a plain insert.
+        if resolution in ("merge-duplicates", "ignore-duplicates") and target_cols:
+            target = f"({', '.join(quote_ident(c) for c in target_cols)})"
             if resolution == "ignore-duplicates":
                 conflict = f" ON CONFLICT {target} DO NOTHING"
             else:
                 sets = ", ".join(f"{quote_ident(c)} = EXCLUDED.{quote_ident(c)}" for c in cols)
                 conflict = f" ON CONFLICT {target} DO UPDATE SET {sets}"
+        # Views have no xmax; what is inserted through one counts as inserted.
+        inserted = "(pgrst_t.xmax = 0)" if rel.kind in ("r", "p") else "TRUE"
         sql = (f"WITH pgrst_mut AS (INSERT INTO {rel.qualified} AS pgrst_t ({col_list}) {source}{conflict} "
-               f"RETURNING pgrst_t AS _row, (pgrst_t.xmax = 0) AS _inserted) "
+               f"RETURNING pgrst_t AS _row, {inserted} AS _inserted) "
                f"SELECT pg_catalog.count(*), pg_catalog.count(*) FILTER (WHERE _inserted), "
                f"{self._returning(rel, pmap, prefer)} FROM pgrst_mut")
         n, inserted, out = conn.execute(sql, [body.decode()], prepare=False).fetchone()
         headers = {"Content-Range": f"*/{n}" if prefer.get("count") else "*/*"}
-        status = 200 if (resolution == "merge-duplicates" and n > 0 and inserted == 0) else 201
+        status = 200 if (resolution == "merge-duplicates" and inserted == 0) else 201
         if prefer.get("return") != "representation":
             return status, b"", headers
         return status, out.encode(), headers
@@ -1103,8 +1131,6 @@ class ApiHandler(BaseHTTPRequestHandler):
         return "'" + text.replace("'", "''") + "'"
 
     def _update(self, conn, rel: Relation, params, prefer, body):
-        if not rel.updatable:
-            raise ApiError(405, "PGRST117", f"cannot update {rel.name}")
         payload, rows, cols = self._payload(rel, params, body)
         if not isinstance(payload, dict):
             raise ApiError(400, "PGRST102", "Empty or invalid json")
@@ -1122,14 +1148,12 @@ class ApiHandler(BaseHTTPRequestHandler):
                f"RETURNING pgrst_t AS _row) "
                f"SELECT pg_catalog.count(*), {self._returning(rel, dict(params), prefer)} FROM pgrst_mut")
         n, out = conn.execute(sql, q.params, prepare=False).fetchone()
-        headers = {"Content-Range": f"0-{n - 1}/{n if prefer.get('count') else '*'}" if n else "*/*"}
+        headers = {"Content-Range": content_range(0, n - 1, n if prefer.get("count") else None)}
         if prefer.get("return") != "representation":
             return 204, b"", headers
         return 200, out.encode(), headers
 
     def _delete(self, conn, rel: Relation, params, prefer):
-        if not rel.deletable:
-            raise ApiError(405, "PGRST117", f"cannot delete from {rel.name}")
         q = Query()
         where = build_where(rel, params, q)
         if not where:
@@ -1138,10 +1162,16 @@ class ApiHandler(BaseHTTPRequestHandler):
                f"RETURNING pgrst_t AS _row) "
                f"SELECT pg_catalog.count(*), {self._returning(rel, dict(params), prefer)} FROM pgrst_mut")
         n, out = conn.execute(sql, q.params, prepare=False).fetchone()
-        headers = {"Content-Range": f"0-{n - 1}/{n if prefer.get('count') else '*'}" if n else "*/*"}
+        headers = {"Content-Range": content_range(0, n - 1, n if prefer.get("count") else None)}
         if prefer.get("return") != "representation":
             return 204, b"", headers
         return 200, out.encode(), headers
+
+
+def content_range(lower: int, upper: int, total: int | None) -> str:
+    """RangeQuery.contentRangeH: "lower-upper/total", "*" for no rows, "*" for no count."""
+    range_part = f"{lower}-{upper}" if total != 0 and lower <= upper else "*"
+    return f"{range_part}/{'*' if total is None else total}"
 
 
 def missing_table(table: str, relations: dict[str, Relation]) -> ApiError:
@@ -1153,12 +1183,14 @@ def missing_table(table: str, relations: dict[str, Relation]) -> ApiError:
                     f"Could not find the table 'public.{table}' in the schema cache", hint=hint)
 
 
-def sqlstate_status(code: str, authed: bool) -> int:
+def sqlstate_status(code: str, authed: bool, message: str = "") -> int:
     """PostgREST's mapping of a SQLSTATE to an HTTP status (Error.hs)."""
     exact = {"23503": 409, "23505": 409, "25006": 405, "P0001": 400, "42883": 404,
-             "42P01": 404, "42P17": 500, "22023": 401}
+             "42P01": 404, "42P17": 500, "22023": 401, "53400": 500, "57P01": 503}
     if code in exact:
         return exact[code]
+    if code == "21000":  # pg-safeupdate's refusal is the client's fault, the rest is not
+        return 400 if message.endswith("requires a WHERE clause") else 500
     if code == "42501":
         return 403 if authed else 401
     if re.fullmatch(r"PT\d{3}", code):
@@ -1175,7 +1207,7 @@ def pg_error(exc: psycopg.Error, authed: bool) -> ApiError:
     if code == "22023" and "role" not in (diag.message_primary or ""):
         status = 400
     else:
-        status = sqlstate_status(code, authed)
+        status = sqlstate_status(code, authed, diag.message_primary or "")
     return ApiError(status, code, diag.message_primary or str(exc).strip(),
                     diag.message_detail, diag.message_hint)
 
@@ -1183,8 +1215,8 @@ def pg_error(exc: psycopg.Error, authed: bool) -> ApiError:
 # --- OpenAPI ------------------------------------------------------------------
 
 
-def swagger_type(col: Column) -> str | None:
-    t = col.nominal
+def swagger_type(t: str) -> str | None:
+    """PostgREST's toSwaggerType of a type name."""
     if t.endswith("[]"):
         return "array"
     if t in ("smallint", "integer", "bigint"):
@@ -1199,19 +1231,21 @@ def swagger_type(col: Column) -> str | None:
 
 
 def swagger_default(col: Column):
-    if col.default is None or col.identity:
+    """PostgREST's parseDefault: for string types the default without its
+    `'...'::type` wrapping, as a string; otherwise the default if it is JSON
+    (1, true), else none (now(), nextval(...))."""
+    if col.default is None:
         return None
-    d = col.default
-    m = re.fullmatch(r"'((?:[^']|'')*)'::[\w \"\.\[\]]+", d)
-    if m:
-        return m.group(1).replace("''", "'")
-    if re.fullmatch(r"-?\d+", d):
-        return int(d)
-    if re.fullmatch(r"-?\d+\.\d+", d):
-        return float(d)
-    if d in ("true", "false"):
-        return d == "true"
-    return d
+    text = col.default
+    if swagger_type(col.nominal) == "string":
+        suffix = "::" + col.nominal
+        if text.endswith(suffix):
+            text = text[:-len(suffix)].strip("'")
+        text = '"' + text + '"'
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
 def openapi_document(relations: dict[str, Relation], host: str) -> dict:
@@ -1244,13 +1278,12 @@ def openapi_document(relations: dict[str, Relation], host: str) -> dict:
             prop["format"] = col.nominal
             if col.max_length:
                 prop["maxLength"] = col.max_length
-            stype = swagger_type(col)
+            stype = swagger_type(col.nominal)
             if stype:
                 prop["type"] = stype
             if stype == "array":
-                prop["items"] = {"type": swagger_type(Column(
-                    "", col.element or "text", col.element or "text", True, None, False, "",
-                    None, None, None, None)) or "string"}
+                item_type = swagger_type(col.nominal[:-2])
+                prop["items"] = {"type": item_type} if item_type else {}
             props[col.name] = prop
         definition = {"properties": props, "type": "object"}
         required = [c.name for c in rel.columns.values() if not c.nullable]
