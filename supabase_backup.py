@@ -787,12 +787,17 @@ def open_backup(path):
     return raw
 
 
+def _json_error(exc):
+    """Why json.loads refused bytes: the parser's message, or bytes that are not UTF-8."""
+    return exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8 text"
+
+
 def _parse_line(path, number, text):
     try:
         return json.loads(text)
     except ValueError as exc:
         raise ValidationError(f"{path.name} is damaged: line {number} is not valid JSON "
-                              f"({exc.msg}); use another backup") from None
+                              f"({_json_error(exc)}); use another backup") from None
 
 
 def read_backup(path):
@@ -807,11 +812,13 @@ def read_backup(path):
     try:
         try:
             first = stream.readline()
+            # Another layout (e.g. re-indented by jq) is read whole, so damage shows up here.
+            whole = None if first.startswith(b'{"format":') else first + stream.read()
         except (OSError, EOFError, zlib.error) as exc:
             raise ValidationError(f"{path.name} is not a readable backup ({exc}); "
                                   f"use another backup") from None
-        if not first.startswith(b'{"format":'):
-            yield from _read_whole(path, first + stream.read())
+        if whole is not None:
+            yield from _read_whole(path, whole)
             return
         yield from _read_lines(path, first, stream)
     finally:
@@ -894,7 +901,7 @@ def _read_whole(path, data):
         document = json.loads(data)
     except ValueError as exc:
         raise ValidationError(f"{path.name} is not a supabase_backup file (not valid JSON: "
-                              f"{exc.msg}); give a file this tool wrote") from None
+                              f"{_json_error(exc)}); give a file this tool wrote") from None
     _check_header(path, document)
     if document.get("complete") is not True or not isinstance(document.get("tables"), dict):
         raise ValidationError(f"{path.name} is incomplete (no \"complete\": true); use another "
@@ -992,6 +999,28 @@ class Progress:
         log.info("%s", message)
 
 
+def count_rows(api, name, method="exact"):
+    """(count, method) of a table: the exact count, or PostgreSQL's estimate ("planned") when
+    the exact count hits the server's statement timeout, as it can on a large table."""
+    if method == "exact":
+        try:
+            return api.count(name), "exact"
+        except StatementTimeout:
+            pass
+    try:
+        count = api.count(name, "planned")
+    except StatementTimeout:
+        # snapshot() puts the table's name in front of the message.
+        raise IncompleteBackupError(f"even PostgreSQL's estimate of the row count hits the "
+                                    f"server's statement timeout; raise the API's "
+                                    f"statement_timeout for this backup, or exclude "
+                                    f"{name}") from None
+    if method == "exact":
+        log.warning("%s: the exact count timed out on the server; using PostgreSQL's estimate "
+                    "(%d) and the rows read instead", name, count)
+    return count, "planned"
+
+
 def read_table(api, name, meta, writer, progress):
     """Stream one table into the writer; returns its trailer (counts, checksum, paging notes).
 
@@ -1003,14 +1032,7 @@ def read_table(api, name, meta, writer, progress):
     """
     order_by, paging = read_order(meta)
     select = select_list(meta)
-    count_method = "exact"
-    try:
-        count_before = api.count(name)
-    except StatementTimeout:
-        count_method = "planned"
-        count_before = api.count(name, "planned")
-        log.warning("%s: the exact count timed out on the server; using PostgreSQL's estimate "
-                    "(%d) and the rows read instead", name, count_before)
+    count_before, count_method = count_rows(api, name)
     progress.start(name, count_before)
     writer.begin_table(name, {**meta, "order_by": order_by, "paging": paging,
                               "numeric_as_text": select != "*"})
@@ -1022,7 +1044,7 @@ def read_table(api, name, meta, writer, progress):
         except StatementTimeout:
             if page_size <= MIN_PAGE_SIZE:
                 raise IncompleteBackupError(
-                    f"{name}: even a page of {page_size} rows hits the server's statement "
+                    f"even a page of {page_size} rows hits the server's statement "
                     f"timeout; raise the API's statement_timeout for this backup, or exclude "
                     f"{name}") from None
             page_size = max(MIN_PAGE_SIZE, page_size // 2)
@@ -1042,7 +1064,7 @@ def read_table(api, name, meta, writer, progress):
         if not rows or (largest_page is not None and len(rows) < min(page_size, largest_page)):
             break
         largest_page = max(largest_page or 0, len(rows))
-    count_after = api.count(name, "exact" if count_method == "exact" else "planned")
+    count_after, count_method = count_rows(api, name, count_method)
     rows_read = progress.rows
     trailer = {"count_before": count_before, "count_after": count_after,
                "count_method": count_method, "pages": pages}

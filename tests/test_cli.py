@@ -25,12 +25,15 @@ URL = "https://abcdefghijklmnop.supabase.co"
 FAKE_KEY = "sb_secret_TESTKEY-d0-not-leak-7f3a9c1e5b2d4f6a8c0e"
 SETTINGS = ("SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "SUPABASE_KEY", "SUPABASE_BACKUP_DIR",
             "BACKUP_TABLES", "CRITICAL_TABLES", "VERIFY_IGNORE_COLUMNS")
-COMMANDS = {
-    "backup": ["backup"],
+# The commands this version does not have yet: they load the configuration, start the log and
+# exit 69 without reaching the network, so they test the configuration without a server.
+UNIMPLEMENTED = {
     "restore": ["restore", "--safe", "--file", "supabase_backup_20251128_074723.json.gz"],
     "rollback": ["rollback", "safety_backup_20251128_074820.json.gz"],
     "list-safety": ["list-safety"],
 }
+CONFIGURED_COMMAND = UNIMPLEMENTED["rollback"]
+COMMANDS = ["backup", "check", "list", *UNIMPLEMENTED]
 
 
 @pytest.fixture
@@ -145,7 +148,7 @@ def test_missing_key_exits_3_naming_the_setting(home, capsys, monkeypatch):
 def test_supabase_key_is_accepted_as_fallback(home, capsys, monkeypatch):
     monkeypatch.setenv("SUPABASE_URL", URL)
     monkeypatch.setenv("SUPABASE_KEY", FAKE_KEY)
-    code, _, _ = run(capsys, "--data-dir", str(home), "backup")
+    code, _, _ = run(capsys, "--data-dir", str(home), *CONFIGURED_COMMAND)
     assert code == 69
 
 
@@ -153,20 +156,20 @@ def test_environment_wins_over_dotenv(home, capsys, monkeypatch):
     (home / ".env").write_text("SUPABASE_URL=not a url\nSUPABASE_SERVICE_ROLE_KEY=x\n")
     monkeypatch.setenv("SUPABASE_URL", URL)
     monkeypatch.setenv("SUPABASE_SERVICE_ROLE_KEY", FAKE_KEY)
-    code, _, _ = run(capsys, "--data-dir", str(home), "backup")
+    code, _, _ = run(capsys, "--data-dir", str(home), *CONFIGURED_COMMAND)
     assert code == 69
 
 
 def test_dotenv_in_working_directory_is_read(home, capsys):
     (home / ".env").write_text(f"SUPABASE_URL={URL}\nSUPABASE_SERVICE_ROLE_KEY={FAKE_KEY}\n")
-    code, _, _ = run(capsys, "--data-dir", str(home), "backup")
+    code, _, _ = run(capsys, "--data-dir", str(home), *CONFIGURED_COMMAND)
     assert code == 69
 
 
 def test_dotenv_next_to_script_is_read_and_data_goes_next_to_script(home, capsys):
     script_dir = supabase_backup.SCRIPT_DIR
     (script_dir / ".env").write_text(f"SUPABASE_URL={URL}\nSUPABASE_SERVICE_ROLE_KEY={FAKE_KEY}\n")
-    code, _, _ = run(capsys, "backup")
+    code, _, _ = run(capsys, *CONFIGURED_COMMAND)
     assert code == 69
     assert (script_dir / "logs" / "supabase_backup.log").is_file()
     assert not (home / "logs").exists()
@@ -174,14 +177,14 @@ def test_dotenv_next_to_script_is_read_and_data_goes_next_to_script(home, capsys
 
 def test_supabase_backup_dir_moves_the_data_folder(configured, capsys, monkeypatch):
     monkeypatch.setenv("SUPABASE_BACKUP_DIR", str(configured / "elsewhere"))
-    code, _, _ = run(capsys, "backup")
+    code, _, _ = run(capsys, *CONFIGURED_COMMAND)
     assert code == 69
     assert (configured / "elsewhere" / "logs" / "supabase_backup.log").is_file()
 
 
-@pytest.mark.parametrize("command", sorted(COMMANDS))
+@pytest.mark.parametrize("command", sorted(UNIMPLEMENTED))
 def test_unimplemented_command_exits_69_and_writes_no_data(configured, capsys, command):
-    code, out, err = run(capsys, "--data-dir", str(configured), *COMMANDS[command])
+    code, out, err = run(capsys, "--data-dir", str(configured), *UNIMPLEMENTED[command])
     assert code == 69
     assert out == ""
     assert err.splitlines() == [err.strip()]
@@ -196,7 +199,7 @@ def test_unimplemented_command_exits_69_and_writes_no_data(configured, capsys, c
 
 
 def test_service_key_never_appears_in_output_or_log(configured, capsys):
-    code, out, err = run(capsys, "--data-dir", str(configured), "--verbose", "backup")
+    code, out, err = run(capsys, "--data-dir", str(configured), "--verbose", *CONFIGURED_COMMAND)
     assert code == 69
     assert "started" in err  # verbose output was really produced
     log_text = (configured / "logs" / "supabase_backup.log").read_text()
@@ -238,8 +241,11 @@ def test_each_command_help_has_examples(home, capsys, command):
     assert "Examples:" in out and f"python supabase_backup.py {command}" in out
 
 
-@pytest.mark.parametrize("argv", [[], ["frobnicate"], ["restore"], ["backup", "--keep", "0"],
-                                  ["backup", "--tables", "a,,b"], ["-q", "-v", "backup"],
+@pytest.mark.parametrize("argv", [[], ["frobnicate"], ["restore"], ["check"],
+                                  ["backup", "--keep", "0"], ["backup", "--keep", "two"],
+                                  ["backup", "--keep-days", "-1"], ["backup", "--tables", "a,,b"],
+                                  ["backup", "--exclude", ","], ["backup", "--frobnicate"],
+                                  ["-q", "-v", "backup"],
                                   ["backup", "--tables", "a", "--exclude", "b"]])
 def test_usage_errors_exit_2_and_create_no_files(home, capsys, argv):
     code, _, err = run(capsys, *argv)
@@ -249,8 +255,9 @@ def test_usage_errors_exit_2_and_create_no_files(home, capsys, argv):
 
 
 def test_global_options_are_also_accepted_after_the_command(configured, capsys):
-    code, _, err = run(capsys, "backup", "--quiet", "--data-dir", str(configured))
+    code, _, err = run(capsys, *CONFIGURED_COMMAND, "--verbose", "--data-dir", str(configured))
     assert code == 69
+    assert "started" in err  # --verbose after the command took effect
     assert (configured / "logs" / "supabase_backup.log").is_file()
 
 
@@ -305,8 +312,9 @@ def test_script_without_configuration_exits_3_with_one_line(script):
     assert not (script.parent / "logs").exists()
 
 
-def test_script_backup_exits_69_and_keeps_the_key_out_of_everything(script):
-    result = run_script(script, "backup", SUPABASE_URL=URL, SUPABASE_SERVICE_ROLE_KEY=FAKE_KEY)
+def test_script_unimplemented_command_exits_69_and_keeps_the_key_out_of_everything(script):
+    result = run_script(script, *CONFIGURED_COMMAND, SUPABASE_URL=URL,
+                        SUPABASE_SERVICE_ROLE_KEY=FAKE_KEY)
     assert result.returncode == 69
     assert result.stdout == ""
     assert len(result.stderr.splitlines()) == 1
