@@ -7,13 +7,17 @@ It restores such a file only behind a safety net: a safety backup of the
 current data first, validation before anything is written, verification
 afterwards, and an automatic rollback if anything fails (see SAFETY.md).
 
-Status of version 0.1.0: this is the skeleton. The configuration and the
-command line below work; every command checks the configuration and then
-refuses with exit code 69, reading and writing no data.
+Status of version 0.2.0: backup, check and list work. restore, rollback and
+list-safety check the configuration and then refuse with exit code 69,
+reading and writing no data.
 
 Commands:
   backup       back up tables to backups/supabase_backup_YYYYMMDD_HHMMSS.json.gz
-               (coming with issue #3)
+               (UTC): every table the service role sees, read completely in key
+               order, streamed to a temporary file that is renamed only when
+               complete and then verified
+  check        verify a backup file offline (structure, row counts, checksums)
+  list         the backups in backups/, newest first, with tables and rows
   restore      restore a backup file; with --safe a safety backup is taken
                first and a failed restore is rolled back (coming with issue #4)
   rollback     bring tables back to a safety backup (coming with issue #5)
@@ -35,7 +39,7 @@ Exit codes:
   9    restore failed AND rollback failed (critical: the message names the
        rollback command)
   10   differences found (diff)
-  69   not implemented yet in this version
+  69   not implemented yet in this version (restore, rollback, list-safety)
   130  interrupted (Ctrl-C)
 
 Configuration, read from the environment, else from .env in the working
@@ -46,6 +50,8 @@ directory, else from .env next to this script (see .env.example):
   SUPABASE_BACKUP_DIR        the data folder holding backups/, safety_backups/,
                              summaries/ and logs/ (default: the folder of
                              this script; --data-dir overrides it)
+  BACKUP_TABLES              the tables to back up, comma-separated (default:
+                             every table; backup --tables overrides it)
 Every run of a command appends to logs/supabase_backup.log in the data folder.
 The service key is never printed or logged.
 """
@@ -72,7 +78,7 @@ from typing import Mapping, NamedTuple
 
 from dotenv import dotenv_values
 
-TOOL_VERSION = "0.1.0"
+TOOL_VERSION = "0.2.0"
 FORMAT_NAME = "supabase_backup"
 FORMAT_VERSION = 1
 
@@ -1151,10 +1157,18 @@ def apply_retention(folder, keep=None, keep_days=None, protect=None, now=None):
         too_old = keep_days is not None and now - stamp > datetime.timedelta(days=keep_days)
         if too_many or too_old:
             doomed.append(path)
+    deleted = []
     for path in doomed:
-        path.unlink()
+        try:
+            path.unlink()
+        except OSError as exc:
+            log.warning("retention: could not delete %s (%s); the new backup is complete, but "
+                        "old backups will pile up until this is fixed", path.name,
+                        exc.strerror or exc)
+            continue
+        deleted.append(path.name)
         log.info("retention: deleted %s", path.name)
-    return [p.name for p in doomed]
+    return deleted
 
 
 # --- Logs and summaries -----------------------------------------------------------------------
@@ -1272,15 +1286,45 @@ def begin_run(args):
     return config, paths
 
 
-def resolve_tables(args, config, discovered):
-    """--tables, else BACKUP_TABLES, else every writable table (less --exclude)."""
-    wanted = args.tables
-    if not wanted and config.settings.get("BACKUP_TABLES"):
+def wanted_tables(args, config):
+    """--tables, else BACKUP_TABLES, else None (every table)."""
+    if args.tables:
+        return args.tables
+    if config.settings.get("BACKUP_TABLES"):
         try:
-            wanted = table_list(config.settings["BACKUP_TABLES"])
+            return table_list(config.settings["BACKUP_TABLES"])
         except argparse.ArgumentTypeError as exc:
             raise ConfigError(f"BACKUP_TABLES: {exc}") from None
-    return select_tables(discovered, wanted, args.exclude)
+    return None
+
+
+def resolve_tables(args, config, discovered):
+    """--tables, else BACKUP_TABLES, else every writable table (less --exclude)."""
+    return select_tables(discovered, wanted_tables(args, config), args.exclude)
+
+
+def guess_tables(api, names):
+    """Table metadata without the OpenAPI document, which only the service role may read:
+    the columns of the first row, no key known (so rows are paged by offset in an order on
+    every column). Used with --allow-rls-limited, and says so in the file."""
+    if not names:
+        raise ConfigError("with a key that is not the service role the table list cannot be "
+                          "read (the API shows it to the service role only); name the tables "
+                          "with --tables or BACKUP_TABLES")
+    tables = {}
+    for name in names:
+        try:
+            first = api.page(name, "*", [], None, 1)
+        except TableMissingError:
+            raise ConfigError(f"no table named {name} that this key can read; check --tables / "
+                              f"BACKUP_TABLES") from None
+        columns = [{"name": column, "type": None, "format": None, "nullable": True}
+                   for column in (first[0] if first else {})]
+        tables[name] = {"columns": columns, "primary_key": [], "foreign_keys": [],
+                        "writable": True, "relation": "table",
+                        "metadata": "guessed from the rows (the table list needs the service "
+                                    "role key); no primary key known"}
+    return tables
 
 
 def backup_output_path(args, paths):
@@ -1293,7 +1337,11 @@ def backup_output_path(args, paths):
             raise ConfigError(f"--output {args.output}: the folder {output.parent} does not "
                               f"exist; create it or choose another path")
         return output.resolve()
-    return paths.backups / timestamp_name("supabase_backup", utc_now())
+    output = paths.backups / timestamp_name("supabase_backup", utc_now())
+    while output.exists():  # a backup finished within this same second: never replace it
+        time.sleep(0.2)
+        output = paths.backups / timestamp_name("supabase_backup", utc_now())
+    return output
 
 
 def cmd_backup(args):
@@ -1308,7 +1356,10 @@ def cmd_backup(args):
             clear_partial_files(output.parent)
         api = SupabaseApi(config)
         try:
-            discovered = discover_tables(api.openapi())
+            if role == SERVICE_ROLE:
+                discovered = discover_tables(api.openapi())
+            else:
+                discovered = guess_tables(api, wanted_tables(args, config))
             tables = resolve_tables(args, config, discovered)
             if not tables:
                 raise ConfigError("there is no table to back up: the service role sees none in "
@@ -1536,7 +1587,7 @@ def build_parser():
                         help="after a complete backup, delete backups older than D days")
     backup.add_argument("--allow-rls-limited", action="store_true",
                         help="accept a key that is not the service role; row level security may "
-                             "then hide rows (the file and the log say so)")
+                             "then hide rows (the file and the log say so); needs --tables")
     add_json_argument(backup)
 
     check = add_command(

@@ -1,8 +1,9 @@
 """Shared fixtures: one local Supabase stack for the whole run (tests/local_supabase.py).
 
-`stack` hands each test the running stack with faults cleared and the row cap and
-statement timeout back at their defaults; `fresh_stack` also reloads the demo data,
-for tests that write. `db` is a superuser psycopg connection, for checking the
+`stack` hands each test the running stack with faults cleared, the row cap and
+statement timeout back at their defaults, and the demo data as demo_schema.sql makes
+it. A test that writes asks for `fresh_stack`, which marks the data dirty so that the
+next test reloads it (one reload per writing test, none for the tests that only read). `db` is a superuser psycopg connection, for checking the
 database through a path that is not the tool's.
 """
 
@@ -26,11 +27,15 @@ DEFAULT_STATEMENT_TIMEOUT = "8s"
 def local_stack():
     with LocalSupabase(max_rows=DEFAULT_MAX_ROWS,
                        statement_timeout=DEFAULT_STATEMENT_TIMEOUT) as stack:
+        stack.dirty = False
         yield stack
 
 
 @pytest.fixture
 def stack(local_stack):
+    if local_stack.dirty:
+        local_stack.reset()
+        local_stack.dirty = False
     local_stack.faults.clear()
     local_stack.requests.clear()
     yield local_stack
@@ -41,7 +46,7 @@ def stack(local_stack):
 
 @pytest.fixture
 def fresh_stack(stack):
-    stack.reset()
+    stack.dirty = True
     return stack
 
 

@@ -1019,7 +1019,10 @@ class ApiHandler(BaseHTTPRequestHandler):
             total_sql = f"(SELECT pg_catalog.count(*) FROM {rel.qualified}{where_sql})"
             params_all = count_params + q.params
         elif count == "planned":
-            total_sql = f"(SELECT reltuples::bigint FROM pg_class WHERE oid = '{rel.qualified}'::regclass)"
+            # PostgREST reads the planner's estimate from EXPLAIN, as here.
+            plan = conn.execute(f"EXPLAIN (FORMAT JSON) SELECT 1 FROM {rel.qualified}{where_sql}",
+                                q.params, prepare=False).fetchone()[0]
+            total_sql = f"{int(plan[0]['Plan']['Plan Rows'])}::bigint"
             params_all = list(q.params)
         else:
             total_sql = "NULL::bigint"
@@ -1377,6 +1380,7 @@ class LocalSupabase:
         self.service_role_key = make_jwt(self.jwt_secret, "service_role")
         self.anon_key = make_jwt(self.jwt_secret, "anon")
         self.faults = Faults()
+        self.dirty = False  # set by tests that change the demo data; conftest reloads it
         self.requests: list[RequestRecord] = []
         self.cluster: PostgresCluster | None = None
         self.pool: ConnectionPool | None = None

@@ -55,14 +55,6 @@ def api(stack):
 
 
 @pytest.fixture
-def scratch(fresh_stack):
-    """fresh_stack for a test that writes, reloaded again afterwards so that the
-    read-only tests after it find the demo data as demo_schema.sql made it."""
-    yield fresh_stack
-    fresh_stack.reset()
-
-
-@pytest.fixture
 def answers(client):
     """The HTTP responses the supabase client received, as it received them."""
     seen: list[httpx.Response] = []
@@ -303,7 +295,7 @@ def test_select_columns_and_values_formatted_by_postgresql(client, db):
 # --- Upserts and inserts ------------------------------------------------------
 
 
-def test_upsert_updates_and_inserts_in_one_request(scratch, client, db, answers):
+def test_upsert_updates_and_inserts_in_one_request(fresh_stack, client, db, answers):
     rows = [booking_row(db, 1, notes="changed 1"), booking_row(db, 2, notes="changed, 2"),
             booking_row(db, 6001, notes="new 6001"), booking_row(db, 6002, notes="new 6002")]
     res = client.table("bookings").upsert(rows, on_conflict="id", default_to_null=False).execute()
@@ -315,7 +307,7 @@ def test_upsert_updates_and_inserts_in_one_request(scratch, client, db, answers)
     assert scalar(db, "SELECT count(*) FROM bookings") == BOOKINGS + 2
 
 
-def test_a_merge_that_inserts_nothing_answers_200(scratch, client, db, answers):
+def test_a_merge_that_inserts_nothing_answers_200(fresh_stack, client, db, answers):
     rows = [booking_row(db, 3, guests=6), booking_row(db, 4, guests=6)]
     client.table("bookings").upsert(rows).execute()
     assert answers[-1].status_code == 200
@@ -323,7 +315,7 @@ def test_a_merge_that_inserts_nothing_answers_200(scratch, client, db, answers):
     assert scalar(db, "SELECT count(*) FROM bookings") == BOOKINGS
 
 
-def test_ignore_duplicates_leaves_existing_rows_alone(scratch, client, db, answers):
+def test_ignore_duplicates_leaves_existing_rows_alone(fresh_stack, client, db, answers):
     before = booking_row(db, 5)
     rows = [booking_row(db, 5, notes="must not win"), booking_row(db, 6003, notes="inserted")]
     res = client.table("bookings").upsert(rows, ignore_duplicates=True).execute()
@@ -337,7 +329,7 @@ def test_ignore_duplicates_leaves_existing_rows_alone(scratch, client, db, answe
     assert booking_row(db, 5) == before
 
 
-def test_upsert_on_a_unique_column(scratch, client, db):
+def test_upsert_on_a_unique_column(fresh_stack, client, db):
     user_id = demo_user_id(5)
     res = client.table("users").upsert(
         [{"email": "user5@example.com", "full_name": "Renamed Five"},
@@ -351,7 +343,7 @@ def test_upsert_on_a_unique_column(scratch, client, db):
 
 
 def test_missing_default_fills_defaults_and_without_it_a_missing_key_is_null(
-        scratch, client, db):
+        fresh_stack, client, db):
     client.table("payments").upsert(
         [{"id": 9001, "booking_id": 3, "amount": 10, "currency": "USD"},
          {"id": 9002, "booking_id": 3, "amount": 20}], default_to_null=False).execute()
@@ -374,13 +366,13 @@ def test_missing_default_fills_defaults_and_without_it_a_missing_key_is_null(
     assert scalar(db, "SELECT count(*) FROM bookings WHERE id IN (7002, 7003)") == 0
 
 
-def test_returning_minimal_gives_an_empty_body(scratch, client, db, answers):
+def test_returning_minimal_gives_an_empty_body(fresh_stack, client, db, answers):
     res = client.table("bookings").upsert([booking_row(db, 6004)], returning="minimal").execute()
     assert (answers[-1].status_code, answers[-1].content, res.data) == (201, b"", [])
     assert scalar(db, "SELECT count(*) FROM bookings WHERE id = 6004") == 1
 
 
-def test_an_empty_upsert_changes_nothing(scratch, api, db):
+def test_an_empty_upsert_changes_nothing(fresh_stack, api, db):
     r = api.post("/bookings", json=[], headers={
         "Prefer": "return=representation,resolution=merge-duplicates"})
     assert (r.status_code, r.json()) == (200, [])
@@ -389,7 +381,7 @@ def test_an_empty_upsert_changes_nothing(scratch, api, db):
     assert scalar(db, "SELECT count(*) FROM bookings") == BOOKINGS
 
 
-def test_a_generated_always_column_is_refused(scratch, client, db, answers):
+def test_a_generated_always_column_is_refused(fresh_stack, client, db, answers):
     package = {"name": "Lisbon Again", "price": 499.0, "duration_days": 4}
     for extra in ({"id": 1}, {"nights": 3}):
         with pytest.raises(APIError) as err:
@@ -402,7 +394,7 @@ def test_a_generated_always_column_is_refused(scratch, client, db, answers):
     assert (res.data[0]["id"], res.data[0]["nights"]) == (301, 3)
 
 
-def test_an_unknown_column_is_pgrst204(scratch, api, client, db):
+def test_an_unknown_column_is_pgrst204(fresh_stack, api, client, db):
     with pytest.raises(APIError) as err:
         client.table("app_settings").upsert([{"key": "k", "value": 1, "colour": "red"}]).execute()
     assert err.value.code == "PGRST204"
@@ -412,7 +404,7 @@ def test_an_unknown_column_is_pgrst204(scratch, api, client, db):
     assert scalar(db, "SELECT count(*) FROM app_settings") == 5
 
 
-def test_differing_keys_without_columns_is_pgrst102(scratch, api, db):
+def test_differing_keys_without_columns_is_pgrst102(fresh_stack, api, db):
     r = api.post("/app_settings", json=[{"key": "a", "value": 1}, {"key": "b"}],
                  headers={"Prefer": "return=representation"})
     assert_error(r, 400, "PGRST102")
@@ -430,7 +422,7 @@ def test_differing_keys_without_columns_is_pgrst102(scratch, api, db):
     ({"id": 7103, "status": "lost"}, 400, "22P02"),
     ({"id": 7104, "user_id": None}, 400, "23502"),
 ], ids=["duplicate", "fk-user", "fk-package", "bad-int", "bad-enum", "not-null"])
-def test_insert_errors_map_to_postgrest_statuses(scratch, client, db, answers,
+def test_insert_errors_map_to_postgrest_statuses(fresh_stack, client, db, answers,
                                                  row, status, code):
     with pytest.raises(APIError) as err:
         client.table("bookings").insert(booking_row(db, 7100, **row)).execute()
@@ -440,13 +432,13 @@ def test_insert_errors_map_to_postgrest_statuses(scratch, client, db, answers,
     assert scalar(db, "SELECT count(*) FROM bookings") == BOOKINGS
 
 
-def test_on_conflict_without_a_unique_constraint_is_42p10(scratch, client, db, answers):
+def test_on_conflict_without_a_unique_constraint_is_42p10(fresh_stack, client, db, answers):
     with pytest.raises(APIError) as err:
         client.table("bookings").upsert([booking_row(db, 1)], on_conflict="notes").execute()
     assert (err.value.code, answers[-1].status_code) == ("42P10", 400)
 
 
-def test_an_upsert_without_conflict_columns_is_a_plain_insert(scratch, client, db, answers):
+def test_an_upsert_without_conflict_columns_is_a_plain_insert(fresh_stack, client, db, answers):
     """audit_events has no primary key: PostgREST writes no ON CONFLICT clause."""
     event = {"event": "user.login", "actor": None, "payload": {"seq": 1},
              "at": "2024-01-01T00:47:11+00:00"}
@@ -456,7 +448,7 @@ def test_an_upsert_without_conflict_columns_is_a_plain_insert(scratch, client, d
     assert scalar(db, "SELECT count(*) FROM audit_events") == 1503
 
 
-def test_writes_through_views_are_left_to_postgresql(scratch, db, api):
+def test_writes_through_views_are_left_to_postgresql(fresh_stack, db, api):
     body = assert_error(api.post("/booking_summary", json={"booking_id": 1}), 500, "55000")
     assert body["message"] == 'cannot insert into view "booking_summary"'
     assert_error(api.patch("/booking_summary", params={"booking_id": "eq.1"},
@@ -473,7 +465,7 @@ def test_writes_through_views_are_left_to_postgresql(scratch, db, api):
     assert scalar(db, "SELECT count(*) FROM app_settings") == 5
 
 
-def test_one_request_is_one_transaction(scratch, client, db):
+def test_one_request_is_one_transaction(fresh_stack, client, db):
     rows = [booking_row(db, 6005), booking_row(db, 6006, package_id=999)]
     with pytest.raises(APIError):
         client.table("bookings").upsert(rows).execute()
@@ -483,7 +475,7 @@ def test_one_request_is_one_transaction(scratch, client, db):
 # --- PATCH and DELETE ---------------------------------------------------------
 
 
-def test_patch_changes_only_the_filtered_rows(scratch, client, db):
+def test_patch_changes_only_the_filtered_rows(fresh_stack, client, db):
     res = client.table("bookings").update({"notes": "patched"}).in_("id", [10, 11, 12]).execute()
     assert sorted(r["id"] for r in res.data) == [10, 11, 12]
     assert column(db, "SELECT id FROM bookings WHERE notes = 'patched' ORDER BY id") == [10, 11, 12]
@@ -495,7 +487,7 @@ def test_patch_changes_only_the_filtered_rows(scratch, client, db):
                       "AND id <= 100") == len(res.data) == 10
 
 
-def test_delete_removes_only_the_filtered_rows(scratch, client, db, answers):
+def test_delete_removes_only_the_filtered_rows(fresh_stack, client, db, answers):
     res = client.table("payments").delete().in_("id", [1, 2, 3]).execute()
     assert answers[-1].request.content == b"{}"  # the client sends a body; it is tolerated
     assert answers[-1].status_code == 200
@@ -510,7 +502,7 @@ def test_delete_removes_only_the_filtered_rows(scratch, client, db, answers):
     assert scalar(db, "SELECT count(*) FROM payments") == 2996
 
 
-def test_patch_and_delete_statuses_and_content_range(scratch, api, db):
+def test_patch_and_delete_statuses_and_content_range(fresh_stack, api, db):
     r = api.patch("/payments", params={"id": "lt.0"}, json={"method": "cash"},
                   headers={"Prefer": "count=exact"})
     assert (r.status_code, r.headers["Content-Range"], r.content) == (204, "*/0", b"")
@@ -524,7 +516,7 @@ def test_patch_and_delete_statuses_and_content_range(scratch, api, db):
     assert column(db, "SELECT id FROM payments WHERE id BETWEEN 6 AND 10 ORDER BY id") == [6, 10]
 
 
-def test_delete_and_patch_without_a_filter_are_refused(scratch, api, client, db):
+def test_delete_and_patch_without_a_filter_are_refused(fresh_stack, api, client, db):
     with pytest.raises(APIError) as err:
         client.table("payments").delete().execute()
     assert err.value.code == "21000"
@@ -807,26 +799,26 @@ def payment_ids(db, low=9000):
     return column(db, "SELECT id FROM payments WHERE id >= %s ORDER BY id", [low])
 
 
-def test_a_write_fault_fails_the_nth_and_later_writes(scratch, client, db, answers):
-    scratch.faults.add(kind="write", table="payments", after=3, status=507, code="PT507")
+def test_a_write_fault_fails_the_nth_and_later_writes(fresh_stack, client, db, answers):
+    fresh_stack.faults.add(kind="write", table="payments", after=3, status=507, code="PT507")
     assert insert_payments(client, [9001, 9002, 9003, 9004]) == ["ok", "ok", "PT507", "PT507"]
     assert [a.status_code for a in answers] == [201, 201, 507, 507]
     assert payment_ids(db) == [9001, 9002]  # "before": nothing written
     client.table("app_settings").insert({"key": "other table"}).execute()  # not this table
     assert client.table("payments").select("id").eq("id", 9001).execute().data  # nor reads
-    scratch.faults.clear()
+    fresh_stack.faults.clear()
     assert insert_payments(client, [9005]) == ["ok"]
     assert payment_ids(db) == [9001, 9002, 9005]
 
 
-def test_times_limits_a_fault(scratch, client, db):
-    scratch.faults.add(kind="write", table="payments", after=2, times=1, status=500)
+def test_times_limits_a_fault(fresh_stack, client, db):
+    fresh_stack.faults.add(kind="write", table="payments", after=2, times=1, status=500)
     assert insert_payments(client, [9001, 9002, 9003]) == ["ok", "XX000", "ok"]
     assert payment_ids(db) == [9001, 9003]
 
 
-def test_a_fault_after_the_commit_loses_only_the_answer(scratch, client, db, answers):
-    scratch.faults.add(kind="write", table="payments", when="after", status=500)
+def test_a_fault_after_the_commit_loses_only_the_answer(fresh_stack, client, db, answers):
+    fresh_stack.faults.add(kind="write", table="payments", when="after", status=500)
     assert insert_payments(client, [9001]) == ["XX000"]
     assert answers[-1].status_code == 500
     assert payment_ids(db) == [9001]  # committed all the same
@@ -843,17 +835,17 @@ def test_a_read_fault(stack, client):
     assert client.table("bookings").select("id").limit(1).execute().data == [{"id": 1}]
 
 
-def test_a_dropped_connection_raises_in_the_client(scratch, client, db):
-    scratch.faults.add(kind="write", table="payments", action="drop")
+def test_a_dropped_connection_raises_in_the_client(fresh_stack, client, db):
+    fresh_stack.faults.add(kind="write", table="payments", action="drop")
     with pytest.raises(httpx.TransportError):
         client.table("payments").insert({"id": 9001, "booking_id": 3, "amount": 1}).execute()
     assert payment_ids(db) == []
-    scratch.faults.clear()
-    scratch.faults.add(kind="write", table="payments", action="drop", when="after")
+    fresh_stack.faults.clear()
+    fresh_stack.faults.add(kind="write", table="payments", action="drop", when="after")
     with pytest.raises(httpx.TransportError):
         client.table("payments").insert({"id": 9002, "booking_id": 3, "amount": 1}).execute()
     assert payment_ids(db) == [9002]  # committed, then cut off mid-answer
-    scratch.faults.add(kind="read", table="bookings", action="drop")
+    fresh_stack.faults.add(kind="read", table="bookings", action="drop")
     with pytest.raises(httpx.TransportError):
         client.table("bookings").select("id").limit(5).retry(False).execute()
 
@@ -874,16 +866,16 @@ def test_a_latency_fault_delays_and_clear_restores(stack, client):
     assert time.monotonic() - started < 0.3
 
 
-def test_the_fault_control_endpoint(scratch, client, db):
-    control = f"{scratch.url}/_local/faults"
-    for key in (scratch.anon_key, scratch.publishable_key, None, "not-a-jwt"):
+def test_the_fault_control_endpoint(fresh_stack, client, db):
+    control = f"{fresh_stack.url}/_local/faults"
+    for key in (fresh_stack.anon_key, fresh_stack.publishable_key, None, "not-a-jwt"):
         headers = {"apikey": key, "Authorization": f"Bearer {key}"} if key else {}
         r = httpx.post(control, json={"kind": "write"}, headers=headers)
         assert r.status_code == 401
         assert httpx.delete(control, headers=headers).status_code == 401
-    assert scratch.faults.describe() == []
-    service = {"apikey": scratch.service_role_key,
-               "Authorization": f"Bearer {scratch.service_role_key}"}
+    assert fresh_stack.faults.describe() == []
+    service = {"apikey": fresh_stack.service_role_key,
+               "Authorization": f"Bearer {fresh_stack.service_role_key}"}
     r = httpx.post(control, json={"kind": "write", "table": "payments", "after": 2,
                                   "status": 503}, headers=service)
     assert r.status_code == 200
