@@ -70,6 +70,7 @@ import logging.handlers
 import os
 import re
 import sys
+import tempfile
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -102,6 +103,10 @@ MIN_PAGE_SIZE = 10  # a page that times out is halved down to this before the ta
 REQUEST_TIMEOUT = 120  # seconds, per request
 RETRY_DELAYS = (1.0, 2.0, 4.0)  # seconds before each new attempt at a transient failure
 GZIP_LEVEL = 6
+WRITE_BATCH_SIZE = 500  # rows per upsert request; a batch that times out is split
+DELETE_BATCH_SIZE = 100  # keys per delete or key-lookup request (they travel in the URL)
+GENERATED_COLUMN = "428C9"  # PostgreSQL: cannot insert a non-DEFAULT value into a column
+FK_VIOLATION = "23503"
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -114,6 +119,7 @@ EXIT_INVALID_BACKUP = 7
 EXIT_ROLLED_BACK = 8
 EXIT_ROLLBACK_FAILED = 9
 EXIT_DIFFERENCES = 10
+EXIT_PARTIAL = 11
 EXIT_NOT_IMPLEMENTED = 69
 EXIT_INTERRUPTED = 130
 
@@ -175,6 +181,22 @@ class RollbackFailedError(BackupError):
         super().__init__(f"{message}; CRITICAL: the database may be partly restored, "
                          f"run now: {rollback_command}")
         self.rollback_command = rollback_command
+
+
+class PartialRestoreError(BackupError):
+    """A restore failed and was kept as it is (no --safe, or --no-rollback)."""
+
+    exit_code = EXIT_PARTIAL
+
+
+class InterruptedRestore(BackupError):
+    """Ctrl-C during a restore: the message names the rollback command."""
+
+    exit_code = EXIT_INTERRUPTED
+
+    def __init__(self, rollback_command):
+        super().__init__(f"interrupted (Ctrl-C) during the restore; the tables may be partly "
+                         f"restored: to return to the state before, run: {rollback_command}")
 
 
 class NotImplementedYetError(BackupError):
@@ -360,6 +382,14 @@ class StatementTimeout(Exception):
     """Control flow: a request hit the server's statement timeout (57014); ask for less."""
 
 
+class ApiRejected(Exception):
+    """Control flow: the server refused a write for a reason retrying cannot cure."""
+
+    def __init__(self, code, message, details=None, hint=None):
+        super().__init__(f"{code} {message}")
+        self.code, self.message, self.details, self.hint = code, message, details, hint
+
+
 def key_role(key):
     """The role a key acts as: from the sb_ prefix, or the role claim of a JWT; None if unknown.
 
@@ -427,10 +457,13 @@ class SupabaseApi:
         """Close the HTTP session."""
         self.client.postgrest.session.close()
 
-    def execute(self, what, build):
+    def execute(self, what, build, writes=False):
         """Run build().execute() with retries on transient failures; what names it in errors.
 
-        Statement timeouts raise StatementTimeout for the caller to ask for less.
+        Statement timeouts raise StatementTimeout for the caller to ask for less. With writes,
+        an error that retrying cannot cure (the server refused the data) raises ApiRejected with
+        PostgREST's code, for the caller to split the batch or name the row. Only idempotent
+        writes (upserts by key, updates and deletes by key) come here, so retrying is safe.
         """
         import httpx
         from postgrest.exceptions import APIError
@@ -444,6 +477,9 @@ class SupabaseApi:
                 code = str(exc.code or "")
                 if code == STATEMENT_TIMEOUT:
                     raise StatementTimeout(what) from None
+                if writes and not is_transient(code) and code not in AUTH_CODES and \
+                        code not in MISSING_TABLE_CODES and not code.isdigit():
+                    raise ApiRejected(code, exc.message or "", exc.details, exc.hint) from None
                 if not is_transient(code) or attempt == attempts:
                     raise self.api_failure(what, exc, attempt) from None
                 reason = f"{code} {one_line(exc.message or '', 120)}"
@@ -533,6 +569,68 @@ class SupabaseApi:
 
         return self.execute(f"reading {table} (rows after {after!r})" if after is not None
                             else f"reading {table} (offset {offset})", build).data
+
+    def upsert(self, table, rows, primary_key):
+        """Insert or update rows by primary key in one request (Prefer: resolution=merge-
+        duplicates, return=minimal, missing=default). Idempotent, so it is retried."""
+        from postgrest.types import ReturnMethod
+
+        self.execute(f"writing {len(rows)} row(s) to {table}",
+                     lambda: self.client.table(table).upsert(
+                         rows, on_conflict=",".join(primary_key), returning=ReturnMethod.minimal,
+                         default_to_null=False),
+                     writes=True)
+
+    def update_row(self, table, primary_key, key_row, values):
+        """Update one row, found by its key values, to values (PATCH with eq filters)."""
+        from postgrest.types import ReturnMethod
+
+        def build():
+            query = self.client.table(table).update(values, returning=ReturnMethod.minimal)
+            for column in primary_key:
+                query = query.eq(column, filter_value(key_row[column]))
+            return query
+
+        self.execute(f"updating a row of {table}", build, writes=True)
+
+    def delete_keys(self, table, primary_key, keys):
+        """Delete the rows with these key value lists (DELETE with in / or filters)."""
+        from postgrest.types import ReturnMethod
+
+        def build():
+            query = self.client.table(table).delete(returning=ReturnMethod.minimal)
+            return key_filter(query, primary_key, keys)
+
+        self.execute(f"deleting {len(keys)} row(s) of {table}", build, writes=True)
+
+    def rows_by_key(self, table, select, primary_key, keys):
+        """The live rows with these key value lists."""
+        found = []
+        for start in range(0, len(keys), DELETE_BATCH_SIZE):
+            part = keys[start:start + DELETE_BATCH_SIZE]
+            found.extend(self.execute(
+                f"reading {len(part)} row(s) of {table}",
+                lambda: key_filter(self.client.table(table).select(select), primary_key,
+                                   part)).data)
+        return found
+
+
+def filter_value(value):
+    """A key value as PostgREST reads it in a filter (booleans lower-case, None as null)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def key_filter(query, primary_key, keys):
+    """Restrict a query to the rows with these key value lists."""
+    if len(primary_key) == 1:
+        return query.in_(primary_key[0], [filter_value(k[0]) for k in keys])
+    branches = ["and(" + ",".join(f"{c}.eq.{quote_filter_value(v)}" for c, v in zip(primary_key, k))
+                + ")" for k in keys]
+    return query.or_(",".join(branches))
 
 
 def quote_filter_value(value):
@@ -759,6 +857,24 @@ class BackupWriter:
             self.temp_path.unlink()
         except OSError:
             pass
+
+
+class NullWriter(BackupWriter):
+    """BackupWriter's interface without a file: rows are counted and checksummed only."""
+
+    class _Discard:
+        def write(self, data):
+            return len(data)
+
+    def __init__(self):  # noqa: super().__init__ would create a file
+        self.path, self.out, self._table = None, self._Discard(), None
+        self.tables_written = self.rows_written = 0
+
+    def finish(self, **trailer):
+        return None
+
+    def abort(self):
+        pass
 
 
 def fsync_dir(folder):
@@ -1027,49 +1143,72 @@ def count_rows(api, name, method="exact"):
     return count, "planned"
 
 
-def read_table(api, name, meta, writer, progress):
-    """Stream one table into the writer; returns its trailer (counts, checksum, paging notes).
+class TablePages:
+    """The rows of one table, page by page, in key order: iterate to read them all.
 
     Keyset paging on the primary key: each page asks for the rows after the last key read, so a
-    row that exists throughout the backup is read exactly once even while others are inserted or
+    row that exists throughout the reading is read exactly once even while others are inserted or
     deleted. A table without a key is paged by offset in an order on all sortable columns, which
-    is stable only while the table does not change: the counts before and after tell.
-    Any error fails the table: never a silently short table.
+    is stable only while the table does not change. A page that hits the statement timeout is
+    asked for again with half as many rows; any other error ends the iteration with an exception,
+    never silently.
     """
-    order_by, paging = read_order(meta)
-    select = select_list(meta)
+
+    def __init__(self, api, name, meta):
+        self.api, self.name = api, name
+        self.order_by, self.paging = read_order(meta)
+        self.select = select_list(meta)
+        self.pages = 0
+
+    def __iter__(self):
+        name, page_size, largest_page, after, offset = self.name, PAGE_SIZE, None, None, 0
+        while True:
+            try:
+                rows = self.api.page(name, self.select, self.order_by, after, page_size,
+                                     offset if self.paging == "offset" else 0)
+            except StatementTimeout:
+                if page_size <= MIN_PAGE_SIZE:
+                    raise IncompleteBackupError(
+                        f"even a page of {page_size} rows hits the server's statement "
+                        f"timeout; raise the API's statement_timeout for this backup, or "
+                        f"exclude {name}") from None
+                page_size = max(MIN_PAGE_SIZE, page_size // 2)
+                log.warning("%s: a page hit the server's statement timeout; asking for %d rows "
+                            "per page from now on", name, page_size)
+                continue
+            self.pages += 1
+            if rows:
+                yield rows
+                if self.paging == "keyset":
+                    after = [rows[-1].get(column) for column in self.order_by]
+                offset += len(rows)
+            # The server returns min(asked, its row cap, rows left): a page shorter than both
+            # what was asked and the largest page seen so far is the last one. The cap is
+            # learned, not assumed.
+            if not rows or (largest_page is not None and
+                            len(rows) < min(page_size, largest_page)):
+                return
+            largest_page = max(largest_page or 0, len(rows))
+
+
+def read_table(api, name, meta, writer, progress, on_rows=None):
+    """Stream one table into the writer; returns its trailer (counts, checksum, paging notes).
+
+    on_rows(name, rows), when given, sees every page too (the restore builds its index of the
+    live rows from the safety backup's read this way). Any error fails the table: never a
+    silently short table.
+    """
+    pages = TablePages(api, name, meta)
     count_before, count_method = count_rows(api, name)
     progress.start(name, count_before)
-    writer.begin_table(name, {**meta, "order_by": order_by, "paging": paging,
-                              "numeric_as_text": select != "*"})
-    page_size, largest_page, after, offset, pages = PAGE_SIZE, None, None, 0, 0
-    while True:
-        try:
-            rows = api.page(name, select, order_by, after, page_size,
-                            offset if paging == "offset" else 0)
-        except StatementTimeout:
-            if page_size <= MIN_PAGE_SIZE:
-                raise IncompleteBackupError(
-                    f"even a page of {page_size} rows hits the server's statement "
-                    f"timeout; raise the API's statement_timeout for this backup, or exclude "
-                    f"{name}") from None
-            page_size = max(MIN_PAGE_SIZE, page_size // 2)
-            log.warning("%s: a page hit the server's statement timeout; asking for %d rows "
-                        "per page from now on", name, page_size)
-            continue
-        pages += 1
-        if rows:
-            writer.write_rows(rows)
-            progress.advance(len(rows))
-            if paging == "keyset":
-                last = rows[-1]
-                after = [last.get(column) for column in order_by]
-            offset += len(rows)
-        # The server returns min(asked, its row cap, rows left): a page shorter than both what was
-        # asked and the largest page seen so far is the last one. The cap is learned, not assumed.
-        if not rows or (largest_page is not None and len(rows) < min(page_size, largest_page)):
-            break
-        largest_page = max(largest_page or 0, len(rows))
+    writer.begin_table(name, {**meta, "order_by": pages.order_by, "paging": pages.paging,
+                              "numeric_as_text": pages.select != "*"})
+    for rows in pages:
+        writer.write_rows(rows)
+        if on_rows is not None:
+            on_rows(name, rows)
+        progress.advance(len(rows))
+    paging, pages = pages.paging, pages.pages
     count_after, count_method = count_rows(api, name, count_method)
     rows_read = progress.rows
     trailer = {"count_before": count_before, "count_after": count_after,
@@ -1088,10 +1227,12 @@ def read_table(api, name, meta, writer, progress):
     return trailer
 
 
-def snapshot(api, tables, discovered, path, project_host, role, progress, note=None):
+def snapshot(api, tables, discovered, path, project_host, role, progress, note=None,
+             on_rows=None):
     """Back up the given tables into one new file at path; returns the backup's summary.
 
-    The file appears under its final name only once every table is read completely.
+    The file appears under its final name only once every table is read completely, and is then
+    re-read and verified. With path None the tables are read without a file (a dry run).
     """
     header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
               "tool_version": TOOL_VERSION, "created_at": utc_now().isoformat(),
@@ -1100,7 +1241,7 @@ def snapshot(api, tables, discovered, path, project_host, role, progress, note=N
     if note:
         header["note"] = note
     try:
-        writer = BackupWriter(path, header)
+        writer = BackupWriter(path, header) if path is not None else NullWriter()
     except OSError as exc:
         raise IncompleteBackupError(f"cannot create a file in {path.parent}: "
                                     f"{exc.strerror or exc}; choose a folder you can write to "
@@ -1109,7 +1250,7 @@ def snapshot(api, tables, discovered, path, project_host, role, progress, note=N
     try:
         for name in tables:
             try:
-                trailer = read_table(api, name, discovered[name], writer, progress)
+                trailer = read_table(api, name, discovered[name], writer, progress, on_rows)
             except TableMissingError as exc:
                 raise IncompleteBackupError(f"{name} disappeared during the backup ({exc}); no "
                                             f"backup file was written; run the backup again")
@@ -1132,6 +1273,8 @@ def snapshot(api, tables, discovered, path, project_host, role, progress, note=N
     except BaseException:
         writer.abort()
         raise
+    if path is None:
+        return summary
     # Re-read what was written: a backup is only as good as the file on disk.
     _, checked = check_backup(path)
     if [name for name in checked] != list(tables):
@@ -1171,8 +1314,600 @@ def apply_retention(folder, keep=None, keep_days=None, protect=None, now=None):
     return deleted
 
 
+def row_key(row, primary_key):
+    """A row's primary key as a hashable string (JSON of the key values in key order)."""
+    return json.dumps([row.get(column) for column in primary_key], ensure_ascii=False,
+                      separators=(",", ":"))
+
+
+def row_digest(row, columns):
+    """A short digest of a row's values over the given columns, for comparing rows cheaply."""
+    values = json.dumps([row.get(column) for column in columns], ensure_ascii=False,
+                        separators=(",", ":"))
+    return hashlib.blake2b(values.encode(), digest_size=16).digest()
+
+
+@dataclass
+class BackupScan:
+    """What one streaming pass over a backup file found: its header and per-table facts."""
+
+    path: Path
+    header: dict
+    tables: dict  # name -> {"meta": ..., "row_count": n, "sha256": ...}
+
+
+def scan_backup(path, tables_wanted=None):
+    """Read a whole backup file, checking what can be checked offline: format, checksums, row
+    structure, and primary keys (present, non-null, unique). Raises ValidationError listing the
+    problems. Memory: one key per row of a table with a primary key, one table at a time."""
+    header, tables, problems = None, {}, []
+    keys, name, meta = set(), None, None
+    for event in read_backup(path):
+        kind = event[0]
+        if kind == "header":
+            header = event[1]
+        elif kind == "table":
+            name, meta = event[1], event[2]
+            keys = set()
+            known = {c["name"] for c in meta.get("columns") or []}
+            pk = meta.get("primary_key") or []
+            tables[name] = {"meta": meta, "bad_rows": 0}
+        elif kind == "row":
+            if tables_wanted is not None and name not in tables_wanted:
+                continue
+            row = event[2]
+            if not isinstance(row, dict):
+                problems.append(f"{name}: a row is not a JSON object")
+                continue
+            extra = set(row) - known
+            if extra:
+                problems.append(f"{name}: a row has columns the table's metadata does not list "
+                                f"({', '.join(sorted(extra))})")
+            if pk:
+                missing = [c for c in pk if row.get(c) is None]
+                if missing:
+                    problems.append(f"{name}: a row has no value for key column "
+                                    f"{', '.join(missing)}")
+                    continue
+                key = row_key(row, pk)
+                if key in keys:
+                    problems.append(f"{name}: key {key} appears twice")
+                keys.add(key)
+        elif kind == "end_table":
+            tables[event[1]].update(row_count=event[2].get("row_count"),
+                                    sha256=event[2].get("sha256"))
+            keys = set()
+    if problems:
+        shown = "; ".join(dict.fromkeys(problems[:5]))
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise ValidationError(f"{Path(path).name} is refused: {shown}{more}; the database was "
+                              f"not touched")
+    return BackupScan(Path(path), header, tables)
+
+
+def write_order(tables, foreign_keys):
+    """Tables ordered parents before children by their foreign keys (self-references ignored).
+
+    Tables in a cycle keep name order among themselves; their rows still land, because a batch
+    refused for a missing parent row (23503) is retried after the others (see upsert_restore).
+    Returns (order, cycles) where cycles lists the tables found in a cycle.
+    """
+    names = set(tables)
+    parents = {t: {fk["references_table"] for fk in foreign_keys.get(t, [])
+                   if fk["references_table"] in names and fk["references_table"] != t}
+               for t in tables}
+    order, placed = [], set()
+    while len(order) < len(tables):
+        ready = sorted(t for t in tables if t not in placed and parents[t] <= placed)
+        if not ready:
+            cycle = sorted(t for t in tables if t not in placed)
+            order.extend(cycle)
+            return order, cycle
+        order.extend(ready)
+        placed.update(ready)
+    return order, []
+
+
+def validate_backup(scan, live_tables, restore_tables, critical):
+    """Step 2: refuse a backup that cannot be restored faithfully, before anything is written.
+
+    Checks critical tables present and non-empty, every table and column still present in the
+    live schema (drift is refused naming table and column), the same primary key, and a write
+    order. Returns the write order; raises ValidationError.
+    """
+    problems = []
+    for name in critical:
+        table = scan.tables.get(name)
+        if table is None:
+            problems.append(f"critical table {name} is not in the backup")
+        elif not table.get("row_count"):
+            problems.append(f"critical table {name} is empty in the backup")
+    for name in restore_tables:
+        meta = scan.tables[name]["meta"]
+        live = live_tables.get(name)
+        if live is None:
+            problems.append(f"table {name} no longer exists in the project")
+            continue
+        live_columns = {c["name"] for c in live["columns"]}
+        gone = [c["name"] for c in meta["columns"] if c["name"] not in live_columns]
+        if gone:
+            problems.append(f"{name}.{gone[0]} no longer exists in the project (schema drift"
+                            f"{'; also ' + ', '.join(gone[1:]) if gone[1:] else ''})")
+        if list(live["primary_key"]) != list(meta.get("primary_key") or []):
+            problems.append(f"{name}'s primary key is now ({', '.join(live['primary_key'])}), "
+                            f"the backup's is ({', '.join(meta.get('primary_key') or [])})")
+        if not live["writable"]:
+            problems.append(f"{name} cannot be written through the API (a view?)")
+    if problems:
+        raise ValidationError("the backup does not fit the project: " + "; ".join(problems[:6])
+                              + "; the database was not touched")
+    order, _ = write_order(restore_tables, {n: scan.tables[n]["meta"].get("foreign_keys") or []
+                                            for n in restore_tables})
+    return order
+
+
+class RestoreFailure(Exception):
+    """Control flow: a table could not be restored; the caller rolls back (or keeps going)."""
+
+
+@dataclass
+class TablePlan:
+    """What the restore will do to one table, and what it did."""
+
+    name: str
+    primary_key: list
+    columns: list  # the backup's columns, in its order
+    backup_rows: int = 0
+    inserts: int = 0
+    updates: int = 0
+    unchanged: int = 0
+    inserted_keys: list = field(default_factory=list)
+    updated_keys: set = field(default_factory=set)
+    skip_columns: set = field(default_factory=set)  # generated columns the server refuses
+    identity_always: str | None = None  # a GENERATED ALWAYS identity column: patch, never insert
+    written_inserts: int = 0
+    written_updates: int = 0
+    errors: int = 0
+    failure: str | None = None
+    batch_size: int = WRITE_BATCH_SIZE
+    extra_keys: list = field(default_factory=list)  # live rows the file lacks (rollback deletes)
+    live: dict = field(default_factory=dict, repr=False)  # key -> digest of the live row
+    live_meta: dict | None = None  # the live table's metadata (from the OpenAPI document)
+    spool: Path | None = None  # the rows to write, spooled by record_counts()
+    safety_count: int | None = None  # rows in the safety backup
+    rewrite: set = field(default_factory=set)  # a rollback's keys to write back from the file
+
+    def summary(self):
+        return {"inserted": self.written_inserts, "updated": self.written_updates,
+                "unchanged": self.unchanged, "errors": self.errors,
+                "planned_inserts": self.inserts, "planned_updates": self.updates}
+
+
+def live_index_builder(plans):
+    """A read_table row callback filling plan.live: key -> digest of the live row."""
+    def on_rows(table, rows):
+        plan = plans.get(table)
+        if plan is None:
+            return
+        for row in rows:
+            plan.live[row_key(row, plan.primary_key)] = row_digest(row, plan.columns)
+    return on_rows
+
+
+def record_counts(scan, plans, spool_dir, extra_keys=False):
+    """Step 3: which backup rows will be inserted, updated or left alone (a key comparison with
+    the live rows read in step 1); rows to write are spooled per table to spool_dir.
+
+    With extra_keys, also the live rows whose keys the file does not hold (a rollback deletes
+    them, so that the table ends up exactly as the file)."""
+    spools, seen = {}, {name: set() for name in plans} if extra_keys else None
+    try:
+        for event in read_backup(scan.path):
+            if event[0] != "row" or event[1] not in plans:
+                continue
+            plan, row = plans[event[1]], event[2]
+            key = row_key(row, plan.primary_key)
+            live = plan.live.get(key)
+            plan.backup_rows += 1
+            if seen is not None:
+                seen[plan.name].add(key)
+            if live is not None and live == row_digest(row, plan.columns):
+                plan.unchanged += 1
+                continue
+            if live is None:
+                plan.inserts += 1
+                plan.inserted_keys.append(key)
+            else:
+                plan.updates += 1
+                plan.updated_keys.add(key)
+            spool = spools.get(plan.name)
+            if spool is None:
+                spool = spools[plan.name] = open(spool_dir / f"{len(spools)}.jsonl", "w",
+                                                 encoding="utf-8", opener=private_opener)
+                plan.spool = Path(spool.name)
+            spool.write(json.dumps([live is None, row], ensure_ascii=False) + "\n")
+    finally:
+        for spool in spools.values():
+            spool.close()
+    if seen is not None:
+        for name, plan in plans.items():
+            plan.extra_keys = [key for key in plan.live if key not in seen[name]]
+
+
+def private_opener(path, flags):
+    return os.open(path, flags, 0o600)
+
+
+def spooled_batches(plan):
+    """The spooled rows of a table in batches: lists of (is_insert, row)."""
+    path = plan.spool
+    if path is None:
+        return
+    batch = []
+    with open(path, encoding="utf-8") as spool:
+        for line in spool:
+            batch.append(tuple(json.loads(line)))
+            if len(batch) >= plan.batch_size:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+def payload(plan, row):
+    """The row as sent: the backup's columns less generated ones the server refuses."""
+    if not plan.skip_columns:
+        return row
+    return {k: v for k, v in row.items() if k not in plan.skip_columns}
+
+
+def refused_column(exc):
+    """The column named by a 428C9 refusal ('cannot insert a non-DEFAULT value into column "x"')."""
+    match = re.search(r'column "([^"]+)"', exc.message or "")
+    return match.group(1) if match else None
+
+
+def write_rows(api, plan, batch):
+    """Write one batch of (is_insert, row) to a table, learning as it goes; returns rows written.
+
+    A statement timeout splits the batch and keeps the smaller size; a refused batch is split to
+    find the offending row, which is named; a GENERATED ALWAYS column is left out from then on
+    (an identity one means rows are patched by key, and missing rows cannot be re-inserted).
+    A missing parent row (23503) raises MissingParent for the caller to retry later.
+    """
+    if plan.identity_always:
+        return patch_rows(api, plan, batch)
+    try:
+        api.upsert(plan.name, [payload(plan, row) for _, row in batch], plan.primary_key)
+    except StatementTimeout:
+        if len(batch) == 1:
+            raise RestoreFailure(f"{plan.name}: writing the row with key "
+                                 f"{row_key(batch[0][1], plan.primary_key)} hits the server's "
+                                 f"statement timeout") from None
+        plan.batch_size = max(1, len(batch) // 2)
+        log.warning("%s: a batch hit the server's statement timeout; writing %d rows per "
+                    "request from now on", plan.name, plan.batch_size)
+        return sum(write_rows(api, plan, part) for part in halves(batch))
+    except ApiRejected as exc:
+        if exc.code == GENERATED_COLUMN:
+            column = refused_column(exc)
+            if column is None or column in plan.skip_columns:
+                raise RestoreFailure(f"{plan.name}: {exc.message}") from None
+            if "identity" in (exc.details or "") or column in plan.primary_key:
+                plan.identity_always = column
+                log.warning("%s.%s is GENERATED ALWAYS AS IDENTITY: the API cannot write its "
+                            "values, so rows are patched by key instead", plan.name, column)
+                return patch_rows(api, plan, batch)
+            plan.skip_columns.add(column)
+            log.info("  %s.%s is a generated column: left out of the rows sent (PostgreSQL "
+                     "computes it)", plan.name, column)
+            return write_rows(api, plan, batch)
+        if exc.code == FK_VIOLATION:
+            raise MissingParent(plan, batch, exc) from None
+        if len(batch) == 1:
+            plan.errors += 1
+            raise RestoreFailure(f"{plan.name}: the row with key "
+                                 f"{row_key(batch[0][1], plan.primary_key)} was refused: "
+                                 f"{exc.code} {exc.message}"
+                                 f"{' (' + exc.details + ')' if exc.details else ''}") from None
+        written = 0
+        for part in halves(batch):
+            written += write_rows(api, plan, part)
+        return written
+    count_written(plan, batch)
+    return len(batch)
+
+
+class MissingParent(Exception):
+    """Control flow: a batch refers to parent rows not written yet (23503); retry it later."""
+
+    def __init__(self, plan, batch, exc):
+        super().__init__(exc.message)
+        self.plan, self.batch, self.error = plan, batch, exc
+
+
+def halves(batch):
+    middle = len(batch) // 2
+    return [batch[:middle], batch[middle:]]
+
+
+def count_written(plan, batch):
+    inserted = sum(1 for is_insert, _ in batch if is_insert)
+    plan.written_inserts += inserted
+    plan.written_updates += len(batch) - inserted
+
+
+def patch_rows(api, plan, batch):
+    """Rows of a table whose identity column is GENERATED ALWAYS: update each by its key.
+
+    Such a column cannot be written through the API, so a row missing from the table cannot be
+    put back with its key: that fails the table with the SQL that lifts the restriction.
+    """
+    missing = [row for is_insert, row in batch if is_insert]
+    if missing:
+        column = plan.identity_always
+        raise RestoreFailure(
+            f"{plan.name}.{column} is GENERATED ALWAYS AS IDENTITY, so the API cannot re-insert "
+            f"the {len(missing)} missing row(s) with their keys (first: "
+            f"{row_key(missing[0], plan.primary_key)}); run in the SQL editor "
+            f"`ALTER TABLE public.{plan.name} ALTER COLUMN {column} SET GENERATED BY DEFAULT;`, "
+            f"restore again, then `... SET GENERATED ALWAYS;`")
+    skip = plan.skip_columns | {plan.identity_always}
+    for _, row in batch:
+        values = {k: v for k, v in row.items() if k not in skip}
+        api.update_row(plan.name, plan.primary_key, row, values)
+    count_written(plan, batch)
+    return len(batch)
+
+
+def upsert_restore(api, plans, order, progress):
+    """Step 4: upsert the spooled rows, parents before children, in batches.
+
+    Batches refused for a missing parent row are retried once the other batches are in (this is
+    how self-references and cycles land); when a round makes no progress, the rows are tried one
+    by one and the first that still fails is named. Raises RestoreFailure.
+    """
+    pending = []
+    for name in order:
+        plan = plans[name]
+        progress.start(name, plan.inserts + plan.updates)
+        for batch in spooled_batches(plan):
+            try:
+                progress.advance(write_rows(api, plan, batch))
+            except MissingParent:
+                pending.append((plan, batch))
+        progress.done(f"  {name}: {plan.written_inserts} inserted, {plan.written_updates} "
+                      f"updated, {plan.unchanged} unchanged"
+                      + (f", {sum(len(b) for p, b in pending if p is plan)} waiting for parent "
+                         f"rows" if any(p is plan for p, _ in pending) else ""))
+    single_rows = False
+    while pending:
+        waiting = sum(len(batch) for _, batch in pending)
+        still, last_error = [], None
+        for plan, batch in pending:
+            for part in ([[item] for item in batch] if single_rows else [batch]):
+                try:
+                    write_rows(api, plan, part)
+                except MissingParent as missing:
+                    still.append((plan, part))
+                    last_error = missing
+        if still and sum(len(batch) for _, batch in still) == waiting:
+            if single_rows:
+                plan, batch = still[0]
+                error = last_error.error
+                raise RestoreFailure(
+                    f"{plan.name}: the row with key {row_key(batch[0][1], plan.primary_key)} "
+                    f"refers to a row that is neither in the backup nor in the project "
+                    f"({error.message}{'; ' + error.details if error.details else ''})")
+            single_rows = True  # no progress by batches: find the rows that cannot land
+        pending = still
+
+
+def verify_restore(api, plans, reference_path, expected_counts, ignore_columns=()):
+    """Step 5: every row of the reference file is in the live table with equal values, and each
+    table's count is as expected. Returns a list of mismatches (dicts naming table and key).
+
+    The live tables are read once (keyset), keeping a digest per row; the file is then streamed.
+    Values are compared as PostgREST returns them; ignore_columns are left out.
+    """
+    mismatches, live_rows, counted = [], {}, {}
+    for name, plan in plans.items():
+        columns = [c for c in plan.columns if c not in ignore_columns]
+        index = live_rows[name] = {}
+        for rows in TablePages(api, name, plan.live_meta):
+            for row in rows:
+                index[row_key(row, plan.primary_key)] = row_digest(row, columns)
+        counted[name] = api.count(name)
+        if name in expected_counts and counted[name] != expected_counts[name]:
+            mismatches.append({"table": name, "key": None, "problem":
+                               f"{counted[name]} rows, expected {expected_counts[name]}"})
+    examples = {}
+    for event in read_backup(reference_path):
+        if event[0] != "row" or event[1] not in plans:
+            continue
+        name, row = event[1], event[2]
+        plan = plans[name]
+        key = row_key(row, plan.primary_key)
+        columns = [c for c in plan.columns if c not in ignore_columns]
+        live = live_rows[name].get(key)
+        if live is None:
+            mismatches.append({"table": name, "key": key, "problem": "missing"})
+        elif live != row_digest(row, columns):
+            mismatches.append({"table": name, "key": key, "problem": "different values"})
+            if len(examples.setdefault(name, {})) < 20:
+                examples[name][key] = row
+    if mismatches:
+        describe_differences(api, plans, mismatches, examples, ignore_columns)
+    return mismatches
+
+
+def describe_differences(api, plans, mismatches, examples, ignore_columns):
+    """Name the columns that differ on a sample of mismatched rows (in place, as "columns")."""
+    for name, rows in examples.items():
+        plan = plans[name]
+        found = api.rows_by_key(name, select_list(plan.live_meta), plan.primary_key,
+                                [json.loads(key) for key in rows])
+        live = {row_key(r, plan.primary_key): r for r in found}
+        for mismatch in mismatches:
+            if mismatch["table"] == name and mismatch["key"] in rows:
+                backup_row, live_row = rows[mismatch["key"]], live.get(mismatch["key"], {})
+                mismatch["columns"] = [c for c in plan.columns if c not in ignore_columns
+                                       and backup_row.get(c) != live_row.get(c)]
+
+
+def mismatch_message(mismatches, what):
+    """One line about verification mismatches, with the ignore-columns advice when it fits."""
+    first = mismatches[:3]
+    shown = "; ".join(f"{m['table']} key {m['key']}: {m['problem']}"
+                      + (f" in {', '.join(m['columns'])}" if m.get("columns") else "")
+                      if m["key"] else f"{m['table']}: {m['problem']}" for m in first)
+    columns = {c for m in mismatches if m.get("columns") for c in m["columns"]}
+    advice = ""
+    sampled = [m for m in mismatches if m["problem"] == "different values"]
+    if sampled and all(m.get("columns") for m in sampled if "columns" in m) and columns and \
+            len(columns) <= 2 and all(m["problem"] == "different values" for m in mismatches):
+        names = ",".join(sorted(columns))
+        advice = (f"; the differences are confined to {names}, which a trigger (e.g. "
+                  f"moddatetime) may rewrite on every write: if so, leave it out of "
+                  f"verification with --ignore-columns {names} (or VERIFY_IGNORE_COLUMNS={names})")
+    return f"{what} verification found {len(mismatches)} mismatch(es): {shown}{advice}"
+
+
+def delete_rows(api, plans, order, which):
+    """Delete rows by key, children before parents: which(plan) gives the key strings.
+
+    A batch refused because other rows still refer to its rows (23503) is retried after the
+    rest; when a round makes no progress that is a RestoreFailure naming the table.
+    """
+    pending = []
+    for name in reversed(order):
+        plan, keys = plans[name], which(plans[name])
+        for start in range(0, len(keys), DELETE_BATCH_SIZE):
+            pending.append((plan, [json.loads(k) for k in keys[start:start + DELETE_BATCH_SIZE]]))
+    while pending:
+        still, last_error = [], None
+        for plan, keys in pending:
+            try:
+                api.delete_keys(plan.name, plan.primary_key, keys)
+            except ApiRejected as exc:
+                if exc.code != FK_VIOLATION:
+                    raise RestoreFailure(f"{plan.name}: deleting rows was refused: {exc.code} "
+                                         f"{exc.message}") from None
+                still.append((plan, keys))
+                last_error = exc
+        if len(still) == len(pending):
+            raise RestoreFailure(f"{still[0][0].name}: rows cannot be deleted because other rows "
+                                 f"still refer to them ({last_error.message}"
+                                 f"{'; ' + last_error.details if last_error.details else ''})")
+        pending = still
+
+
+def delete_extra(api, plans, order):
+    """A rollback's last write: delete the live rows whose keys the file does not hold."""
+    delete_rows(api, plans, order, lambda plan: plan.extra_keys)
+
+
+def rollback(api, plans, order, safety_path, progress):
+    """Bring every touched table back to the safety backup: delete the rows the restore inserted,
+    write back the safety rows of the rows it updated (or deleted), then verify against the
+    safety backup.
+
+    Returns the mismatches of that verification (empty: the rollback is exact).
+    """
+    delete_rows(api, plans, order, lambda plan: plan.inserted_keys)
+    rollback_plans = {}
+    for name, plan in plans.items():
+        rollback_plans[name] = clone = TablePlan(name, plan.primary_key, plan.columns)
+        clone.skip_columns, clone.identity_always = set(plan.skip_columns), plan.identity_always
+        clone.live_meta = plan.live_meta
+        clone.rewrite = plan.updated_keys | set(plan.extra_keys)
+    with tempfile.TemporaryDirectory(dir=safety_path.parent, prefix=TEMP_PREFIX) as spool_dir:
+        spools = {}
+        try:
+            for event in read_backup(safety_path):
+                if event[0] != "row" or event[1] not in plans:
+                    continue
+                plan, row = plans[event[1]], event[2]
+                if row_key(row, plan.primary_key) in rollback_plans[plan.name].rewrite:
+                    spool = spools.get(plan.name)
+                    if spool is None:
+                        spool = spools[plan.name] = open(
+                            Path(spool_dir) / f"{len(spools)}.jsonl", "w", encoding="utf-8",
+                            opener=private_opener)
+                        rollback_plans[plan.name].spool = Path(spool.name)
+                    spool.write(json.dumps([False, row], ensure_ascii=False) + "\n")
+                    rollback_plans[plan.name].updates += 1
+        finally:
+            for spool in spools.values():
+                spool.close()
+        upsert_restore(api, rollback_plans, order, progress)
+    expected = {name: plan.safety_count for name, plan in plans.items()}
+    return verify_restore(api, plans, safety_path, expected)
+
+
 # --- Logs and summaries -----------------------------------------------------------------------
-# Restore logs in summaries/ come with issue #4; this section holds the one logging setup.
+# The restore log in summaries/, and the one logging setup.
+
+class RestoreLog:
+    """The restore log in summaries/: written when the restore starts and after every step,
+    atomically, so that a restore that is killed leaves an honest log (status in_progress)."""
+
+    def __init__(self, path, **fields):
+        self.path = Path(path)
+        self.data = {"kind": "restore", "status": "in_progress", "started_at": None,
+                     "finished_at": None, "backup_file": None, "safety_backup_file": None,
+                     "before_counts": {}, "after_counts": {}, "tables_restored": {},
+                     "tables_failed": [], "tables_skipped": {}, "total_inserted": 0,
+                     "total_updated": 0, "total_errors": 0, "mismatches": [], "steps": [],
+                     "rollback": None, "sequence_sql": [], "error": None}
+        self.data.update(fields)
+        self._step_started = None
+        self.save()
+
+    def step(self, number, name, detail=None, status="running"):
+        """Record the start (or outcome) of a numbered step, print it, and save."""
+        now = time.monotonic()
+        if status == "running":
+            self._step_started = now
+            self.data["steps"].append({"step": number, "name": name, "status": status})
+        else:
+            entry = self.data["steps"][-1]
+            entry.update(status=status, seconds=round(now - (self._step_started or now), 3))
+            if detail:
+                entry["detail"] = detail
+        self.save()
+
+    def update(self, **fields):
+        self.data.update(fields)
+        self.save()
+
+    def tables(self, plans):
+        """Copy the per-table outcome of the plans into the log."""
+        self.data["tables_restored"] = {name: plan.summary() for name, plan in plans.items()}
+        self.data["total_inserted"] = sum(p.written_inserts for p in plans.values())
+        self.data["total_updated"] = sum(p.written_updates for p in plans.values())
+        self.data["total_errors"] = sum(p.errors for p in plans.values())
+        self.data["tables_failed"] = [name for name, plan in plans.items() if plan.failure]
+
+    def save(self):
+        write_json_atomically(self.path, self.data)
+
+
+def write_json_atomically(path, data):
+    """Write a JSON file under a temporary name, fsync, rename: never a half-written file."""
+    temp = path.parent / f"{TEMP_PREFIX}{os.getpid()}-{path.name}"
+    with open(temp, "w", encoding="utf-8", opener=private_opener) as out:
+        json.dump(data, out, indent=2, ensure_ascii=False, default=str)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(temp, path)
+
+
+def write_restore_log(restore_log, **fields):
+    """Step 6: the final state of the restore log."""
+    restore_log.update(finished_at=utc_now().isoformat(), **fields)
+    return restore_log.path
+
 
 FILE_ONLY = "file_only"  # log(..., extra={FILE_ONLY: True}) keeps a record out of the terminal
 
@@ -1474,10 +2209,298 @@ def setup_local_run(args):
         attach_log_file(logs)
 
 
+def choose_restore_tables(scan, wanted):
+    """(tables to restore, {skipped table: why}) from the backup and --tables."""
+    if wanted:
+        missing = [name for name in wanted if name not in scan.tables]
+        if missing:
+            raise ValidationError(f"{', '.join(missing)} not in {scan.path.name} (it holds "
+                                  f"{', '.join(scan.tables) or 'no table'}); check --tables")
+    tables, skipped = [], {}
+    for name in wanted or scan.tables:
+        meta = scan.tables[name]["meta"]
+        if meta.get("writable") is False:
+            skipped[name] = "read-only relation (a view?): nothing to write back"
+        elif not meta.get("primary_key"):
+            skipped[name] = ("no primary key: an upsert cannot match its rows, so restoring "
+                             "would duplicate them; restore it by hand if needed")
+        else:
+            tables.append(name)
+    return tables, skipped
+
+
+def confirm_unsafe_restore(args, backup_path):
+    """Without --safe there is no safety net: warn loudly, and ask (or insist on --yes)."""
+    log.warning("restore WITHOUT --safe: no safety backup is taken, so a failed restore cannot be "
+                "rolled back; use `restore --safe` on production data")
+    if args.yes:
+        return
+    if not sys.stdin.isatty():
+        raise ConfigError("restore without --safe needs --yes when not run from a terminal "
+                          "(better: use --safe); the database was not touched")
+    answer = input(f"Restore {backup_path.name} without a safety backup? Type 'restore' to go on: ")
+    if answer.strip() != "restore":
+        raise ConfigError("restore cancelled; the database was not touched")
+
+
+def sequence_sql(plans, live):
+    """The SQL that moves each integer key's sequence past the restored maximum."""
+    statements = []
+    for name, plan in plans.items():
+        if plan.written_inserts == 0 or len(plan.primary_key) != 1:
+            continue
+        column = plan.primary_key[0]
+        formats = {c["name"]: c.get("format") for c in live[name]["columns"]}
+        if formats.get(column) not in ("integer", "bigint", "smallint"):
+            continue
+        statements.append(
+            f"SELECT setval(pg_get_serial_sequence('public.{quote_sql_ident(name)}', "
+            f"'{column}'), (SELECT max({quote_sql_ident(column)}) FROM "
+            f"public.{quote_sql_ident(name)}));")
+    return statements
+
+
+def quote_sql_ident(name):
+    return name if re.fullmatch(r"[a-z_][a-z0-9_]*", name) else '"' + name.replace('"', '""') + '"'
+
+
+class RestoreRun:
+    """One restore (or rollback to a file): the numbered steps of SAFETY.md, in order."""
+
+    def __init__(self, api, config, paths, args, file_path, mode="restore"):
+        self.api, self.config, self.paths, self.args = api, config, paths, args
+        self.file_path, self.mode = file_path, mode
+        self.progress = Progress(args.quiet)
+        self.safe = mode == "rollback" or args.safe
+        self.dry_run = args.dry_run
+        self.plans, self.order, self.safety_path = {}, [], None
+        self.restore_log = None
+
+    def say_step(self, number, tag, text):
+        log.info("%d. [%s] %s", number, tag, text)
+
+    def run(self):
+        args, api = self.args, self.api
+        started = utc_now()
+        log.info("reading %s", self.file_path)
+        scan = scan_backup(self.file_path)
+        tables, skipped = choose_restore_tables(scan, getattr(args, "tables", None))
+        for name, why in skipped.items():
+            log.warning("%s is left alone: %s", name, why)
+        live = discover_tables(api.openapi())
+        if not self.dry_run:
+            log_name = timestamp_name(f"{self.mode}_log", started, ".json")
+            self.restore_log = RestoreLog(
+                self.paths.summaries / log_name, kind=self.mode, started_at=started.isoformat(),
+                backup_file=str(self.file_path), safe=self.safe, tables=tables,
+                tables_skipped=skipped, pid=os.getpid())
+        for name in tables:
+            meta = scan.tables[name]["meta"]
+            plan = self.plans[name] = TablePlan(name, list(meta["primary_key"]),
+                                                [c["name"] for c in meta["columns"]])
+            plan.live_meta = live.get(name)
+        present = [name for name in tables if name in live]
+
+        # 1. Safety backup of the current state (also the source of the live row index).
+        if self.safe and not self.dry_run:
+            self.safety_path = self.paths.safety_backups / timestamp_name("safety_backup",
+                                                                          utc_now())
+            self.step(1, "SAFETY", f"safety backup of {len(present)} table(s) -> "
+                      f"{self.safety_path}")
+            summary = snapshot(api, present, live, self.safety_path, self.config.host,
+                               SERVICE_ROLE, self.progress, on_rows=live_index_builder(self.plans),
+                               note=f"safety backup before {self.mode} of {self.file_path.name}")
+            self.restore_log.update(safety_backup_file=str(self.safety_path))
+            self.done(f"{summary['rows']} rows in {len(present)} tables, re-read and checked")
+        else:
+            why = "dry run" if self.dry_run else "no --safe"
+            self.step(1, "SAFETY", f"skipped ({why}); reading the current state")
+            summary = snapshot(api, present, live, None, self.config.host, SERVICE_ROLE,
+                               self.progress, on_rows=live_index_builder(self.plans))
+            self.done(f"{summary['rows']} rows read")
+        before = {name: t["count_after"] for name, t in summary["tables"].items()}
+        for name, plan in self.plans.items():
+            plan.safety_count = before.get(name)
+
+        # 2. Validate.
+        self.step(2, "VALIDATE", f"{self.file_path.name}: checksums, keys, critical tables, "
+                  f"schema")
+        critical = self.critical()
+        try:
+            self.order = validate_backup(scan, live, tables, critical)
+        except ValidationError as exc:
+            self.fail_step("refused", str(exc))
+            raise
+        self.done("ok" + (f"; critical tables present: {', '.join(critical)}" if critical else ""))
+
+        # 3. Record the state before, and the plan.
+        self.step(3, "RECORD", "row counts before, and which rows will be inserted or updated")
+        spool_root = self.paths.safety_backups
+        with tempfile.TemporaryDirectory(dir=spool_root, prefix=TEMP_PREFIX) as spool_dir:
+            record_counts(scan, self.plans, Path(spool_dir), extra_keys=(self.mode == "rollback"))
+            for name in self.order:
+                plan = self.plans[name]
+                log.info("  %s: %d rows now; %d to insert, %d to update%s, %d unchanged", name,
+                         before.get(name, 0), plan.inserts, plan.updates,
+                         f", {len(plan.extra_keys)} to delete" if plan.extra_keys else "",
+                         plan.unchanged)
+            plan_summary = {name: {"insert": p.inserts, "update": p.updates,
+                                   "delete": len(p.extra_keys), "unchanged": p.unchanged}
+                            for name, p in self.plans.items()}
+            if self.dry_run:
+                self.done("dry run: nothing written")
+                if args.json:
+                    print(json.dumps({"status": "dry_run", "file": str(self.file_path),
+                                      "before_counts": before, "plan": plan_summary}, indent=2))
+                return EXIT_OK
+            self.restore_log.update(before_counts=before, plan=plan_summary)
+            self.done(f"{sum(p.inserts for p in self.plans.values())} to insert, "
+                      f"{sum(p.updates for p in self.plans.values())} to update")
+
+            # 4-5. Restore, verify; any failure rolls back.
+            try:
+                self.step(4, "RESTORE", "upsert on the primary key, parents before children")
+                upsert_restore(api, self.plans, self.order, self.progress)
+                if self.mode == "rollback":
+                    delete_extra(api, self.plans, self.order)
+                self.restore_log.tables(self.plans)
+                self.done(f"{self.restore_log.data['total_inserted']} inserted, "
+                          f"{self.restore_log.data['total_updated']} updated")
+                self.step(5, "VERIFY", "counts, and every row of the file in the table with "
+                          "equal values")
+                expected = {name: (before.get(name, 0) + p.written_inserts
+                                   - len(p.extra_keys)) for name, p in self.plans.items()}
+                mismatches = verify_restore(api, self.plans, self.file_path, expected,
+                                            self.ignore_columns())
+                if mismatches:
+                    self.restore_log.update(mismatches=mismatches[:100])
+                    raise RestoreFailure(mismatch_message(mismatches, self.mode))
+                self.done("every row matches")
+            except (RestoreFailure, BackupError) as exc:
+                return self.recover(exc)
+            except KeyboardInterrupt:
+                self.restore_log.update(status="interrupted", error="interrupted (Ctrl-C)")
+                raise InterruptedRestore(self.rollback_hint()) from None
+
+        # 6. The log.
+        after = {name: api.count(name) for name in self.plans}
+        sql = sequence_sql(self.plans, live)
+        self.step(6, "LOG", f"{self.restore_log.path}")
+        write_restore_log(self.restore_log, status="succeeded", after_counts=after,
+                          sequence_sql=sql)
+        self.done("saved")
+        if sql:
+            log.warning("run this in the SQL editor so that new rows do not collide with "
+                        "restored keys:\n  %s", "\n  ".join(sql))
+        log.info("%s complete: %d inserted, %d updated, %d unchanged", self.mode,
+                 self.restore_log.data["total_inserted"], self.restore_log.data["total_updated"],
+                 sum(p.unchanged for p in self.plans.values()))
+        if args.json:
+            print(json.dumps(self.restore_log.data, indent=2, default=str))
+        return EXIT_OK
+
+    def recover(self, exc):
+        """A step 4 or 5 failure: roll back to the safety backup, or say what is left."""
+        reason = one_line(exc, 400)
+        for plan in self.plans.values():
+            if plan.failure is None and str(exc).startswith(f"{plan.name}"):
+                plan.failure = reason
+        self.restore_log.tables(self.plans)
+        self.fail_step("failed", reason)
+        log.error("%s failed: %s", self.mode, reason)
+        if not self.safe:
+            write_restore_log(self.restore_log, status="failed", error=reason)
+            raise PartialRestoreError(f"{self.mode} failed and there is no safety backup to "
+                                      f"return to (no --safe): {reason}; the tables may be "
+                                      f"partly restored, see {self.restore_log.path}")
+        if getattr(self.args, "no_rollback", False):
+            write_restore_log(self.restore_log, status="failed_kept", error=reason)
+            raise PartialRestoreError(f"{self.mode} failed: {reason}; kept as it is "
+                                      f"(--no-rollback); to undo it run: {self.rollback_hint()}")
+        # 7. Roll back: first a snapshot of the failed state (double safety).
+        failed_path = self.paths.safety_backups / timestamp_name("failed_state", utc_now())
+        self.step(7, "ROLLBACK", f"snapshot of the failed state -> {failed_path}, then back to "
+                  f"{self.safety_path.name}")
+        try:
+            snapshot(self.api, list(self.plans), discover_tables(self.api.openapi()),
+                     failed_path, self.config.host, SERVICE_ROLE, self.progress,
+                     note=f"state after a failed {self.mode} of {self.file_path.name}")
+            mismatches = rollback(self.api, self.plans, self.order, self.safety_path,
+                                  self.progress)
+        except (RestoreFailure, BackupError) as rollback_exc:
+            mismatches = [{"table": None, "key": None, "problem": one_line(rollback_exc, 300)}]
+        except KeyboardInterrupt:
+            self.restore_log.update(status="interrupted", error="interrupted during rollback")
+            raise InterruptedRestore(self.rollback_hint()) from None
+        rollback_info = {"failed_state_file": str(failed_path), "mismatches": mismatches[:100],
+                         "verified": not mismatches}
+        if mismatches:
+            write_restore_log(self.restore_log, status="rollback_failed", error=reason,
+                              rollback=rollback_info)
+            self.fail_step("failed", mismatch_message(mismatches, "rollback")
+                           if mismatches[0]["table"] else mismatches[0]["problem"])
+            raise RollbackFailedError(f"{self.mode} failed ({reason}) and so did the automatic "
+                                      f"rollback ({mismatches[0]['problem']})",
+                                      self.rollback_hint())
+        after = {name: self.api.count(name) for name in self.plans}
+        write_restore_log(self.restore_log, status="rolled_back", error=reason,
+                          rollback=rollback_info, after_counts=after)
+        self.done("rolled back and verified against the safety backup")
+        raise RestoreError(f"{self.mode} failed ({reason}); every table it touched was rolled "
+                           f"back to {self.safety_path.name} and verified: the database is as "
+                           f"before (log: {self.restore_log.path})")
+
+    def rollback_hint(self):
+        if self.safety_path is None:
+            return "(no safety backup was taken)"
+        return f"python {PROG} rollback {self.safety_path.name}"
+
+    def critical(self):
+        names = getattr(self.args, "critical", None)
+        if not names and self.config.settings.get("CRITICAL_TABLES"):
+            names = table_list(self.config.settings["CRITICAL_TABLES"])
+        return names or []
+
+    def ignore_columns(self):
+        names = getattr(self.args, "ignore_columns", None)
+        if not names and self.config.settings.get("VERIFY_IGNORE_COLUMNS"):
+            names = table_list(self.config.settings["VERIFY_IGNORE_COLUMNS"])
+        return set(names or [])
+
+    def step(self, number, tag, text):
+        self._step = (number, tag)
+        self.say_step(number, tag, text)
+        if self.restore_log:
+            self.restore_log.step(number, tag)
+
+    def done(self, detail):
+        log.info("   -> %s", detail)
+        if self.restore_log:
+            self.restore_log.step(*self._step, detail=detail, status="ok")
+
+    def fail_step(self, status, detail):
+        if self.restore_log:
+            self.restore_log.step(*self._step, detail=detail, status=status)
+
+
 def cmd_restore(args):
-    """Restore a backup file behind the safety net."""
-    begin_run(args)
-    raise NotImplementedYetError("restore", 4, "the database was not touched")
+    """Restore a backup file behind the safety net (SAFETY.md's numbered flow)."""
+    config, paths = begin_run(args)
+    check_key_role(config)
+    backup_path = find_backup_file(args.file, paths.backups)
+    if not backup_path.exists():
+        raise ValidationError(f"no backup file {args.file} (looked in the working directory and "
+                              f"{paths.backups}); `python {PROG} list` shows the backups")
+    if not args.safe and not args.dry_run:
+        confirm_unsafe_restore(args, backup_path)
+    with data_lock(config.data_dir, "restore"):
+        for folder in (paths.safety_backups, paths.summaries):
+            clear_partial_files(folder)
+        api = SupabaseApi(config)
+        try:
+            return RestoreRun(api, config, paths, args, backup_path).run()
+        finally:
+            api.close()
 
 
 def cmd_rollback(args):
@@ -1606,7 +2629,7 @@ def build_parser():
 
     restore = add_command(
         subparsers, "restore", cmd_restore,
-        "restore a backup file, safely with --safe (not in 0.1.0: exits 69)",
+        "restore a backup file; with --safe behind a safety backup and an automatic rollback",
         ["restore --safe --file supabase_backup_20251128_074723.json.gz",
          "restore --safe --dry-run --file supabase_backup_20251128_074723.json.gz",
          "restore --safe --tables bookings --critical users,packages,bookings --file FILE"])
@@ -1621,6 +2644,9 @@ def build_parser():
     restore.add_argument("--critical", type=table_list, action="extend", metavar="A,B",
                          help="tables that must be present and non-empty in the backup "
                               "(default: CRITICAL_TABLES, else none)")
+    restore.add_argument("--ignore-columns", type=table_list, action="extend", metavar="C",
+                         help="columns left out of verification, e.g. updated_at kept current by "
+                              "a trigger (default: VERIFY_IGNORE_COLUMNS)")
     restore.add_argument("--no-rollback", action="store_true",
                          help="on failure keep what was restored instead of rolling back "
                               "(the safety backup stays available for rollback)")

@@ -29,7 +29,6 @@ bugs through that real Supabase would hit.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import re

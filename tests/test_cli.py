@@ -28,7 +28,6 @@ SETTINGS = ("SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "SUPABASE_KEY", "SUPABA
 # The commands this version does not have yet: they load the configuration, start the log and
 # exit 69 without reaching the network, so they test the configuration without a server.
 UNIMPLEMENTED = {
-    "restore": ["restore", "--safe", "--file", "supabase_backup_20251128_074723.json.gz"],
     "rollback": ["rollback", "safety_backup_20251128_074820.json.gz"],
     "list-safety": ["list-safety"],
 }
