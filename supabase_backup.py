@@ -7,7 +7,7 @@ It restores such a file only behind a safety net: a safety backup of the
 current data first, validation before anything is written, verification
 afterwards, and an automatic rollback if anything fails (see SAFETY.md).
 
-Status of version 0.2.0: backup, check and list work. restore, rollback and
+Status of version 0.2.0: backup, check, list and restore work. rollback and
 list-safety check the configuration and then refuse with exit code 69,
 reading and writing no data.
 
@@ -19,7 +19,7 @@ Commands:
   check        verify a backup file offline (structure, row counts, checksums)
   list         the backups in backups/, newest first, with tables and rows
   restore      restore a backup file; with --safe a safety backup is taken
-               first and a failed restore is rolled back (coming with issue #4)
+               first and a failed restore is rolled back
   rollback     bring tables back to a safety backup (coming with issue #5)
   list-safety  list the safety backups, newest first (coming with issue #5)
 
@@ -39,7 +39,9 @@ Exit codes:
   9    restore failed AND rollback failed (critical: the message names the
        rollback command)
   10   differences found (diff)
-  69   not implemented yet in this version (restore, rollback, list-safety)
+  11   restore failed and was kept as it is (no --safe, or --no-rollback;
+       the message names the rollback command when there is a safety backup)
+  69   not implemented yet in this version (rollback, list-safety)
   130  interrupted (Ctrl-C)
 
 Configuration, read from the environment, else from .env in the working
@@ -52,6 +54,11 @@ directory, else from .env next to this script (see .env.example):
                              this script; --data-dir overrides it)
   BACKUP_TABLES              the tables to back up, comma-separated (default:
                              every table; backup --tables overrides it)
+  CRITICAL_TABLES            tables a restore requires present and non-empty in
+                             the backup (default: none; restore --critical)
+  VERIFY_IGNORE_COLUMNS      columns a restore leaves out of verification, e.g.
+                             updated_at kept current by a trigger (restore
+                             --ignore-columns)
 Every run of a command appends to logs/supabase_backup.log in the data folder.
 The service key is never printed or logged.
 """
@@ -69,6 +76,7 @@ import logging
 import logging.handlers
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -435,6 +443,11 @@ def is_transient(code):
     return code in TRANSIENT_CODES or code.startswith(TRANSIENT_PREFIXES)
 
 
+def is_http_status(code):
+    """Whether an error code is an HTTP status (the client's code when the body is not JSON)."""
+    return len(code) == 3 and code.isdigit()
+
+
 class SupabaseApi:
     """The project's REST API through the supabase client, with retries and request counting."""
 
@@ -477,8 +490,10 @@ class SupabaseApi:
                 code = str(exc.code or "")
                 if code == STATEMENT_TIMEOUT:
                     raise StatementTimeout(what) from None
+                # A bare HTTP status (three digits) is the gateway's, not PostgREST's; SQLSTATEs
+                # such as 23503 are all digits too, but five of them.
                 if writes and not is_transient(code) and code not in AUTH_CODES and \
-                        code not in MISSING_TABLE_CODES and not code.isdigit():
+                        code not in MISSING_TABLE_CODES and not is_http_status(code):
                     raise ApiRejected(code, exc.message or "", exc.details, exc.hint) from None
                 if not is_transient(code) or attempt == attempts:
                     raise self.api_failure(what, exc, attempt) from None
@@ -1380,8 +1395,7 @@ def scan_backup(path, tables_wanted=None):
     if problems:
         shown = "; ".join(dict.fromkeys(problems[:5]))
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise ValidationError(f"{Path(path).name} is refused: {shown}{more}; the database was "
-                              f"not touched")
+        raise ValidationError(f"{Path(path).name} is refused: {shown}{more}")
     return BackupScan(Path(path), header, tables)
 
 
@@ -1476,6 +1490,7 @@ class TablePlan:
     spool: Path | None = None  # the rows to write, spooled by record_counts()
     safety_count: int | None = None  # rows in the safety backup
     rewrite: set = field(default_factory=set)  # a rollback's keys to write back from the file
+    sent_keys: set = field(default_factory=set)  # rows a write was sent for: what rollback undoes
 
     def summary(self):
         return {"inserted": self.written_inserts, "updated": self.written_updates,
@@ -1532,10 +1547,66 @@ def record_counts(scan, plans, spool_dir, extra_keys=False):
     if seen is not None:
         for name, plan in plans.items():
             plan.extra_keys = [key for key in plan.live if key not in seen[name]]
+    for name, plan in plans.items():
+        pk = plan.primary_key
+        columns = [fk["column"] for fk in scan.tables[name]["meta"].get("foreign_keys") or []
+                   if fk["references_table"] == name and [fk["references_column"]] == pk]
+        if columns and plan.spool is not None:
+            spool_parents_first(plan, columns)
 
 
 def private_opener(path, flags):
     return os.open(path, flags, 0o600)
+
+
+MAX_PARENT_DEPTH = 100  # deeper rows keep file order and wait for their parents (upsert_restore)
+
+
+def spool_parents_first(plan, columns):
+    """Reorder a table's spool so that each row comes after the rows it refers to through a
+    self-reference (users.referred_by): batches then land whole, whatever the key order.
+
+    Only keys are held in memory; the rows are sorted by depth through one file per level.
+    """
+    parents = {}
+    with open(plan.spool, encoding="utf-8") as spool:
+        for line in spool:
+            row = json.loads(line)[1]
+            parents[row_key(row, plan.primary_key)] = [
+                row_key({plan.primary_key[0]: row.get(column)}, plan.primary_key)
+                for column in columns if row.get(column) is not None]
+    depths = {}  # 0: refers to no row of the spool; n: one more than its deepest parent
+    for start in parents:
+        path = [start] if start not in depths else []  # up the references to known depths
+        while path:
+            key = path[-1]
+            unknown = [p for p in parents[key] if p in parents and p not in depths
+                       and p not in path]  # a parent on the path is a cycle: left to the retries
+            if unknown and len(path) <= MAX_PARENT_DEPTH:
+                path.append(unknown[0])
+                continue
+            path.pop()
+            depths[key] = min(MAX_PARENT_DEPTH, 1 + max(
+                (depths.get(p, -1) for p in parents[key] if p in parents), default=-1))
+    if not any(depths.values()):
+        return
+    levels = {}
+    try:
+        with open(plan.spool, encoding="utf-8") as spool:
+            for line in spool:
+                depth = depths[row_key(json.loads(line)[1], plan.primary_key)]
+                if depth not in levels:
+                    levels[depth] = open(plan.spool.with_name(f"{plan.spool.stem}.{depth}"), "w+",
+                                         encoding="utf-8", opener=private_opener)
+                levels[depth].write(line)
+        with open(plan.spool, "w", encoding="utf-8") as spool:
+            for depth in sorted(levels):
+                levels[depth].seek(0)
+                shutil.copyfileobj(levels[depth], spool)
+    finally:
+        for level in levels.values():
+            level.close()
+            os.unlink(level.name)
 
 
 def spooled_batches(plan):
@@ -1598,9 +1669,7 @@ def write_rows(api, plan, batch):
                 log.warning("%s.%s is GENERATED ALWAYS AS IDENTITY: the API cannot write its "
                             "values, so rows are patched by key instead", plan.name, column)
                 return patch_rows(api, plan, batch)
-            plan.skip_columns.add(column)
-            log.info("  %s.%s is a generated column: left out of the rows sent (PostgreSQL "
-                     "computes it)", plan.name, column)
+            skip_generated_column(plan, column)
             return write_rows(api, plan, batch)
         if exc.code == FK_VIOLATION:
             raise MissingParent(plan, batch, exc) from None
@@ -1652,54 +1721,93 @@ def patch_rows(api, plan, batch):
             f"{row_key(missing[0], plan.primary_key)}); run in the SQL editor "
             f"`ALTER TABLE public.{plan.name} ALTER COLUMN {column} SET GENERATED BY DEFAULT;`, "
             f"restore again, then `... SET GENERATED ALWAYS;`")
-    skip = plan.skip_columns | {plan.identity_always}
-    for _, row in batch:
-        values = {k: v for k, v in row.items() if k not in skip}
-        api.update_row(plan.name, plan.primary_key, row, values)
+    for index, (_, row) in enumerate(batch):
+        while True:
+            skip = plan.skip_columns | {plan.identity_always}
+            try:
+                api.update_row(plan.name, plan.primary_key, row,
+                               {k: v for k, v in row.items() if k not in skip})
+                break
+            except ApiRejected as exc:
+                column = refused_column(exc) if exc.code == GENERATED_COLUMN else None
+                if column is not None and column not in skip:
+                    skip_generated_column(plan, column)
+                    continue  # nothing was written: the same row again, without that column
+                if exc.code == FK_VIOLATION:
+                    count_written(plan, batch[:index])
+                    raise MissingParent(plan, batch[index:], exc) from None
+                plan.errors += 1
+                raise RestoreFailure(f"{plan.name}: the row with key "
+                                     f"{row_key(row, plan.primary_key)} was refused: {exc.code} "
+                                     f"{exc.message}"
+                                     f"{' (' + exc.details + ')' if exc.details else ''}") from None
+            except StatementTimeout:
+                raise RestoreFailure(f"{plan.name}: updating the row with key "
+                                     f"{row_key(row, plan.primary_key)} hits the server's "
+                                     f"statement timeout") from None
     count_written(plan, batch)
     return len(batch)
+
+
+def skip_generated_column(plan, column):
+    """Leave a column the server refused as generated out of every row sent from now on."""
+    plan.skip_columns.add(column)
+    log.info("  %s.%s is a generated column: left out of the rows sent (PostgreSQL computes it)",
+             plan.name, column)
 
 
 def upsert_restore(api, plans, order, progress):
     """Step 4: upsert the spooled rows, parents before children, in batches.
 
     Batches refused for a missing parent row are retried once the other batches are in (this is
-    how self-references and cycles land); when a round makes no progress, the rows are tried one
-    by one and the first that still fails is named. Raises RestoreFailure.
+    how cycles land; self-references are sorted parents first by record_counts); when a round
+    makes no progress, the waiting batches are halved from round to round, and a row that still
+    cannot land on its own is named. Raises RestoreFailure.
     """
+    def write(plan, batch):
+        # From the first attempt on, the rows may have landed, whatever the answer says.
+        plan.sent_keys.update(row_key(row, plan.primary_key) for _, row in batch)
+        try:
+            return write_rows(api, plan, batch)
+        except MissingParent:
+            raise
+        except Exception as exc:
+            plan.failure = plan.failure or one_line(exc, 400)
+            raise
+
     pending = []
     for name in order:
         plan = plans[name]
         progress.start(name, plan.inserts + plan.updates)
         for batch in spooled_batches(plan):
             try:
-                progress.advance(write_rows(api, plan, batch))
-            except MissingParent:
-                pending.append((plan, batch))
+                progress.advance(write(plan, batch))
+            except MissingParent as missing:
+                pending.append((plan, missing.batch))
         progress.done(f"  {name}: {plan.written_inserts} inserted, {plan.written_updates} "
                       f"updated, {plan.unchanged} unchanged"
                       + (f", {sum(len(b) for p, b in pending if p is plan)} waiting for parent "
                          f"rows" if any(p is plan for p, _ in pending) else ""))
-    single_rows = False
+    split = False
     while pending:
         waiting = sum(len(batch) for _, batch in pending)
-        still, last_error = [], None
+        still, errors = [], []
         for plan, batch in pending:
-            for part in ([[item] for item in batch] if single_rows else [batch]):
+            for part in (halves(batch) if split and len(batch) > 1 else [batch]):
                 try:
-                    write_rows(api, plan, part)
+                    write(plan, part)
                 except MissingParent as missing:
-                    still.append((plan, part))
-                    last_error = missing
+                    still.append((plan, missing.batch))
+                    errors.append(missing.error)
         if still and sum(len(batch) for _, batch in still) == waiting:
-            if single_rows:
-                plan, batch = still[0]
-                error = last_error.error
-                raise RestoreFailure(
-                    f"{plan.name}: the row with key {row_key(batch[0][1], plan.primary_key)} "
-                    f"refers to a row that is neither in the backup nor in the project "
-                    f"({error.message}{'; ' + error.details if error.details else ''})")
-            single_rows = True  # no progress by batches: find the rows that cannot land
+            if all(len(batch) == 1 for _, batch in still):
+                (plan, batch), error = still[0], errors[0]
+                plan.failure = (f"the row with key {row_key(batch[0][1], plan.primary_key)} "
+                                f"refers to a row that is neither in the backup nor in the "
+                                f"project ({error.message}"
+                                f"{'; ' + error.details if error.details else ''})")
+                raise RestoreFailure(f"{plan.name}: {plan.failure}")
+            split = True  # no progress by whole batches: narrow down the rows that cannot land
         pending = still
 
 
@@ -1712,7 +1820,7 @@ def verify_restore(api, plans, reference_path, expected_counts, ignore_columns=(
     """
     mismatches, live_rows, counted = [], {}, {}
     for name, plan in plans.items():
-        columns = [c for c in plan.columns if c not in ignore_columns]
+        columns = compared_columns(plan, ignore_columns)
         index = live_rows[name] = {}
         for rows in TablePages(api, name, plan.live_meta):
             for row in rows:
@@ -1728,7 +1836,7 @@ def verify_restore(api, plans, reference_path, expected_counts, ignore_columns=(
         name, row = event[1], event[2]
         plan = plans[name]
         key = row_key(row, plan.primary_key)
-        columns = [c for c in plan.columns if c not in ignore_columns]
+        columns = compared_columns(plan, ignore_columns)
         live = live_rows[name].get(key)
         if live is None:
             mismatches.append({"table": name, "key": key, "problem": "missing"})
@@ -1751,8 +1859,15 @@ def describe_differences(api, plans, mismatches, examples, ignore_columns):
         for mismatch in mismatches:
             if mismatch["table"] == name and mismatch["key"] in rows:
                 backup_row, live_row = rows[mismatch["key"]], live.get(mismatch["key"], {})
-                mismatch["columns"] = [c for c in plan.columns if c not in ignore_columns
-                                       and backup_row.get(c) != live_row.get(c)]
+                mismatch["columns"] = [c for c in compared_columns(plan, ignore_columns)
+                                       if backup_row.get(c) != live_row.get(c)]
+
+
+def compared_columns(plan, ignore_columns):
+    """The columns verification compares: the backup's, less those ignored by name or as
+    table.column."""
+    return [c for c in plan.columns
+            if c not in ignore_columns and f"{plan.name}.{c}" not in ignore_columns]
 
 
 def mismatch_message(mismatches, what):
@@ -1761,16 +1876,29 @@ def mismatch_message(mismatches, what):
     shown = "; ".join(f"{m['table']} key {m['key']}: {m['problem']}"
                       + (f" in {', '.join(m['columns'])}" if m.get("columns") else "")
                       if m["key"] else f"{m['table']}: {m['problem']}" for m in first)
-    columns = {c for m in mismatches if m.get("columns") for c in m["columns"]}
+    rewritten = rewritten_columns(mismatches)
     advice = ""
-    sampled = [m for m in mismatches if m["problem"] == "different values"]
-    if sampled and all(m.get("columns") for m in sampled if "columns" in m) and columns and \
-            len(columns) <= 2 and all(m["problem"] == "different values" for m in mismatches):
-        names = ",".join(sorted(columns))
+    if rewritten:
+        names = ",".join(sorted({c for columns in rewritten.values() for c in columns}))
         advice = (f"; the differences are confined to {names}, which a trigger (e.g. "
                   f"moddatetime) may rewrite on every write: if so, leave it out of "
                   f"verification with --ignore-columns {names} (or VERIFY_IGNORE_COLUMNS={names})")
     return f"{what} verification found {len(mismatches)} mismatch(es): {shown}{advice}"
+
+
+def rewritten_columns(mismatches):
+    """{table: [columns]} when every mismatch is a row that differs only in the same column or
+    two, the mark of a trigger that rewrites them on every write (moddatetime); else {}."""
+    if not mismatches or any(m["problem"] != "different values" for m in mismatches):
+        return {}
+    sampled = [m for m in mismatches if "columns" in m]
+    if not sampled or not all(m["columns"] for m in sampled) or \
+            len({c for m in sampled for c in m["columns"]}) > 2:
+        return {}
+    by_table = {}
+    for m in sampled:
+        by_table.setdefault(m["table"], set()).update(m["columns"])
+    return {name: sorted(columns) for name, columns in by_table.items()}
 
 
 def delete_rows(api, plans, order, which):
@@ -1782,6 +1910,7 @@ def delete_rows(api, plans, order, which):
     pending = []
     for name in reversed(order):
         plan, keys = plans[name], which(plans[name])
+        plan.sent_keys.update(keys)
         for start in range(0, len(keys), DELETE_BATCH_SIZE):
             pending.append((plan, [json.loads(k) for k in keys[start:start + DELETE_BATCH_SIZE]]))
     while pending:
@@ -1807,20 +1936,24 @@ def delete_extra(api, plans, order):
     delete_rows(api, plans, order, lambda plan: plan.extra_keys)
 
 
-def rollback(api, plans, order, safety_path, progress):
+def rollback(api, plans, order, safety_path, progress, ignore_columns=()):
     """Bring every touched table back to the safety backup: delete the rows the restore inserted,
-    write back the safety rows of the rows it updated (or deleted), then verify against the
-    safety backup.
+    write back the safety rows of the rows it updated (or deleted), then verify the tables against
+    the safety backup, leaving ignore_columns out (by name or as table.column).
 
-    Returns the mismatches of that verification (empty: the rollback is exact).
+    Only the rows a write was sent for are written back: the others are as they were, and
+    writing them could only fire triggers, or undo what the app changed since. Returns the
+    mismatches of that verification (empty: the rollback is exact).
     """
-    delete_rows(api, plans, order, lambda plan: plan.inserted_keys)
+    touched = {name: plan for name, plan in plans.items() if plan.sent_keys}
+    delete_rows(api, plans, order,
+                lambda plan: [key for key in plan.inserted_keys if key in plan.sent_keys])
     rollback_plans = {}
     for name, plan in plans.items():
         rollback_plans[name] = clone = TablePlan(name, plan.primary_key, plan.columns)
         clone.skip_columns, clone.identity_always = set(plan.skip_columns), plan.identity_always
         clone.live_meta = plan.live_meta
-        clone.rewrite = plan.updated_keys | set(plan.extra_keys)
+        clone.rewrite = (plan.updated_keys | set(plan.extra_keys)) & plan.sent_keys
     with tempfile.TemporaryDirectory(dir=safety_path.parent, prefix=TEMP_PREFIX) as spool_dir:
         spools = {}
         try:
@@ -1841,8 +1974,8 @@ def rollback(api, plans, order, safety_path, progress):
             for spool in spools.values():
                 spool.close()
         upsert_restore(api, rollback_plans, order, progress)
-    expected = {name: plan.safety_count for name, plan in plans.items()}
-    return verify_restore(api, plans, safety_path, expected)
+    expected = {name: plan.safety_count for name, plan in touched.items()}
+    return verify_restore(api, touched, safety_path, expected, ignore_columns)
 
 
 # --- Logs and summaries -----------------------------------------------------------------------
@@ -2275,6 +2408,7 @@ class RestoreRun:
         self.dry_run = args.dry_run
         self.plans, self.order, self.safety_path = {}, [], None
         self.restore_log = None
+        self.rewritten = {}  # table -> columns the failed verification found rewritten
 
     def say_step(self, number, tag, text):
         log.info("%d. [%s] %s", number, tag, text)
@@ -2282,8 +2416,13 @@ class RestoreRun:
     def run(self):
         args, api = self.args, self.api
         started = utc_now()
+        # Read now: a typo in a setting must not fail a restore half-way.
+        critical, ignore_columns = self.critical(), self.ignore_columns()
         log.info("reading %s", self.file_path)
-        scan = scan_backup(self.file_path)
+        try:
+            scan = scan_backup(self.file_path)
+        except ValidationError as exc:
+            raise ValidationError(f"{exc}; the database was not touched") from None
         tables, skipped = choose_restore_tables(scan, getattr(args, "tables", None))
         for name, why in skipped.items():
             log.warning("%s is left alone: %s", name, why)
@@ -2325,11 +2464,12 @@ class RestoreRun:
         # 2. Validate.
         self.step(2, "VALIDATE", f"{self.file_path.name}: checksums, keys, critical tables, "
                   f"schema")
-        critical = self.critical()
         try:
             self.order = validate_backup(scan, live, tables, critical)
         except ValidationError as exc:
             self.fail_step("refused", str(exc))
+            if self.restore_log:
+                write_restore_log(self.restore_log, status="refused", error=str(exc))
             raise
         self.done("ok" + (f"; critical tables present: {', '.join(critical)}" if critical else ""))
 
@@ -2371,16 +2511,25 @@ class RestoreRun:
                 expected = {name: (before.get(name, 0) + p.written_inserts
                                    - len(p.extra_keys)) for name, p in self.plans.items()}
                 mismatches = verify_restore(api, self.plans, self.file_path, expected,
-                                            self.ignore_columns())
+                                            ignore_columns)
                 if mismatches:
                     self.restore_log.update(mismatches=mismatches[:100])
+                    self.rewritten = rewritten_columns(mismatches)
                     raise RestoreFailure(mismatch_message(mismatches, self.mode))
                 self.done("every row matches")
             except (RestoreFailure, BackupError) as exc:
                 return self.recover(exc)
             except KeyboardInterrupt:
-                self.restore_log.update(status="interrupted", error="interrupted (Ctrl-C)")
+                write_restore_log(self.restore_log, status="interrupted",
+                                  error="interrupted (Ctrl-C)")
                 raise InterruptedRestore(self.rollback_hint()) from None
+            except Exception as exc:
+                # A bug must not bypass the safety net: roll back as for any other failure.
+                log.error("unexpected error during the %s", self.mode, exc_info=True,
+                          extra={FILE_ONLY: True})
+                return self.recover(RestoreFailure(f"unexpected internal error: "
+                                                   f"{type(exc).__name__}: {exc} (a bug: the "
+                                                   f"traceback is in {current_log_file()})"))
 
         # 6. The log.
         after = {name: api.count(name) for name in self.plans}
@@ -2401,13 +2550,14 @@ class RestoreRun:
 
     def recover(self, exc):
         """A step 4 or 5 failure: roll back to the safety backup, or say what is left."""
-        reason = one_line(exc, 400)
+        reason = one_line(exc, 800)
         for plan in self.plans.values():
             if plan.failure is None and str(exc).startswith(f"{plan.name}"):
                 plan.failure = reason
         self.restore_log.tables(self.plans)
         self.fail_step("failed", reason)
-        log.error("%s failed: %s", self.mode, reason)
+        # A warning: the one error line is the outcome, printed last, after the rollback.
+        log.warning("%s failed: %s", self.mode, reason)
         if not self.safe:
             write_restore_log(self.restore_log, status="failed", error=reason)
             raise PartialRestoreError(f"{self.mode} failed and there is no safety backup to "
@@ -2421,34 +2571,54 @@ class RestoreRun:
         failed_path = self.paths.safety_backups / timestamp_name("failed_state", utc_now())
         self.step(7, "ROLLBACK", f"snapshot of the failed state -> {failed_path}, then back to "
                   f"{self.safety_path.name}")
+        # A column a trigger rewrites on every write (the failed verification found one, or the
+        # user named it) is rewritten by the rollback's writes too: no API write can put its old
+        # values back, so it is left out of the rollback's verification, and the message says so.
+        leave_out = self.ignore_columns() | {f"{name}.{column}" for name, columns
+                                             in self.rewritten.items() for column in columns}
         try:
             snapshot(self.api, list(self.plans), discover_tables(self.api.openapi()),
                      failed_path, self.config.host, SERVICE_ROLE, self.progress,
                      note=f"state after a failed {self.mode} of {self.file_path.name}")
             mismatches = rollback(self.api, self.plans, self.order, self.safety_path,
-                                  self.progress)
-        except (RestoreFailure, BackupError) as rollback_exc:
-            mismatches = [{"table": None, "key": None, "problem": one_line(rollback_exc, 300)}]
+                                  self.progress, leave_out)
         except KeyboardInterrupt:
-            self.restore_log.update(status="interrupted", error="interrupted during rollback")
+            write_restore_log(self.restore_log, status="interrupted",
+                              error="interrupted during rollback")
             raise InterruptedRestore(self.rollback_hint()) from None
+        except Exception as rollback_exc:  # whatever it was, the rollback did not finish
+            if not isinstance(rollback_exc, (RestoreFailure, BackupError)):
+                log.error("unexpected error during the rollback", exc_info=True,
+                          extra={FILE_ONLY: True})
+            mismatches = [{"table": None, "key": None, "problem": one_line(rollback_exc, 300)}]
+        not_verified, written_back = {}, {}
+        for name, plan in self.plans.items():
+            columns = [c for c in plan.columns if c not in compared_columns(plan, leave_out)]
+            written_back[name] = len(plan.updated_keys & plan.sent_keys)
+            if written_back[name] and columns:
+                not_verified[name] = columns
         rollback_info = {"failed_state_file": str(failed_path), "mismatches": mismatches[:100],
-                         "verified": not mismatches}
+                         "verified": not mismatches, "not_verified": not_verified}
         if mismatches:
             write_restore_log(self.restore_log, status="rollback_failed", error=reason,
                               rollback=rollback_info)
-            self.fail_step("failed", mismatch_message(mismatches, "rollback")
-                           if mismatches[0]["table"] else mismatches[0]["problem"])
+            problem = (mismatch_message(mismatches, "rollback") if mismatches[0]["table"]
+                       else mismatches[0]["problem"])
+            self.fail_step("failed", problem)
             raise RollbackFailedError(f"{self.mode} failed ({reason}) and so did the automatic "
-                                      f"rollback ({mismatches[0]['problem']})",
-                                      self.rollback_hint())
+                                      f"rollback ({problem})", self.rollback_hint())
         after = {name: self.api.count(name) for name in self.plans}
         write_restore_log(self.restore_log, status="rolled_back", error=reason,
                           rollback=rollback_info, after_counts=after)
-        self.done("rolled back and verified against the safety backup")
+        except_columns = "".join(
+            f", except {name}.{', '.join(columns)} in the {written_back[name]} "
+            f"row(s) written back, left out of the comparison because a trigger may rewrite it "
+            f"on every write (then it holds the time of the rollback)"
+            for name, columns in not_verified.items())
+        self.done(f"rolled back and verified against the safety backup{except_columns}")
         raise RestoreError(f"{self.mode} failed ({reason}); every table it touched was rolled "
                            f"back to {self.safety_path.name} and verified: the database is as "
-                           f"before (log: {self.restore_log.path})")
+                           f"before{except_columns} (log: {self.restore_log.path})")
 
     def rollback_hint(self):
         if self.safety_path is None:
@@ -2456,16 +2626,18 @@ class RestoreRun:
         return f"python {PROG} rollback {self.safety_path.name}"
 
     def critical(self):
-        names = getattr(self.args, "critical", None)
-        if not names and self.config.settings.get("CRITICAL_TABLES"):
-            names = table_list(self.config.settings["CRITICAL_TABLES"])
-        return names or []
+        return getattr(self.args, "critical", None) or self.setting_list("CRITICAL_TABLES")
 
     def ignore_columns(self):
-        names = getattr(self.args, "ignore_columns", None)
-        if not names and self.config.settings.get("VERIFY_IGNORE_COLUMNS"):
-            names = table_list(self.config.settings["VERIFY_IGNORE_COLUMNS"])
-        return set(names or [])
+        return set(getattr(self.args, "ignore_columns", None) or
+                   self.setting_list("VERIFY_IGNORE_COLUMNS"))
+
+    def setting_list(self, name):
+        """A comma-separated setting as a list ([] when unset); ConfigError when malformed."""
+        try:
+            return table_list(self.config.settings[name]) if self.config.settings.get(name) else []
+        except argparse.ArgumentTypeError as exc:
+            raise ConfigError(f"{name}: {exc}") from None
 
     def step(self, number, tag, text):
         self._step = (number, tag)

@@ -25,14 +25,17 @@ URL = "https://abcdefghijklmnop.supabase.co"
 FAKE_KEY = "sb_secret_TESTKEY-d0-not-leak-7f3a9c1e5b2d4f6a8c0e"
 SETTINGS = ("SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "SUPABASE_KEY", "SUPABASE_BACKUP_DIR",
             "BACKUP_TABLES", "CRITICAL_TABLES", "VERIFY_IGNORE_COLUMNS")
+COMMANDS = ["backup", "check", "list", "restore", "rollback", "list-safety"]
 # The commands this version does not have yet: they load the configuration, start the log and
-# exit 69 without reaching the network, so they test the configuration without a server.
+# exit 69 without reaching the network. Remove each one as it is implemented.
 UNIMPLEMENTED = {
     "rollback": ["rollback", "safety_backup_20251128_074820.json.gz"],
     "list-safety": ["list-safety"],
 }
-CONFIGURED_COMMAND = UNIMPLEMENTED["rollback"]
-COMMANDS = ["backup", "check", "list", *UNIMPLEMENTED]
+# A command that loads the configuration, starts the log and then fails offline, before any
+# request (the file does not exist): the configuration tests need no server.
+CONFIGURED_COMMAND = ["restore", "--safe", "--file", "no_such_backup.json.gz"]
+CONFIGURED_EXIT = 7
 
 
 @pytest.fixture
@@ -148,7 +151,7 @@ def test_supabase_key_is_accepted_as_fallback(home, capsys, monkeypatch):
     monkeypatch.setenv("SUPABASE_URL", URL)
     monkeypatch.setenv("SUPABASE_KEY", FAKE_KEY)
     code, _, _ = run(capsys, "--data-dir", str(home), *CONFIGURED_COMMAND)
-    assert code == 69
+    assert code == CONFIGURED_EXIT
 
 
 def test_environment_wins_over_dotenv(home, capsys, monkeypatch):
@@ -156,20 +159,20 @@ def test_environment_wins_over_dotenv(home, capsys, monkeypatch):
     monkeypatch.setenv("SUPABASE_URL", URL)
     monkeypatch.setenv("SUPABASE_SERVICE_ROLE_KEY", FAKE_KEY)
     code, _, _ = run(capsys, "--data-dir", str(home), *CONFIGURED_COMMAND)
-    assert code == 69
+    assert code == CONFIGURED_EXIT
 
 
 def test_dotenv_in_working_directory_is_read(home, capsys):
     (home / ".env").write_text(f"SUPABASE_URL={URL}\nSUPABASE_SERVICE_ROLE_KEY={FAKE_KEY}\n")
     code, _, _ = run(capsys, "--data-dir", str(home), *CONFIGURED_COMMAND)
-    assert code == 69
+    assert code == CONFIGURED_EXIT
 
 
 def test_dotenv_next_to_script_is_read_and_data_goes_next_to_script(home, capsys):
     script_dir = supabase_backup.SCRIPT_DIR
     (script_dir / ".env").write_text(f"SUPABASE_URL={URL}\nSUPABASE_SERVICE_ROLE_KEY={FAKE_KEY}\n")
     code, _, _ = run(capsys, *CONFIGURED_COMMAND)
-    assert code == 69
+    assert code == CONFIGURED_EXIT
     assert (script_dir / "logs" / "supabase_backup.log").is_file()
     assert not (home / "logs").exists()
 
@@ -177,8 +180,18 @@ def test_dotenv_next_to_script_is_read_and_data_goes_next_to_script(home, capsys
 def test_supabase_backup_dir_moves_the_data_folder(configured, capsys, monkeypatch):
     monkeypatch.setenv("SUPABASE_BACKUP_DIR", str(configured / "elsewhere"))
     code, _, _ = run(capsys, *CONFIGURED_COMMAND)
-    assert code == 69
+    assert code == CONFIGURED_EXIT
     assert (configured / "elsewhere" / "logs" / "supabase_backup.log").is_file()
+
+
+def test_the_configured_command_fails_offline_with_one_line_and_writes_only_the_log(configured,
+                                                                                    capsys):
+    code, out, err = run(capsys, "--data-dir", str(configured), *CONFIGURED_COMMAND)
+    assert code == CONFIGURED_EXIT
+    assert out == ""
+    assert err.splitlines() == [err.strip()]
+    assert err.startswith("supabase_backup: error: no backup file no_such_backup.json.gz")
+    assert files_under(configured) == ["logs/supabase_backup.log"]
 
 
 @pytest.mark.parametrize("command", sorted(UNIMPLEMENTED))
@@ -199,7 +212,7 @@ def test_unimplemented_command_exits_69_and_writes_no_data(configured, capsys, c
 
 def test_service_key_never_appears_in_output_or_log(configured, capsys):
     code, out, err = run(capsys, "--data-dir", str(configured), "--verbose", *CONFIGURED_COMMAND)
-    assert code == 69
+    assert code == CONFIGURED_EXIT
     assert "started" in err  # verbose output was really produced
     log_text = (configured / "logs" / "supabase_backup.log").read_text()
     assert FAKE_KEY not in out + err + log_text
@@ -227,8 +240,10 @@ def test_help_lists_every_command_and_the_exit_codes(home, capsys):
     for command in COMMANDS:
         assert command in out
     for line in ("0    success", "3    configuration error", "5    another run holds the lock",
-                 "9    restore failed AND rollback failed", "69   not implemented yet",
-                 "130  interrupted (Ctrl-C)"):
+                 "7    backup file invalid", "8    restore failed and was rolled back",
+                 "9    restore failed AND rollback failed", "11   restore failed and was kept",
+                 "130  interrupted (Ctrl-C)", *(["69   not implemented yet"] if UNIMPLEMENTED
+                                               else [])):
         assert line in out
     assert files_under(home) == [] and files_under(supabase_backup.SCRIPT_DIR) == []
 
@@ -255,7 +270,7 @@ def test_usage_errors_exit_2_and_create_no_files(home, capsys, argv):
 
 def test_global_options_are_also_accepted_after_the_command(configured, capsys):
     code, _, err = run(capsys, *CONFIGURED_COMMAND, "--verbose", "--data-dir", str(configured))
-    assert code == 69
+    assert code == CONFIGURED_EXIT
     assert "started" in err  # --verbose after the command took effect
     assert (configured / "logs" / "supabase_backup.log").is_file()
 
@@ -311,13 +326,13 @@ def test_script_without_configuration_exits_3_with_one_line(script):
     assert not (script.parent / "logs").exists()
 
 
-def test_script_unimplemented_command_exits_69_and_keeps_the_key_out_of_everything(script):
+def test_script_failing_offline_exits_with_one_line_and_keeps_the_key_out_of_everything(script):
     result = run_script(script, *CONFIGURED_COMMAND, SUPABASE_URL=URL,
                         SUPABASE_SERVICE_ROLE_KEY=FAKE_KEY)
-    assert result.returncode == 69
+    assert result.returncode == CONFIGURED_EXIT
     assert result.stdout == ""
     assert len(result.stderr.splitlines()) == 1
-    assert "not implemented yet" in result.stderr and "Traceback" not in result.stderr
+    assert "no backup file" in result.stderr and "Traceback" not in result.stderr
     log_file = script.parent / "logs" / "supabase_backup.log"  # the data folder is the script's
     assert FAKE_KEY not in result.stderr + log_file.read_text()
     assert files_under(script.parent / "backups") == []

@@ -1,0 +1,832 @@
+"""restore --safe (issue #4) against the local stack.
+
+The database is always checked through psycopg, never through the tool: every column of every
+demo table, as PostgreSQL's own text (to_jsonb), compared exactly before and after, with one known
+loss left out and shown by its own test (see row_texts). Layers (see STYLE.md): main([...])
+in-process with tmp_path, and subprocess runs where a real process matters (kill -9, Ctrl-C, the
+lock).
+"""
+
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import psycopg
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import supabase_backup  # noqa: E402
+
+SETTINGS = ("SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "SUPABASE_KEY", "SUPABASE_BACKUP_DIR",
+            "BACKUP_TABLES", "CRITICAL_TABLES", "VERIFY_IGNORE_COLUMNS")
+DEMO_TABLES = ("app_settings", "audit_events", "bookings", "package_tags", "packages", "payments",
+               "reviews", "users")
+NO_UPDATED_AT = {"bookings": ["updated_at"]}
+FAST_RETRIES = (0.01, 0.01, 0.01)
+# A transient server error that outlasts the retries of one request, then goes away, so that the
+# restore fails and its rollback can succeed.
+OUTLASTS_RETRIES = len(FAST_RETRIES) + 1
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:supabase")
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def data(stack, tmp_path, monkeypatch):
+    """A data folder, the stack's URL and service key in the environment, and no other settings."""
+    for name in SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    work = tmp_path / "work"
+    work.mkdir()
+    script_dir = tmp_path / "script"
+    script_dir.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(supabase_backup, "SCRIPT_DIR", script_dir)
+    monkeypatch.setattr(supabase_backup, "RETRY_DELAYS", FAST_RETRIES)
+    monkeypatch.setenv("SUPABASE_URL", stack.url)
+    monkeypatch.setenv("SUPABASE_SERVICE_ROLE_KEY", stack.service_role_key)
+    return tmp_path / "data"
+
+
+def run(capsys, data, *argv):
+    """main() in-process with --data-dir; returns (exit code, stdout, stderr)."""
+    code = supabase_backup.main(["--data-dir", str(data), *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def make_backup(capsys, data, *argv):
+    """A completed backup (exit 0 asserted); returns its path."""
+    folder = data / "backups"
+    before = set(os.listdir(folder)) if folder.is_dir() else set()
+    code, _, err = run(capsys, data, "backup", *argv)
+    assert code == 0, err
+    (name,) = set(os.listdir(folder)) - before
+    return folder / name
+
+
+def database_state(db, omit=None):
+    """Every row of every demo table as text (every column but omit[table]), sorted: the exact
+    state, read through psycopg."""
+    omit = omit or {}
+    return {table: sorted(row_texts(db, table, omit=omit.get(table, ()))) for table in DEMO_TABLES}
+
+
+def row_texts(db, table, where="TRUE", params=(), omit=()):
+    """The rows of a table as text: to_jsonb (PostgreSQL's own text of every value), less omit.
+
+    One known loss is left out: a decimal inside a json/jsonb value passes through a binary float
+    on its way through the API, so a row the tool writes gets 518.0 back for 518.00 (equal as
+    jsonb, not as text; see test_numbers_inside_jsonb_keep_their_digits). Such values are compared
+    as the float a JSON parser reads.
+    """
+    json_columns = [name for (name,) in db.execute(
+        "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 "
+        "AND NOT attisdropped AND atttypid IN ('json'::regtype, 'jsonb'::regtype) "
+        "ORDER BY attnum", [f"public.{table}"])]
+    texts = "".join(f", t.{name}::text" for name in json_columns)
+    rows = []
+    for record in db.execute(f"SELECT (to_jsonb(t) - %s::text[])::text{texts} "
+                             f"FROM public.{table} AS t WHERE {where}",
+                             [json_columns + list(omit), *params]):
+        values = [json.dumps(json.loads(value)) if value is not None else "null"
+                  for value in record[1:]]
+        rows.append(" ".join([record[0], *(f"{name}={value}" for name, value
+                                           in zip(json_columns, values))]))
+    return rows
+
+
+def assert_same_state(actual, expected):
+    """Every table holds exactly the expected rows, each as often (audit_events has duplicates)."""
+    problems = []
+    for table in DEMO_TABLES:
+        have, want = Counter(actual[table]), Counter(expected[table])
+        missing, extra = want - have, have - want
+        if missing or extra:
+            problems.append(f"{table}: {sum(missing.values())} row(s) missing or different, "
+                            f"{sum(extra.values())} unexpected; e.g. missing "
+                            f"{list(missing)[:1]}, unexpected {list(extra)[:1]}")
+    assert not problems, "\n".join(problems)
+
+
+def plus(state, added):
+    """The state with more rows (the rows added since the backup)."""
+    return {table: sorted(state[table] + added.get(table, [])) for table in DEMO_TABLES}
+
+
+def rows_where(db, table, condition, params=()):
+    return row_texts(db, table, condition, params)
+
+
+def counts(state):
+    return {table: len(rows) for table, rows in state.items()}
+
+
+def error_line(err):
+    """The last line of a failed run: one error line, no traceback."""
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("supabase_backup: error: ")]
+    assert len(errors) == 1 and err.splitlines()[-1] == errors[0], err
+    return errors[0]
+
+
+def files_in(data, folder):
+    path = data / folder
+    return sorted(os.listdir(path)) if path.is_dir() else []
+
+
+def safety_backup(data):
+    """The path of the one safety backup."""
+    names = [n for n in files_in(data, "safety_backups") if n.startswith("safety_backup_")]
+    assert len(names) == 1, names
+    return data / "safety_backups" / names[0]
+
+
+def restore_log(data):
+    """The one restore log in summaries/."""
+    names = files_in(data, "summaries")
+    assert len(names) == 1 and names[0].startswith("restore_log_"), names
+    return json.loads((data / "summaries" / names[0]).read_text())
+
+
+def table_rows(path, table):
+    """The rows of one table of a backup file, read the way a user's script would."""
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return json.load(f)["tables"][table]["rows"]
+
+
+def rewrite_backup(path, edit):
+    """Rewrite a backup file with edit(document) applied, with counts and checksums that match,
+    so that only the restore's own checks can find what is wrong with it."""
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        document = json.load(f)
+    edit(document)
+    header = {k: v for k, v in document.items()
+              if k not in ("tables", "complete", "finished_at", "table_count", "row_count")}
+    path.unlink()
+    writer = supabase_backup.BackupWriter(path, header)
+    for name, table in document["tables"].items():
+        writer.begin_table(name, {k: v for k, v in table.items()
+                                  if k not in ("name", "rows", "row_count", "sha256",
+                                               "count_before", "count_after", "count_method",
+                                               "pages")})
+        writer.write_rows(table["rows"])
+        writer.end_table(count_before=len(table["rows"]), count_after=len(table["rows"]))
+    writer.finish(finished_at=document["finished_at"], table_count=len(document["tables"]),
+                  row_count=sum(len(t["rows"]) for t in document["tables"].values()))
+
+
+def write_requests(stack, table=None):
+    return [r for r in stack.requests if r.method in ("POST", "PATCH", "DELETE", "PUT")
+            and (table is None or r.table == table)]
+
+
+def wait_for(condition, timeout=20.0, what="the condition"):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+# --- a restore that succeeds --------------------------------------------------------------------
+
+def test_restore_brings_back_the_backup_and_leaves_rows_added_since_alone(fresh_stack, db, data,
+                                                                           capsys):
+    stack = fresh_stack
+    path = make_backup(capsys, data)
+    at_backup = database_state(db)
+    # Deleted since the backup: three payments, a reply to a reply, a setting, the last booking.
+    db.execute("DELETE FROM payments WHERE id IN (1, 2, 3)")
+    db.execute("DELETE FROM reviews WHERE id = md5('review-490')::uuid")
+    db.execute("DELETE FROM app_settings WHERE key = 'f(x)'")
+    db.execute("DELETE FROM bookings WHERE id = 5000")
+    # As after a TRUNCATE ... RESTART IDENTITY: the next payment would get id 1 again.
+    db.execute("SELECT setval('payments_id_seq', 1, false)")
+    # Changed since the backup.
+    db.execute("UPDATE users SET full_name = 'changed', tags = NULL "
+               "WHERE email IN ('user1@example.com', 'user2@example.com')")
+    db.execute("UPDATE bookings SET notes = 'changed', guests = 1 WHERE id BETWEEN 100 AND 119")
+    db.execute("UPDATE packages SET price = 1.00, name = 'changed' WHERE id = 7")
+    db.execute("UPDATE package_tags SET weight = 99 WHERE package_id = 1")
+    db.execute("UPDATE app_settings SET value = '\"USD\"' WHERE key = 'default currency'")
+    # Added since the backup: the restore leaves these alone.
+    db.execute("INSERT INTO users (email, full_name) VALUES ('new@example.com', 'New')")
+    db.execute("INSERT INTO bookings (user_id, package_id) "
+               "SELECT id, 3 FROM users WHERE email = 'new@example.com'")
+    db.execute("INSERT INTO app_settings (key, value) VALUES ('added.later', '1')")
+    db.execute("INSERT INTO audit_events (event, at) VALUES ('restore.test', now())")
+    added = {"users": rows_where(db, "users", "email = 'new@example.com'"),
+             "bookings": rows_where(db, "bookings", "id > 5000"),
+             "app_settings": rows_where(db, "app_settings", "key = 'added.later'"),
+             "audit_events": rows_where(db, "audit_events", "event = 'restore.test'")}
+    assert all(len(rows) == 1 for rows in added.values())
+    before = database_state(db)
+    stack.requests.clear()
+
+    code, out, err = run(capsys, data, "restore", "--safe", "--file", path.name)
+
+    assert code == 0, err
+    assert out == ""
+    assert_same_state(database_state(db), plus(at_backup, added))
+    # Only the rows that differ were written, in one batch per table; reviews needed one insert,
+    # users two updates, and nothing at all was sent for the tables that had not changed.
+    assert {table: len(write_requests(stack, table)) for table in DEMO_TABLES
+            if table != "packages"} == {"app_settings": 1, "audit_events": 0, "bookings": 1,
+                                        "package_tags": 1, "payments": 1, "reviews": 1,
+                                        "users": 1}
+    assert "audit_events is left alone: no primary key" in err
+
+    log = restore_log(data)
+    assert log["status"] == "succeeded"
+    assert log["started_at"] < log["finished_at"]
+    assert log["backup_file"] == str(path)
+    assert Path(log["safety_backup_file"]) == safety_backup(data)
+    restored_tables = set(DEMO_TABLES) - {"audit_events"}
+    assert log["before_counts"] == {t: n for t, n in counts(before).items() if t in restored_tables}
+    assert log["after_counts"] == {t: n for t, n in counts(database_state(db)).items()
+                                   if t in restored_tables}
+    assert "no primary key" in log["tables_skipped"]["audit_events"]
+    outcome = {table: (entry["inserted"], entry["updated"], entry["errors"])
+               for table, entry in log["tables_restored"].items()}
+    assert outcome == {"app_settings": (1, 1, 0), "bookings": (1, 20, 0), "package_tags": (0, 3, 0),
+                       "packages": (0, 1, 0), "payments": (3, 0, 0), "reviews": (1, 0, 0),
+                       "users": (0, 2, 0)}
+    assert log["tables_restored"]["bookings"]["unchanged"] == 5000 - 21
+    assert log["tables_failed"] == [] and log["mismatches"] == []
+    assert (log["total_inserted"], log["total_updated"], log["total_errors"]) == (6, 27, 0)
+    assert [(s["step"], s["name"], s["status"]) for s in log["steps"]] == [
+        (1, "SAFETY", "ok"), (2, "VALIDATE", "ok"), (3, "RECORD", "ok"), (4, "RESTORE", "ok"),
+        (5, "VERIFY", "ok"), (6, "LOG", "ok")]
+    for number in range(1, 7):
+        assert f"{number}. [" in err
+
+    # The safety backup holds the state before the restore, and is intact.
+    code, _, check_err = run(capsys, data, "check", "--file", str(safety_backup(data)))
+    assert code == 0, check_err
+    assert len(table_rows(safety_backup(data), "bookings")) == len(before["bookings"])
+
+    # Rows went back into tables whose keys come from sequences: the app's next payment would
+    # collide with a restored one. The SQL that moves the sequences on is printed and logged, and
+    # after it the app can insert again.
+    new_payment = "INSERT INTO payments (booking_id, amount) VALUES (3, 1) RETURNING id"
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        db.execute(new_payment)
+    assert {statement.split("'")[1] for statement in log["sequence_sql"]} == {
+        "public.bookings", "public.payments"}
+    for statement in log["sequence_sql"]:
+        assert statement in err
+        db.execute(statement)
+    assert db.execute(new_payment).fetchone()[0] == 3001
+
+
+def test_fk_chain_and_self_references_all_come_back(fresh_stack, db, data, capsys):
+    path = make_backup(capsys, data, "--tables", "users,bookings,payments,reviews")
+    at_backup = database_state(db)
+    # The whole chain users -> bookings -> payments (and reviews) is gone. Users refer to users
+    # (referred_by) whose keys sort after theirs, and replies refer to reviews.
+    db.execute("TRUNCATE reviews, payments, bookings, users")
+
+    code, _, err = run(capsys, data, "restore", "--safe", "--file", str(path))
+
+    assert code == 0, err
+    assert_same_state(database_state(db), at_backup)
+    log = restore_log(data)
+    assert {t: e["inserted"] for t, e in log["tables_restored"].items()} == {
+        "users": 2000, "bookings": 5000, "payments": 3000, "reviews": 500}
+    # Parents went first, also within users: every batch landed whole, none had to wait.
+    assert [r.status for r in write_requests(fresh_stack)] == [201] * (4 + 10 + 6 + 1)
+
+
+def test_a_row_whose_parent_is_gone_is_named_and_the_restore_rolled_back(fresh_stack, db, data,
+                                                                         capsys):
+    path = make_backup(capsys, data, "--tables", "payments")
+    # Payment 1 is for booking 2, which is gone since the backup and is not in it.
+    assert db.execute("SELECT booking_id FROM payments WHERE id = 1").fetchone()[0] == 2
+    db.execute("DELETE FROM payments WHERE booking_id = 2")
+    db.execute("DELETE FROM bookings WHERE id = 2")
+    db.execute("UPDATE payments SET method = 'changed' WHERE id BETWEEN 2 AND 101")
+    before = database_state(db)
+    fresh_stack.requests.clear()
+
+    code, _, err = run(capsys, data, "restore", "--safe", "--file", str(path))
+
+    assert code == 8, err
+    line = error_line(err)
+    assert "payments: the row with key [1] refers to a row that is neither in the backup nor in " \
+           "the project" in line and "bookings" in line and "rolled back" in line
+    assert_same_state(database_state(db), before)
+    # The batch was halved to find the row, not written row by row.
+    assert len(write_requests(fresh_stack, "payments")) < 25
+
+
+def test_identity_always_table_is_patched_and_generated_columns_are_never_written(
+        fresh_stack, db, data, capsys):
+    stack = fresh_stack
+    path = make_backup(capsys, data, "--tables", "packages")
+    at_backup = database_state(db)
+    db.execute("UPDATE packages SET price = price + 1, duration_days = 30, name = 'changed' "
+               "WHERE id IN (3, 150, 300)")
+    stack.requests.clear()
+
+    code, _, err = run(capsys, data, "restore", "--safe", "--file", str(path))
+
+    assert code == 0, err
+    assert_same_state(database_state(db), at_backup)
+    # packages.id is GENERATED ALWAYS AS IDENTITY and packages.nights a generated column. The API
+    # does not say so (its OpenAPI document marks neither), so the tool learns it from refusals
+    # that write nothing: one upsert refused for id, one update refused for nights; then the
+    # three rows by PATCH on their keys, without either column (PostgreSQL refuses any write that
+    # carries one, so the writes it accepted did not).
+    assert [(r.method, r.status) for r in write_requests(stack, "packages")] == [
+        ("POST", 400), ("PATCH", 400), ("PATCH", 204), ("PATCH", 204), ("PATCH", 204)]
+    assert "GENERATED ALWAYS AS IDENTITY" in err and "packages.nights is a generated column" in err
+
+
+@pytest.mark.xfail(strict=True, reason="known loss, outside the restore code: the supabase client "
+                   "parses JSON numbers into binary floats, so 518.00 inside a jsonb value is "
+                   "backed up as 518.0 and written back so")
+def test_numbers_inside_jsonb_keep_their_digits(fresh_stack, db, data, capsys):
+    path = make_backup(capsys, data, "--tables", "users")
+    user = "user1400@example.com"  # profile.score is 518.00
+    before = db.execute("SELECT profile::text FROM users WHERE email = %s", [user]).fetchone()[0]
+    assert '"score": 518.00' in before
+    db.execute("UPDATE users SET full_name = 'changed' WHERE email = %s", [user])
+
+    code, _, err = run(capsys, data, "restore", "--safe", "--file", str(path))
+
+    assert code == 0, err
+    after = db.execute("SELECT profile::text FROM users WHERE email = %s", [user]).fetchone()[0]
+    assert after == before
+
+
+# --- failures roll back exactly -----------------------------------------------------------------
+
+def test_a_fault_on_the_second_table_rolls_back_to_exactly_the_state_before(fresh_stack, db, data,
+                                                                            capsys):
+    stack = fresh_stack
+    path = make_backup(capsys, data, "--tables", "app_settings,users,bookings")
+    db.execute("DELETE FROM app_settings WHERE key = 'f(x)'")
+    db.execute("UPDATE app_settings SET value = '1' WHERE key = 'say \"hi\"'")
+    # About 2,000 changed users are written in four batches; three deleted ones are put back.
+    db.execute("UPDATE users SET full_name = 'changed' WHERE email ~ '^user1?[0-9]{1,3}@'")
+    db.execute("DELETE FROM users WHERE email IN ('user1997@example.com', "
+               "'user1998@example.com', 'user1999@example.com')")
+    db.execute("UPDATE bookings SET notes = 'changed' WHERE id <= 50")
+    changed_users = db.execute("SELECT count(*) FROM users WHERE full_name = 'changed'"
+                               ).fetchone()[0]
+    assert changed_users > 1000
+    before = database_state(db)
+    # app_settings is written first, then users: its second batch fails, whatever the retries.
+    stack.faults.add(kind="write", table="users", after=2, times=OUTLASTS_RETRIES, status=503,
+                     code="XX000", message="injected: disk on fire")
+
+    code, out, err = run(capsys, data, "restore", "--safe", "--file", path.name)
+
+    assert code == 8, err
+    line = error_line(err)
+    assert "users" in line and "disk on fire" in line
+    assert "rolled back" in line and "the database is as before" in line
+    assert_same_state(database_state(db), before)
+    assert stack.writes("bookings") == 0, "never reached by the restore, so left alone"
+    # The failed state was kept before rolling back: app_settings and the first batch of users
+    # had been restored.
+    failed = [n for n in files_in(data, "safety_backups") if n.startswith("failed_state_")]
+    assert len(failed) == 1
+    failed_path = data / "safety_backups" / failed[0]
+    assert run(capsys, data, "check", "--file", str(failed_path))[0] == 0
+    assert "f(x)" in {row["key"] for row in table_rows(failed_path, "app_settings")}
+    still_changed = sum(row["full_name"] == "changed" for row in table_rows(failed_path, "users"))
+    assert 0 < still_changed < changed_users
+    log = restore_log(data)
+    assert log["status"] == "rolled_back"
+    assert log["rollback"]["verified"] is True
+    assert log["rollback"]["failed_state_file"] == str(failed_path)
+    assert log["tables_failed"] == ["users"]
+    assert "disk on fire" in log["error"]
+    assert log["after_counts"] == {t: n for t, n in counts(before).items()
+                                   if t in ("app_settings", "users", "bookings")}
+    assert [s["status"] for s in log["steps"]][-2:] == ["failed", "ok"]
+
+
+def test_a_row_the_server_refuses_is_named_and_the_restore_rolled_back(fresh_stack, db, data,
+                                                                       capsys):
+    path = make_backup(capsys, data, "--tables", "bookings")
+    db.execute("UPDATE bookings SET notes = 'changed' WHERE id <= 100")
+    # A rule added since the backup that one backup row breaks.
+    db.execute("ALTER TABLE bookings ADD CONSTRAINT booking_42_is_frozen "
+               "CHECK (id <> 42 OR notes = 'changed')")
+    before = database_state(db)
+
+    code, _, err = run(capsys, data, "restore", "--safe", "--file", str(path))
+
+    assert code == 8, err
+    line = error_line(err)
+    assert "bookings: the row with key [42] was refused" in line
+    assert "booking_42_is_frozen" in line and "rolled back" in line
+    assert_same_state(database_state(db), before)
+    log = restore_log(data)
+    assert log["status"] == "rolled_back" and log["tables_failed"] == ["bookings"]
+    assert log["total_errors"] == 1 and "[42]" in log["error"]
+
+
+def test_a_statement_timeout_splits_the_batch_and_the_restore_succeeds(fresh_stack, db, data,
+                                                                       capsys):
+    stack = fresh_stack
+    path = make_backup(capsys, data, "--tables", "bookings")
+    at_backup = database_state(db)
+    db.execute("UPDATE bookings SET notes = 'changed' WHERE id <= 300")
+    stack.faults.add(kind="write", table="bookings", times=1, status=500, code="57014",
+                     message="canceling statement due to statement timeout")
+    stack.requests.clear()
+
+    code, _, err = run(capsys, data, "restore", "--safe", "--file", str(path))
+
+    assert code == 0, err
+    assert "statement timeout" in err and "150 rows per request" in err
+    assert_same_state(database_state(db), at_backup)
+    assert [r.status for r in write_requests(stack, "bookings")] == [500, 200, 200]
+
+
+def test_a_deleted_package_cannot_come_back_through_the_api_and_the_restore_rolls_back(
+        fresh_stack, db, data, capsys):
+    # A package nothing refers to, in the backup and deleted since.
+    db.execute("INSERT INTO packages (id, name, price, duration_days) OVERRIDING SYSTEM VALUE "
+               "VALUES (301, 'Short-lived', 99, 3)")
+    path = make_backup(capsys, data, "--tables", "app_settings,packages")
+    db.execute("DELETE FROM packages WHERE id = 301")
+    db.execute("UPDATE packages SET name = 'changed' WHERE id <= 5")
+    db.execute("DELETE FROM app_settings WHERE key = 'f(x)'")
+    before = database_state(db)
+
+    code, _, err = run(capsys, data, "restore", "--safe", "--file", str(path))
+
+    assert code == 8, err
+    line = error_line(err)
+    assert "packages.id is GENERATED ALWAYS AS IDENTITY" in line and "(first: [301])" in line
+    assert "ALTER TABLE public.packages ALTER COLUMN id SET GENERATED BY DEFAULT;" in line
+    assert "rolled back" in line
+    assert_same_state(database_state(db), before)
+
+
+def test_a_trigger_that_rewrites_updated_at_fails_verification_and_names_the_option(
+        fresh_stack, db, data, capsys):
+    path = make_backup(capsys, data, "--tables", "app_settings,bookings")
+    db.execute("UPDATE bookings SET notes = 'changed' WHERE id <= 10")
+    db.execute("DELETE FROM app_settings WHERE key = 'f(x)'")
+    db.execute("CREATE TRIGGER bookings_updated_at BEFORE UPDATE ON bookings FOR EACH ROW "
+               "EXECUTE FUNCTION extensions.moddatetime(updated_at)")
+    before = database_state(db, omit=NO_UPDATED_AT)
+    rewritten_before = rows_where(db, "bookings", "id <= 10")
+
+    code, _, err = run(capsys, data, "restore", "--safe", "--file", str(path))
+
+    # The rollback writes the ten bookings back, and the trigger stamps them again: every column
+    # but updated_at is as before, and the message says so instead of claiming more.
+    assert code == 8, err
+    line = error_line(err)
+    assert "bookings key [1]: different values in updated_at" in line
+    assert "--ignore-columns updated_at" in line
+    assert "bookings.updated_at" in line and "10 row(s)" in line
+    assert_same_state(database_state(db, omit=NO_UPDATED_AT), before)
+    assert set(rows_where(db, "bookings", "id <= 10")).isdisjoint(rewritten_before)
+    log = restore_log(data)
+    assert log["status"] == "rolled_back"
+    assert log["rollback"]["not_verified"] == {"bookings": ["updated_at"]}
+
+
+@pytest.mark.parametrize("how", ["option", "setting"])
+def test_ignore_columns_lets_a_restore_with_an_updated_at_trigger_succeed(fresh_stack, db, data,
+                                                                          capsys, monkeypatch,
+                                                                          how):
+    path = make_backup(capsys, data, "--tables", "bookings")
+    at_backup = database_state(db, omit=NO_UPDATED_AT)
+    db.execute("UPDATE bookings SET notes = 'changed' WHERE id <= 10")
+    db.execute("CREATE TRIGGER bookings_updated_at BEFORE UPDATE ON bookings FOR EACH ROW "
+               "EXECUTE FUNCTION extensions.moddatetime(updated_at)")
+    stamped_by_us = db.execute("SELECT max(updated_at) FROM bookings").fetchone()[0]
+    argv = ["restore", "--safe", "--file", str(path)]
+    if how == "option":
+        argv += ["--ignore-columns", "updated_at"]
+    else:
+        monkeypatch.setenv("VERIFY_IGNORE_COLUMNS", "updated_at")
+
+    code, _, err = run(capsys, data, *argv)
+
+    assert code == 0, err
+    assert_same_state(database_state(db, omit=NO_UPDATED_AT), at_backup)
+    # The trigger fired for the ten rows written, and for no other: identical rows are not sent.
+    restamped = [i for (i,) in db.execute("SELECT id FROM bookings WHERE updated_at > %s "
+                                          "ORDER BY id", [stamped_by_us])]
+    assert restamped == list(range(1, 11))
+
+
+# --- refused before anything is written ---------------------------------------------------------
+
+def add_duplicate_key(document):
+    rows = document["tables"]["users"]["rows"]
+    rows.append(dict(rows[10]))
+
+
+def drop_a_key_value(document):
+    del document["tables"]["bookings"]["rows"][7]["id"]
+
+
+def empty_app_settings(document):
+    document["tables"]["app_settings"]["rows"] = []
+
+
+def flip_a_byte(path):
+    content = bytearray(path.read_bytes())
+    content[len(content) // 2] ^= 0x55
+    path.write_bytes(bytes(content))
+
+
+REFUSED_FILES = {
+    "bit flip": (flip_a_byte, [], "damaged"),
+    "duplicate key": (lambda p: rewrite_backup(p, add_duplicate_key), [], "appears twice"),
+    "row without its key": (lambda p: rewrite_backup(p, drop_a_key_value), [],
+                            "bookings: a row has no value for key column id"),
+    "critical table not in the backup": (None, ["--critical", "users,nope"],
+                                         "critical table nope is not in the backup"),
+    "critical table from the setting": (None, ["CRITICAL_TABLES=users,reviews"],
+                                        "critical table reviews is not in the backup"),
+    "critical table empty in the backup": (lambda p: rewrite_backup(p, empty_app_settings),
+                                           ["--critical", "users,app_settings"],
+                                           "critical table app_settings is empty in the backup"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED_FILES))
+def test_a_bad_backup_is_refused_before_any_write(stack, db, data, capsys, monkeypatch, case):
+    damage, options, words = REFUSED_FILES[case]
+    path = make_backup(capsys, data, "--tables", "app_settings,users,bookings")
+    if damage:
+        damage(path)
+    argv = []
+    for option in options:
+        if "=" in option:
+            monkeypatch.setenv(*option.split("=", 1))
+        else:
+            argv.append(option)
+    before = database_state(db)
+    stack.requests.clear()
+
+    code, out, err = run(capsys, data, "restore", "--safe", "--file", str(path), *argv)
+
+    assert code == 7, err
+    line = error_line(err)
+    assert words in line and "the database was not touched" in line
+    assert stack.writes() == 0
+    assert_same_state(database_state(db), before)
+    for name in files_in(data, "summaries"):
+        assert json.loads((data / "summaries" / name).read_text())["status"] == "refused"
+
+
+@pytest.mark.parametrize("setting", ["CRITICAL_TABLES", "VERIFY_IGNORE_COLUMNS"])
+def test_a_malformed_setting_is_refused_before_anything_is_read(stack, data, capsys, monkeypatch,
+                                                                 setting):
+    path = make_backup(capsys, data, "--tables", "app_settings")
+    monkeypatch.setenv(setting, "users,,bookings")
+    stack.requests.clear()
+
+    code, _, err = run(capsys, data, "restore", "--safe", "--file", str(path))
+
+    assert code == 3
+    assert setting in error_line(err) and "empty table name" in err
+    assert not stack.requests
+
+
+@pytest.mark.parametrize("change, words", [
+    ("ALTER TABLE bookings DROP COLUMN notes", "bookings.notes no longer exists"),
+    ("ALTER TABLE users RENAME COLUMN full_name TO display_name",
+     "users.full_name no longer exists")])
+def test_schema_drift_is_refused_naming_table_and_column(fresh_stack, db, data, capsys, change,
+                                                         words):
+    stack = fresh_stack
+    path = make_backup(capsys, data, "--tables", "users,bookings")
+    db.execute("UPDATE bookings SET travel_date = NULL WHERE id <= 10")
+    db.execute(change)
+    before = database_state(db)
+    stack.requests.clear()
+
+    code, _, err = run(capsys, data, "restore", "--safe", "--file", str(path))
+
+    assert code == 7, err
+    line = error_line(err)
+    assert words in line and "schema drift" in line and "the database was not touched" in line
+    assert stack.writes() == 0
+    assert_same_state(database_state(db), before)
+    log = restore_log(data)
+    assert log["status"] == "refused" and words in log["error"]
+
+
+# --- the options --------------------------------------------------------------------------------
+
+def test_dry_run_prints_the_plan_and_writes_nothing(fresh_stack, db, data, capsys):
+    stack = fresh_stack
+    path = make_backup(capsys, data, "--tables", "app_settings,bookings")
+    db.execute("UPDATE bookings SET notes = 'changed' WHERE id <= 10")
+    db.execute("DELETE FROM app_settings WHERE key = 'f(x)'")
+    before = database_state(db)
+    stack.requests.clear()
+
+    code, out, err = run(capsys, data, "restore", "--safe", "--dry-run", "--file", str(path),
+                         "--json")
+
+    assert code == 0, err
+    assert stack.writes() == 0
+    assert_same_state(database_state(db), before)
+    assert files_in(data, "safety_backups") == [] and files_in(data, "summaries") == []
+    assert "bookings: 5000 rows now; 0 to insert, 10 to update, 4990 unchanged" in err
+    assert "app_settings: 4 rows now; 1 to insert, 0 to update, 4 unchanged" in err
+    plan = json.loads(out)
+    assert plan["status"] == "dry_run"
+    assert plan["plan"]["bookings"] == {"insert": 0, "update": 10, "delete": 0, "unchanged": 4990}
+
+
+def test_tables_restores_only_the_tables_named(fresh_stack, db, data, capsys):
+    stack = fresh_stack
+    path = make_backup(capsys, data, "--tables", "app_settings,users,bookings")
+    at_backup = database_state(db)
+    db.execute("UPDATE bookings SET notes = 'changed' WHERE id <= 10")
+    db.execute("UPDATE users SET full_name = 'changed' WHERE email = 'user5@example.com'")
+    db.execute("DELETE FROM app_settings WHERE key = 'f(x)'")
+    before = database_state(db)
+    stack.requests.clear()
+
+    code, out, err = run(capsys, data, "restore", "--safe", "--tables", "bookings,app_settings",
+                         "--file", str(path), "--json")
+
+    assert code == 0, err
+    assert json.loads(out) == restore_log(data)
+    assert_same_state(database_state(db),
+                      {**at_backup, "users": before["users"]})
+    assert {r.table for r in write_requests(stack)} == {"bookings", "app_settings"}
+    assert set(restore_log(data)["before_counts"]) == {"bookings", "app_settings"}
+    assert len(supabase_backup.check_backup(safety_backup(data))[1]) == 2
+
+
+def test_without_safe_a_restore_needs_yes_when_not_on_a_terminal(fresh_stack, db, data, capsys):
+    stack = fresh_stack
+    path = make_backup(capsys, data, "--tables", "app_settings")
+    at_backup = database_state(db)
+    db.execute("DELETE FROM app_settings WHERE key = 'f(x)'")
+    before = database_state(db)
+    stack.requests.clear()
+
+    code, _, err = run(capsys, data, "restore", "--file", str(path))
+
+    assert code == 3
+    assert "WITHOUT --safe" in err
+    assert "needs --yes" in error_line(err) and "the database was not touched" in err
+    assert not stack.requests, "not even a read"
+    assert_same_state(database_state(db), before)
+    assert files_in(data, "summaries") == []
+
+    code, _, err = run(capsys, data, "restore", "--yes", "--file", str(path))
+
+    assert code == 0, err
+    assert_same_state(database_state(db), at_backup)
+    assert files_in(data, "safety_backups") == []
+    assert restore_log(data)["status"] == "succeeded"
+
+
+def test_no_rollback_keeps_a_partial_restore_and_names_the_rollback_command(fresh_stack, db, data,
+                                                                            capsys):
+    stack = fresh_stack
+    path = make_backup(capsys, data, "--tables", "app_settings,bookings")
+    at_backup = database_state(db)
+    db.execute("DELETE FROM app_settings WHERE key = 'f(x)'")
+    db.execute("UPDATE bookings SET notes = 'changed' WHERE id <= 10")
+    before = database_state(db)
+    stack.faults.add(kind="write", table="bookings", times=OUTLASTS_RETRIES, status=503,
+                     code="XX000", message="injected: disk on fire")
+
+    code, _, err = run(capsys, data, "restore", "--safe", "--no-rollback", "--file", str(path))
+
+    assert code == 11, err
+    line = error_line(err)
+    assert "--no-rollback" in line
+    assert f"python supabase_backup.py rollback {safety_backup(data).name}" in line
+    # app_settings was restored and stays so; bookings failed and is as it was.
+    assert_same_state(database_state(db), {**before, "app_settings": at_backup["app_settings"]})
+    log = restore_log(data)
+    assert log["status"] == "failed_kept" and log["tables_failed"] == ["bookings"]
+    assert log["tables_restored"]["app_settings"]["inserted"] == 1
+
+
+def test_when_the_rollback_fails_too_exit_9_names_the_rollback_command(fresh_stack, db, data,
+                                                                       capsys):
+    stack = fresh_stack
+    path = make_backup(capsys, data, "--tables", "app_settings,bookings")
+    db.execute("DELETE FROM app_settings WHERE key = 'f(x)'")
+    db.execute("UPDATE bookings SET notes = 'changed' WHERE id <= 10")
+    # From now on bookings refuses every write: the restore fails, and its rollback too.
+    stack.faults.add(kind="write", table="bookings", status=503, code="XX000",
+                     message="injected: disk on fire")
+
+    code, _, err = run(capsys, data, "restore", "--safe", "--file", str(path))
+
+    assert code == 9, err
+    line = error_line(err)
+    assert "and so did the automatic rollback" in line and "disk on fire" in line
+    assert line.endswith(f"CRITICAL: the database may be partly restored, run now: "
+                         f"python supabase_backup.py rollback {safety_backup(data).name}")
+    assert run(capsys, data, "check", "--file", str(safety_backup(data)))[0] == 0
+    log = restore_log(data)
+    assert log["status"] == "rollback_failed" and log["rollback"]["verified"] is False
+
+
+# --- interruptions and the lock -------------------------------------------------------------------
+
+def start_restore(stack, data, tmp_path, path):
+    """`python supabase_backup.py restore --safe` in a process of its own, once it is writing."""
+    script = tmp_path / "app" / "supabase_backup.py"
+    script.parent.mkdir()
+    shutil.copy(REPO_ROOT / "supabase_backup.py", script)
+    env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
+    env.update(SUPABASE_URL=stack.url, SUPABASE_SERVICE_ROLE_KEY=stack.service_role_key,
+               SUPABASE_BACKUP_DIR=str(data))
+    process = subprocess.Popen([sys.executable, str(script), "restore", "--safe", "--file",
+                                path.name], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: stack.writes("users") >= 1, what="the restore to write to users")
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    return process
+
+
+@pytest.fixture
+def slow_restore_of_users(fresh_stack, db, data, capsys):
+    """A backup of users, every user changed since, and writes to users that take 0.5 s."""
+    path = make_backup(capsys, data, "--tables", "users")
+    db.execute("UPDATE users SET full_name = 'changed'")
+    slow = fresh_stack.faults.add(kind="write", table="users", action="latency", delay=0.5)
+    yield path
+    # The server finishes the request the stopped process was waiting for: let it, so that it
+    # lands in this test and not in the next one.
+    wait_for(lambda: fresh_stack.writes("users") == slow.seen,
+             what="the server to answer the last write")
+
+
+def test_kill_9_mid_restore_leaves_the_safety_backup_and_an_in_progress_log(
+        fresh_stack, data, capsys, tmp_path, slow_restore_of_users):
+    stack, path = fresh_stack, slow_restore_of_users
+    process = start_restore(stack, data, tmp_path, path)
+    try:
+        # While it runs, a second restore is refused at once: one run at a time.
+        code, _, err = run(capsys, data, "restore", "--safe", "--file", path.name)
+        assert code == 5
+        assert f"pid {process.pid}" in error_line(err) and "wait for it to finish" in err
+
+        os.kill(process.pid, signal.SIGKILL)
+        process.communicate(timeout=10)
+        assert process.returncode == -signal.SIGKILL
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    assert 1 <= stack.writes("users") < 4, "killed mid-restore"
+    safety = safety_backup(data)
+    code, out, _ = run(capsys, data, "check", "--file", str(safety))
+    assert code == 0 and "intact" in out
+    assert all(row["full_name"] == "changed" for row in table_rows(safety, "users"))
+    log = restore_log(data)
+    assert log["status"] == "in_progress" and log["finished_at"] is None
+    assert log["safety_backup_file"] == str(safety)
+    assert log["steps"][-1] == {"step": 4, "name": "RESTORE", "status": "running"}
+
+
+def test_ctrl_c_mid_restore_exits_130_naming_the_rollback_command(fresh_stack, data, tmp_path,
+                                                                 slow_restore_of_users):
+    process = start_restore(fresh_stack, data, tmp_path, slow_restore_of_users)
+    try:
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    assert process.returncode == 130
+    line = error_line(stderr)
+    assert "interrupted" in line and \
+        f"run: python supabase_backup.py rollback {safety_backup(data).name}" in line
+    log = restore_log(data)
+    assert log["status"] == "interrupted" and log["finished_at"] is not None
