@@ -17,7 +17,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from helpers import FAST_RETRIES, SETTINGS  # noqa: E402
 from local_supabase import LocalSupabase  # noqa: E402
+
+import supabase_backup  # noqa: E402
 
 DEFAULT_MAX_ROWS = 1000
 DEFAULT_STATEMENT_TIMEOUT = "8s"
@@ -61,3 +64,21 @@ def client(stack):
     from supabase import create_client
 
     return create_client(stack.url, stack.service_role_key)
+
+
+@pytest.fixture
+def data(stack, tmp_path, monkeypatch):
+    """A data folder, the stack's URL and service key in the environment, and no other settings."""
+    for name in SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    work = tmp_path / "work"
+    work.mkdir()
+    script_dir = tmp_path / "script"
+    script_dir.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(supabase_backup, "SCRIPT_DIR", script_dir)
+    monkeypatch.setattr(supabase_backup, "RETRY_DELAYS", FAST_RETRIES)
+    monkeypatch.setenv("SUPABASE_URL", stack.url)
+    monkeypatch.setenv("SUPABASE_SERVICE_ROLE_KEY", stack.service_role_key)
+    return tmp_path / "data"
+

@@ -33,44 +33,18 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import supabase_backup  # noqa: E402
+from helpers import SETTINGS, run  # noqa: E402
 from local_supabase import make_jwt  # noqa: E402
 
-SETTINGS = ("SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "SUPABASE_KEY", "SUPABASE_BACKUP_DIR",
-            "BACKUP_TABLES", "CRITICAL_TABLES", "VERIFY_IGNORE_COLUMNS")
 DEMO_TABLES = {"app_settings": 5, "audit_events": 1500, "bookings": 5000, "package_tags": 900,
                "packages": 300, "payments": 3000, "reviews": 500, "users": 2000}
 BACKUP_NAME = re.compile(r"supabase_backup_\d{8}_\d{6}\.json\.gz")
-FAST_RETRIES = (0.01, 0.01, 0.01)
 
 # The supabase client passes postgrest options it has itself deprecated; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:supabase")
 
 
 # --- helpers ------------------------------------------------------------------------------------
-
-@pytest.fixture
-def data(stack, tmp_path, monkeypatch):
-    """A data folder, the stack's URL and service key in the environment, and no other settings."""
-    for name in SETTINGS:
-        monkeypatch.delenv(name, raising=False)
-    work = tmp_path / "work"
-    work.mkdir()
-    script_dir = tmp_path / "script"
-    script_dir.mkdir()
-    monkeypatch.chdir(work)
-    monkeypatch.setattr(supabase_backup, "SCRIPT_DIR", script_dir)
-    monkeypatch.setattr(supabase_backup, "RETRY_DELAYS", FAST_RETRIES)
-    monkeypatch.setenv("SUPABASE_URL", stack.url)
-    monkeypatch.setenv("SUPABASE_SERVICE_ROLE_KEY", stack.service_role_key)
-    return tmp_path / "data"
-
-
-def run(capsys, data, *argv):
-    """main() in-process with --data-dir; returns (exit code, stdout, stderr)."""
-    code = supabase_backup.main(["--data-dir", str(data), *argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
 
 def backups_in(data):
     """The file names in backups/, sorted."""

@@ -19,12 +19,11 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import supabase_backup  # noqa: E402
+from helpers import SETTINGS  # noqa: E402
 
 URL = "https://abcdefghijklmnop.supabase.co"
 # Distinctive, so that any leak into output or files is found by a plain substring search.
 FAKE_KEY = "sb_secret_TESTKEY-d0-not-leak-7f3a9c1e5b2d4f6a8c0e"
-SETTINGS = ("SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "SUPABASE_KEY", "SUPABASE_BACKUP_DIR",
-            "BACKUP_TABLES", "CRITICAL_TABLES", "VERIFY_IGNORE_COLUMNS")
 COMMANDS = ["backup", "check", "list", "restore", "rollback", "list-safety"]
 # The commands this version does not have yet: they load the configuration, start the log and
 # exit 69 without reaching the network. Remove each one as it is implemented.

@@ -26,13 +26,11 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import supabase_backup  # noqa: E402
+from helpers import FAST_RETRIES, SETTINGS, run  # noqa: E402
 
-SETTINGS = ("SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "SUPABASE_KEY", "SUPABASE_BACKUP_DIR",
-            "BACKUP_TABLES", "CRITICAL_TABLES", "VERIFY_IGNORE_COLUMNS")
 DEMO_TABLES = ("app_settings", "audit_events", "bookings", "package_tags", "packages", "payments",
                "reviews", "users")
 NO_UPDATED_AT = {"bookings": ["updated_at"]}
-FAST_RETRIES = (0.01, 0.01, 0.01)
 # A transient server error that outlasts the retries of one request, then goes away, so that the
 # restore fails and its rollback can succeed.
 OUTLASTS_RETRIES = len(FAST_RETRIES) + 1
@@ -41,30 +39,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:supabase")
 
 
 # --- helpers ------------------------------------------------------------------------------------
-
-@pytest.fixture
-def data(stack, tmp_path, monkeypatch):
-    """A data folder, the stack's URL and service key in the environment, and no other settings."""
-    for name in SETTINGS:
-        monkeypatch.delenv(name, raising=False)
-    work = tmp_path / "work"
-    work.mkdir()
-    script_dir = tmp_path / "script"
-    script_dir.mkdir()
-    monkeypatch.chdir(work)
-    monkeypatch.setattr(supabase_backup, "SCRIPT_DIR", script_dir)
-    monkeypatch.setattr(supabase_backup, "RETRY_DELAYS", FAST_RETRIES)
-    monkeypatch.setenv("SUPABASE_URL", stack.url)
-    monkeypatch.setenv("SUPABASE_SERVICE_ROLE_KEY", stack.service_role_key)
-    return tmp_path / "data"
-
-
-def run(capsys, data, *argv):
-    """main() in-process with --data-dir; returns (exit code, stdout, stderr)."""
-    code = supabase_backup.main(["--data-dir", str(data), *argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
 
 def make_backup(capsys, data, *argv):
     """A completed backup (exit 0 asserted); returns its path."""
