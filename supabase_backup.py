@@ -2826,7 +2826,7 @@ def build_parser():
 
     rollback = add_command(
         subparsers, "rollback", cmd_rollback,
-        "bring tables back to a safety backup (not in 0.1.0: exits 69)",
+        "bring tables back to a safety backup (not in this version yet: exits 69)",
         ["rollback safety_backup_20251128_074820.json.gz",
          "rollback --dry-run safety_backup_20251128_074820.json.gz"])
     rollback.add_argument("file", metavar="FILE",
@@ -2835,7 +2835,7 @@ def build_parser():
 
     list_safety = add_command(
         subparsers, "list-safety", cmd_list_safety,
-        "list the safety backups, newest first (not in 0.1.0: exits 69)",
+        "list the safety backups, newest first (not in this version yet: exits 69)",
         ["list-safety", "list-safety --json"])
     add_json_argument(list_safety)
     return parser
