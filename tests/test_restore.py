@@ -7,15 +7,10 @@ in-process with tmp_path, and subprocess runs where a real process matters (kill
 lock).
 """
 
-import gzip
 import json
 import os
-import shutil
 import signal
-import subprocess
 import sys
-import time
-from collections import Counter
 from pathlib import Path
 
 import psycopg
@@ -26,152 +21,12 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import supabase_backup  # noqa: E402
-from helpers import FAST_RETRIES, SETTINGS, run  # noqa: E402
-
-DEMO_TABLES = ("app_settings", "audit_events", "bookings", "package_tags", "packages", "payments",
-               "reviews", "users")
-NO_UPDATED_AT = {"bookings": ["updated_at"]}
-# A transient server error that outlasts the retries of one request, then goes away, so that the
-# restore fails and its rollback can succeed.
-OUTLASTS_RETRIES = len(FAST_RETRIES) + 1
+from helpers import (  # noqa: E402
+    DEMO_TABLES, NO_UPDATED_AT, OUTLASTS_RETRIES, assert_same_state, counts,
+    database_state, error_line, files_in, make_backup, plus, restore_log, rewrite_backup,
+    rows_where, run, safety_backup, start_restore, table_rows, wait_for, write_requests)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:supabase")
-
-
-# --- helpers ------------------------------------------------------------------------------------
-
-def make_backup(capsys, data, *argv):
-    """A completed backup (exit 0 asserted); returns its path."""
-    folder = data / "backups"
-    before = set(os.listdir(folder)) if folder.is_dir() else set()
-    code, _, err = run(capsys, data, "backup", *argv)
-    assert code == 0, err
-    (name,) = set(os.listdir(folder)) - before
-    return folder / name
-
-
-def database_state(db, omit=None):
-    """Every row of every demo table as text (every column but omit[table]), sorted: the exact
-    state, read through psycopg."""
-    omit = omit or {}
-    return {table: sorted(row_texts(db, table, omit=omit.get(table, ()))) for table in DEMO_TABLES}
-
-
-def row_texts(db, table, where="TRUE", params=(), omit=()):
-    """The rows of a table as text: to_jsonb (PostgreSQL's own text of every value), less omit.
-
-    One known loss is left out: a decimal inside a json/jsonb value passes through a binary float
-    on its way through the API, so a row the tool writes gets 518.0 back for 518.00 (equal as
-    jsonb, not as text; see test_numbers_inside_jsonb_keep_their_digits). Such values are compared
-    as the float a JSON parser reads.
-    """
-    json_columns = [name for (name,) in db.execute(
-        "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 "
-        "AND NOT attisdropped AND atttypid IN ('json'::regtype, 'jsonb'::regtype) "
-        "ORDER BY attnum", [f"public.{table}"])]
-    texts = "".join(f", t.{name}::text" for name in json_columns)
-    rows = []
-    for record in db.execute(f"SELECT (to_jsonb(t) - %s::text[])::text{texts} "
-                             f"FROM public.{table} AS t WHERE {where}",
-                             [json_columns + list(omit), *params]):
-        values = [json.dumps(json.loads(value)) if value is not None else "null"
-                  for value in record[1:]]
-        rows.append(" ".join([record[0], *(f"{name}={value}" for name, value
-                                           in zip(json_columns, values))]))
-    return rows
-
-
-def assert_same_state(actual, expected):
-    """Every table holds exactly the expected rows, each as often (audit_events has duplicates)."""
-    problems = []
-    for table in DEMO_TABLES:
-        have, want = Counter(actual[table]), Counter(expected[table])
-        missing, extra = want - have, have - want
-        if missing or extra:
-            problems.append(f"{table}: {sum(missing.values())} row(s) missing or different, "
-                            f"{sum(extra.values())} unexpected; e.g. missing "
-                            f"{list(missing)[:1]}, unexpected {list(extra)[:1]}")
-    assert not problems, "\n".join(problems)
-
-
-def plus(state, added):
-    """The state with more rows (the rows added since the backup)."""
-    return {table: sorted(state[table] + added.get(table, [])) for table in DEMO_TABLES}
-
-
-def rows_where(db, table, condition, params=()):
-    return row_texts(db, table, condition, params)
-
-
-def counts(state):
-    return {table: len(rows) for table, rows in state.items()}
-
-
-def error_line(err):
-    """The last line of a failed run: one error line, no traceback."""
-    assert "Traceback" not in err
-    errors = [line for line in err.splitlines() if line.startswith("supabase_backup: error: ")]
-    assert len(errors) == 1 and err.splitlines()[-1] == errors[0], err
-    return errors[0]
-
-
-def files_in(data, folder):
-    path = data / folder
-    return sorted(os.listdir(path)) if path.is_dir() else []
-
-
-def safety_backup(data):
-    """The path of the one safety backup."""
-    names = [n for n in files_in(data, "safety_backups") if n.startswith("safety_backup_")]
-    assert len(names) == 1, names
-    return data / "safety_backups" / names[0]
-
-
-def restore_log(data):
-    """The one restore log in summaries/."""
-    names = files_in(data, "summaries")
-    assert len(names) == 1 and names[0].startswith("restore_log_"), names
-    return json.loads((data / "summaries" / names[0]).read_text())
-
-
-def table_rows(path, table):
-    """The rows of one table of a backup file, read the way a user's script would."""
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        return json.load(f)["tables"][table]["rows"]
-
-
-def rewrite_backup(path, edit):
-    """Rewrite a backup file with edit(document) applied, with counts and checksums that match,
-    so that only the restore's own checks can find what is wrong with it."""
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        document = json.load(f)
-    edit(document)
-    header = {k: v for k, v in document.items()
-              if k not in ("tables", "complete", "finished_at", "table_count", "row_count")}
-    path.unlink()
-    writer = supabase_backup.BackupWriter(path, header)
-    for name, table in document["tables"].items():
-        writer.begin_table(name, {k: v for k, v in table.items()
-                                  if k not in ("name", "rows", "row_count", "sha256",
-                                               "count_before", "count_after", "count_method",
-                                               "pages")})
-        writer.write_rows(table["rows"])
-        writer.end_table(count_before=len(table["rows"]), count_after=len(table["rows"]))
-    writer.finish(finished_at=document["finished_at"], table_count=len(document["tables"]),
-                  row_count=sum(len(t["rows"]) for t in document["tables"].values()))
-
-
-def write_requests(stack, table=None):
-    return [r for r in stack.requests if r.method in ("POST", "PATCH", "DELETE", "PUT")
-            and (table is None or r.table == table)]
-
-
-def wait_for(condition, timeout=20.0, what="the condition"):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 # --- a restore that succeeds --------------------------------------------------------------------
@@ -724,26 +579,6 @@ def test_when_the_rollback_fails_too_exit_9_names_the_rollback_command(fresh_sta
 
 
 # --- interruptions and the lock -------------------------------------------------------------------
-
-def start_restore(stack, data, tmp_path, path):
-    """`python supabase_backup.py restore --safe` in a process of its own, once it is writing."""
-    script = tmp_path / "app" / "supabase_backup.py"
-    script.parent.mkdir()
-    shutil.copy(REPO_ROOT / "supabase_backup.py", script)
-    env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
-    env.update(SUPABASE_URL=stack.url, SUPABASE_SERVICE_ROLE_KEY=stack.service_role_key,
-               SUPABASE_BACKUP_DIR=str(data))
-    process = subprocess.Popen([sys.executable, str(script), "restore", "--safe", "--file",
-                                path.name], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: stack.writes("users") >= 1, what="the restore to write to users")
-    except BaseException:
-        process.kill()
-        process.wait()
-        raise
-    return process
-
 
 @pytest.fixture
 def slow_restore_of_users(fresh_stack, db, data, capsys):
