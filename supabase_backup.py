@@ -7,21 +7,22 @@ It restores such a file only behind a safety net: a safety backup of the
 current data first, validation before anything is written, verification
 afterwards, and an automatic rollback if anything fails (see SAFETY.md).
 
-Status of version 0.2.0: backup, check, list and restore work. rollback and
-list-safety check the configuration and then refuse with exit code 69,
-reading and writing no data.
-
 Commands:
-  backup       back up tables to backups/supabase_backup_YYYYMMDD_HHMMSS.json.gz
-               (UTC): every table the service role sees, read completely in key
-               order, streamed to a temporary file that is renamed only when
-               complete and then verified
-  check        verify a backup file offline (structure, row counts, checksums)
-  list         the backups in backups/, newest first, with tables and rows
-  restore      restore a backup file; with --safe a safety backup is taken
-               first and a failed restore is rolled back
-  rollback     bring tables back to a safety backup (coming with issue #5)
-  list-safety  list the safety backups, newest first (coming with issue #5)
+  backup          back up tables to backups/supabase_backup_YYYYMMDD_HHMMSS.json.gz
+                  (UTC): every table the service role sees, read completely in
+                  key order, streamed to a temporary file that is renamed only
+                  when complete and then verified
+  check           verify a backup file offline (structure, row counts, checksums)
+  list            the backups in backups/, newest first, with tables and rows
+  restore         restore a backup file; with --safe a safety backup is taken
+                  first and a failed restore is rolled back
+  rollback        bring tables back to exactly the state in a safety backup
+                  (rows it lacks are deleted), behind its own safety backup
+  list-safety     the safety backups, newest first, with the restore each one
+                  protected and its outcome; flags interrupted restores
+  cleanup-safety  delete safety backups older than 7 days (never the newest,
+                  never one whose restore failed or was interrupted)
+  diff            compare a backup file with the live data (exit 10: differs)
 
 Exit codes:
   0    success
@@ -41,7 +42,6 @@ Exit codes:
   10   differences found (diff)
   11   restore failed and was kept as it is (no --safe, or --no-rollback;
        the message names the rollback command when there is a safety backup)
-  69   not implemented yet in this version (rollback, list-safety)
   130  interrupted (Ctrl-C)
 
 Configuration, read from the environment, else from .env in the working
@@ -65,12 +65,14 @@ The service key is never printed or logged.
 
 import argparse
 import base64
+import collections
 import contextlib
 import datetime
 import fcntl
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import logging
 import logging.handlers
@@ -87,7 +89,7 @@ from typing import Mapping, NamedTuple
 
 from dotenv import dotenv_values
 
-TOOL_VERSION = "0.2.0"
+TOOL_VERSION = "0.3.0"
 FORMAT_NAME = "supabase_backup"
 FORMAT_VERSION = 1
 
@@ -113,6 +115,7 @@ RETRY_DELAYS = (1.0, 2.0, 4.0)  # seconds before each new attempt at a transient
 GZIP_LEVEL = 6
 WRITE_BATCH_SIZE = 500  # rows per upsert request; a batch that times out is split
 DELETE_BATCH_SIZE = 100  # keys per delete or key-lookup request (they travel in the URL)
+DIFF_EXAMPLES = 5  # keys shown per kind of difference
 GENERATED_COLUMN = "428C9"  # PostgreSQL: cannot insert a non-DEFAULT value into a column
 FK_VIOLATION = "23503"
 
@@ -128,7 +131,6 @@ EXIT_ROLLED_BACK = 8
 EXIT_ROLLBACK_FAILED = 9
 EXIT_DIFFERENCES = 10
 EXIT_PARTIAL = 11
-EXIT_NOT_IMPLEMENTED = 69
 EXIT_INTERRUPTED = 130
 
 log = logging.getLogger("supabase_backup")
@@ -205,16 +207,6 @@ class InterruptedRestore(BackupError):
     def __init__(self, rollback_command):
         super().__init__(f"interrupted (Ctrl-C) during the restore; the tables may be partly "
                          f"restored: to return to the state before, run: {rollback_command}")
-
-
-class NotImplementedYetError(BackupError):
-    """A command this version does not have yet; it has touched nothing."""
-
-    exit_code = EXIT_NOT_IMPLEMENTED
-
-    def __init__(self, command, issue, untouched):
-        super().__init__(f"{command} is not implemented yet in this version ({TOOL_VERSION}, "
-                         f"tracked in issue #{issue}); {untouched}")
 
 
 # --- Configuration ----------------------------------------------------------------------------
@@ -1079,9 +1071,8 @@ def check_backup(path):
     return header, tables
 
 
-# --- Snapshot, validate, record counts, restore, verify, rollback -----------------------------
-# snapshot() is here; validate_backup, record_counts, upsert_restore, verify_restore and
-# write_restore_log come with issue #4, rollback and the safety backup listing with issue #5.
+# --- Snapshot, validate, record counts, restore, verify, rollback, diff -----------------------
+# The steps of SAFETY.md's restore flow, in that order, then the comparison diff makes.
 
 LOCK_FILE_NAME = ".supabase_backup.lock"
 
@@ -1491,11 +1482,13 @@ class TablePlan:
     safety_count: int | None = None  # rows in the safety backup
     rewrite: set = field(default_factory=set)  # a rollback's keys to write back from the file
     sent_keys: set = field(default_factory=set)  # rows a write was sent for: what rollback undoes
+    deleted: int = 0  # rows a rollback to a file deleted (their keys are not in the file)
 
     def summary(self):
         return {"inserted": self.written_inserts, "updated": self.written_updates,
-                "unchanged": self.unchanged, "errors": self.errors,
-                "planned_inserts": self.inserts, "planned_updates": self.updates}
+                "deleted": self.deleted, "unchanged": self.unchanged, "errors": self.errors,
+                "planned_inserts": self.inserts, "planned_updates": self.updates,
+                "planned_deletes": len(self.extra_keys)}
 
 
 def live_index_builder(plans):
@@ -1978,6 +1971,109 @@ def rollback(api, plans, order, safety_path, progress, ignore_columns=()):
     return verify_restore(api, touched, safety_path, expected, ignore_columns)
 
 
+def diff_tables(api, path, tables, live_tables):
+    """Compare the given tables of a backup file with the live data; returns {table: result}.
+
+    Per table the live rows are read once (keyset) into an index of key -> digest, then the file
+    is streamed against it, so memory is one index entry per live row of the table being compared
+    (one table at a time). A table without a primary key is compared as a multiset of whole rows.
+    Values are compared over the columns both sides have, as PostgREST returns them.
+    """
+    results = {}
+    wanted = set(tables)
+    state = {}
+
+    def finish(name):
+        result, index = results[name], state.pop(name)
+        if index["keyed"]:
+            result["only_live"] = len(index["rows"])
+            result["only_live_keys"] = list(itertools.islice(index["rows"], DIFF_EXAMPLES))
+        else:
+            result["only_live"] = sum(index["rows"].values())
+        describe = index["changed_rows"]
+        if describe:
+            meta = live_tables[name]
+            pk = index["primary_key"]
+            found = api.rows_by_key(name, select_list(meta), pk,
+                                    [json.loads(k) for k in describe])
+            live = {row_key(row, pk): row for row in found}
+            result["changed_columns"] = {
+                key: [c for c in index["columns"] if row.get(c) != live.get(key, {}).get(c)]
+                for key, row in describe.items()}
+
+    for event in read_backup(path):
+        kind = event[0]
+        if kind == "table" and event[1] in wanted:
+            name, meta = event[1], event[2]
+            file_columns = [c["name"] for c in meta.get("columns") or []]
+            result = results[name] = {"file_rows": 0, "live_rows": 0, "only_in_file": 0,
+                                      "only_live": 0, "changed": 0, "only_in_file_keys": [],
+                                      "only_live_keys": [], "changed_keys": [],
+                                      "columns_only_in_file": [], "columns_only_live": []}
+            live_meta = live_tables.get(name)
+            if live_meta is None:
+                result["missing_live"] = True
+                state[name] = {"keyed": False, "rows": {}, "columns": [], "changed_rows": {},
+                               "primary_key": []}
+                continue
+            live_columns = [c["name"] for c in live_meta["columns"]]
+            result["columns_only_in_file"] = [c for c in file_columns if c not in live_columns]
+            result["columns_only_live"] = [c for c in live_columns if c not in file_columns]
+            columns = [c for c in file_columns if c in live_columns]
+            pk = list(meta.get("primary_key") or [])
+            keyed = bool(pk) and pk == list(live_meta["primary_key"])
+            if not keyed:
+                result["compared_as"] = "whole rows (no primary key)"
+            rows = {} if keyed else collections.Counter()
+            for page in TablePages(api, name, live_meta):
+                result["live_rows"] += len(page)
+                for row in page:
+                    digest = row_digest(row, columns)
+                    if keyed:
+                        rows[row_key(row, pk)] = digest
+                    else:
+                        rows[digest] += 1
+            state[name] = {"keyed": keyed, "rows": rows, "columns": columns,
+                           "changed_rows": {}, "primary_key": pk}
+        elif kind == "row" and event[1] in state:
+            name, row = event[1], event[2]
+            result, index = results[name], state[name]
+            result["file_rows"] += 1
+            if result.get("missing_live"):
+                result["only_in_file"] += 1
+                continue
+            digest = row_digest(row, index["columns"])
+            if not index["keyed"]:
+                if index["rows"][digest] > 0:
+                    index["rows"][digest] -= 1
+                else:
+                    result["only_in_file"] += 1
+                continue
+            key = row_key(row, index["primary_key"])
+            live = index["rows"].pop(key, None)
+            if live is None:
+                result["only_in_file"] += 1
+                if len(result["only_in_file_keys"]) < DIFF_EXAMPLES:
+                    result["only_in_file_keys"].append(key)
+            elif live != digest:
+                result["changed"] += 1
+                if len(result["changed_keys"]) < DIFF_EXAMPLES:
+                    result["changed_keys"].append(key)
+                    index["changed_rows"][key] = row
+        elif kind == "end_table" and event[1] in state:
+            finish(event[1])
+    for name in tables:
+        if name not in results:
+            raise ValidationError(f"{name} is not in {Path(path).name}; check --tables")
+    return results
+
+
+def has_differences(result):
+    return bool(result["only_in_file"] or result["only_live"] or result["changed"] or
+                result["columns_only_in_file"] or result["columns_only_live"] or
+                result.get("missing_live"))
+
+
 # --- Logs and summaries -----------------------------------------------------------------------
 # The restore log in summaries/, and the one logging setup.
 
@@ -1991,7 +2087,8 @@ class RestoreLog:
                      "finished_at": None, "backup_file": None, "safety_backup_file": None,
                      "before_counts": {}, "after_counts": {}, "tables_restored": {},
                      "tables_failed": [], "tables_skipped": {}, "total_inserted": 0,
-                     "total_updated": 0, "total_errors": 0, "mismatches": [], "steps": [],
+                     "total_updated": 0, "total_deleted": 0, "total_errors": 0,
+                     "mismatches": [], "steps": [],
                      "rollback": None, "sequence_sql": [], "error": None}
         self.data.update(fields)
         self._step_started = None
@@ -2019,6 +2116,7 @@ class RestoreLog:
         self.data["tables_restored"] = {name: plan.summary() for name, plan in plans.items()}
         self.data["total_inserted"] = sum(p.written_inserts for p in plans.values())
         self.data["total_updated"] = sum(p.written_updates for p in plans.values())
+        self.data["total_deleted"] = sum(p.deleted for p in plans.values())
         self.data["total_errors"] = sum(p.errors for p in plans.values())
         self.data["tables_failed"] = [name for name, plan in plans.items() if plan.failure]
 
@@ -2040,6 +2138,120 @@ def write_restore_log(restore_log, **fields):
     """Step 6: the final state of the restore log."""
     restore_log.update(finished_at=utc_now().isoformat(), **fields)
     return restore_log.path
+
+
+SAFETY_NAME_PATTERN = re.compile(r"(safety_backup|failed_state)_(\d{8}_\d{6})\.json\.gz")
+RUN_LOG_PATTERN = re.compile(r"(restore|rollback)_log_\d{8}_\d{6}\.json")
+# The outcome of the run a safety backup protected, as list-safety shows it, and whether the
+# tables may be left half-restored (then the safety backup is needed: flagged, never cleaned up).
+OUTCOMES = {
+    "succeeded": ("succeeded", False),
+    "rolled_back": ("failed, rolled back automatically and verified", False),
+    "refused": ("refused by validation; nothing was written", False),
+    "dry_run": ("dry run", False),
+    "failed_kept": ("FAILED and kept as it is (--no-rollback)", True),
+    "failed": ("FAILED and kept as it is", True),
+    "rollback_failed": ("FAILED, and its automatic rollback failed too", True),
+    "interrupted": ("INTERRUPTED (Ctrl-C)", True),
+    "in_progress": ("INTERRUPTED (the process died half-way)", True),
+}
+
+
+def read_run_logs(summaries):
+    """The restore and rollback logs in summaries/, oldest first (unreadable ones skipped)."""
+    runs = []
+    if not summaries.is_dir():
+        return runs
+    for path in sorted(summaries.iterdir()):
+        if not RUN_LOG_PATTERN.fullmatch(path.name):
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            log.warning("%s cannot be read (%s); left out", path.name, one_line(exc, 100))
+            continue
+        if isinstance(data, dict):
+            runs.append((path, data))
+    return runs
+
+
+def lock_holder(data_dir):
+    """Who holds the data folder's lock now (text), or None when no run holds it."""
+    path = Path(data_dir) / LOCK_FILE_NAME
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another run"
+    finally:
+        os.close(fd)
+
+
+def safety_inventory(data_dir, running=None, now=None):
+    """Every safety backup in safety_backups/, newest first, with the run it belongs to.
+
+    Each entry: file, path, kind (safety_backup: taken before a restore or rollback;
+    failed_state: the tables after a failed one), created_at (from the name, UTC), age_days,
+    bytes, the run (its log, command, file, outcome), needs_rollback (the run may have left
+    the tables half-restored and no later rollback to this file succeeded), and rolled_back_by
+    (the rollback logs that brought the tables back to this file). running: who holds the lock
+    (lock_holder()), so that a log still in_progress is told apart from an interrupted run.
+    """
+    now = now or utc_now()
+    folder = Path(data_dir) / SAFETY_DIR
+    if not folder.is_dir():
+        return []
+    runs = read_run_logs(Path(data_dir) / SUMMARY_DIR)
+    entries = []
+    for path in folder.iterdir():
+        match = SAFETY_NAME_PATTERN.fullmatch(path.name)
+        if not match or not path.is_file():
+            continue
+        created = datetime.datetime.strptime(match.group(2), "%Y%m%d_%H%M%S").replace(
+            tzinfo=datetime.timezone.utc)
+        entry = {"file": path.name, "path": str(path), "kind": match.group(1),
+                 "created_at": created.isoformat(),
+                 "age_days": round((now - created).total_seconds() / 86400, 3),
+                 "bytes": path.stat().st_size, "run": None, "needs_rollback": False,
+                 "rolled_back_by": []}
+        rollbacks = []
+        for log_path, data in runs:
+            rollback_info = data.get("rollback") or {}
+            if Path(str(data.get("safety_backup_file"))).name == path.name:
+                role = "protected"
+            elif Path(str(rollback_info.get("failed_state_file"))).name == path.name:
+                role = "failed_state_of"
+            else:
+                role = None
+            if role:
+                status = data.get("status") or "in_progress"
+                if status == "in_progress" and running:
+                    outcome = f"running now ({running})"
+                else:
+                    outcome = OUTCOMES.get(status, (status, True))[0]
+                entry["run"] = {"log": log_path.name, "kind": data.get("kind", "restore"),
+                                "role": role, "file": data.get("backup_file"),
+                                "started_at": data.get("started_at"), "status": status,
+                                "outcome": outcome, "error": data.get("error")}
+                entry["needs_rollback"] = (role == "protected" and not running and
+                                           OUTCOMES.get(status, (None, True))[1])
+            if (data.get("kind") == "rollback" and data.get("status") == "succeeded" and
+                    Path(str(data.get("backup_file"))).name == path.name):
+                entry["rolled_back_by"].append(log_path.name)
+                rollbacks.append(str(data.get("started_at")))
+        # A later rollback to this file succeeded: what the run left is undone.
+        if entry["run"] and any(started >= str(entry["run"]["started_at"])
+                                for started in rollbacks):
+            entry["needs_rollback"] = False
+        entries.append(entry)
+    # Names hold whole seconds: the modification time orders two files of the same second.
+    entries.sort(key=lambda e: (e["created_at"], Path(e["path"]).stat().st_mtime_ns),
+                 reverse=True)
+    return entries
 
 
 FILE_ONLY = "file_only"  # log(..., extra={FILE_ONLY: True}) keeps a record out of the terminal
@@ -2195,6 +2407,16 @@ def guess_tables(api, names):
     return tables
 
 
+def new_file_path(folder, prefix, suffix=".json.gz"):
+    """folder/prefix_<UTC time><suffix> under a name no file has yet: a run that ends within the
+    same second as the last one waits, so that no file ever replaces another."""
+    path = folder / timestamp_name(prefix, utc_now(), suffix)
+    while path.exists():
+        time.sleep(0.2)
+        path = folder / timestamp_name(prefix, utc_now(), suffix)
+    return path
+
+
 def backup_output_path(args, paths):
     """Where the new backup goes: --output, else backups/supabase_backup_<UTC time>.json.gz."""
     if args.output:
@@ -2205,11 +2427,7 @@ def backup_output_path(args, paths):
             raise ConfigError(f"--output {args.output}: the folder {output.parent} does not "
                               f"exist; create it or choose another path")
         return output.resolve()
-    output = paths.backups / timestamp_name("supabase_backup", utc_now())
-    while output.exists():  # a backup finished within this same second: never replace it
-        time.sleep(0.2)
-        output = paths.backups / timestamp_name("supabase_backup", utc_now())
-    return output
+    return new_file_path(paths.backups, "supabase_backup")
 
 
 def cmd_backup(args):
@@ -2428,9 +2646,9 @@ class RestoreRun:
             log.warning("%s is left alone: %s", name, why)
         live = discover_tables(api.openapi())
         if not self.dry_run:
-            log_name = timestamp_name(f"{self.mode}_log", started, ".json")
             self.restore_log = RestoreLog(
-                self.paths.summaries / log_name, kind=self.mode, started_at=started.isoformat(),
+                new_file_path(self.paths.summaries, f"{self.mode}_log", ".json"),
+                kind=self.mode, started_at=started.isoformat(),
                 backup_file=str(self.file_path), safe=self.safe, tables=tables,
                 tables_skipped=skipped, pid=os.getpid())
         for name in tables:
@@ -2442,8 +2660,7 @@ class RestoreRun:
 
         # 1. Safety backup of the current state (also the source of the live row index).
         if self.safe and not self.dry_run:
-            self.safety_path = self.paths.safety_backups / timestamp_name("safety_backup",
-                                                                          utc_now())
+            self.safety_path = new_file_path(self.paths.safety_backups, "safety_backup")
             self.step(1, "SAFETY", f"safety backup of {len(present)} table(s) -> "
                       f"{self.safety_path}")
             summary = snapshot(api, present, live, self.safety_path, self.config.host,
@@ -2499,13 +2716,19 @@ class RestoreRun:
 
             # 4-5. Restore, verify; any failure rolls back.
             try:
-                self.step(4, "RESTORE", "upsert on the primary key, parents before children")
+                self.step(4, "RESTORE", "upsert on the primary key, parents before children"
+                          + ("; then delete the rows the file does not hold, children first"
+                             if self.mode == "rollback" else ""))
                 upsert_restore(api, self.plans, self.order, self.progress)
                 if self.mode == "rollback":
                     delete_extra(api, self.plans, self.order)
+                    for plan in self.plans.values():
+                        plan.deleted = len(plan.extra_keys)
                 self.restore_log.tables(self.plans)
                 self.done(f"{self.restore_log.data['total_inserted']} inserted, "
-                          f"{self.restore_log.data['total_updated']} updated")
+                          f"{self.restore_log.data['total_updated']} updated"
+                          + (f", {self.restore_log.data['total_deleted']} deleted"
+                             if self.mode == "rollback" else ""))
                 self.step(5, "VERIFY", "counts, and every row of the file in the table with "
                           "equal values")
                 expected = {name: (before.get(name, 0) + p.written_inserts
@@ -2541,9 +2764,10 @@ class RestoreRun:
         if sql:
             log.warning("run this in the SQL editor so that new rows do not collide with "
                         "restored keys:\n  %s", "\n  ".join(sql))
-        log.info("%s complete: %d inserted, %d updated, %d unchanged", self.mode,
+        log.info("%s complete: %d inserted, %d updated, %s%d unchanged", self.mode,
                  self.restore_log.data["total_inserted"], self.restore_log.data["total_updated"],
-                 sum(p.unchanged for p in self.plans.values()))
+                 f"{self.restore_log.data['total_deleted']} deleted, "
+                 if self.mode == "rollback" else "", sum(p.unchanged for p in self.plans.values()))
         if args.json:
             print(json.dumps(self.restore_log.data, indent=2, default=str))
         return EXIT_OK
@@ -2568,7 +2792,7 @@ class RestoreRun:
             raise PartialRestoreError(f"{self.mode} failed: {reason}; kept as it is "
                                       f"(--no-rollback); to undo it run: {self.rollback_hint()}")
         # 7. Roll back: first a snapshot of the failed state (double safety).
-        failed_path = self.paths.safety_backups / timestamp_name("failed_state", utc_now())
+        failed_path = new_file_path(self.paths.safety_backups, "failed_state")
         self.step(7, "ROLLBACK", f"snapshot of the failed state -> {failed_path}, then back to "
                   f"{self.safety_path.name}")
         # A column a trigger rewrites on every write (the failed verification found one, or the
@@ -2626,6 +2850,8 @@ class RestoreRun:
         return f"python {PROG} rollback {self.safety_path.name}"
 
     def critical(self):
+        if self.mode == "rollback":
+            return []  # a rollback brings back the recorded state, empty tables included
         return getattr(self.args, "critical", None) or self.setting_list("CRITICAL_TABLES")
 
     def ignore_columns(self):
@@ -2676,15 +2902,197 @@ def cmd_restore(args):
 
 
 def cmd_rollback(args):
-    """Bring tables back to the state recorded in a safety backup."""
-    begin_run(args)
-    raise NotImplementedYetError("rollback", 5, "the database was not touched")
+    """Bring tables back to exactly the state recorded in a safety backup."""
+    config, paths = begin_run(args)
+    check_key_role(config)
+    path = find_backup_file(args.file, paths.safety_backups)
+    if not path.exists():
+        raise ValidationError(f"no safety backup {args.file} (looked in the working directory and "
+                              f"{paths.safety_backups}); `python {PROG} list-safety` shows them; "
+                              f"the database was not touched")
+    with data_lock(config.data_dir, "rollback"):
+        for folder in (paths.safety_backups, paths.summaries):
+            clear_partial_files(folder)
+        api = SupabaseApi(config)
+        try:
+            return RestoreRun(api, config, paths, args, path, mode="rollback").run()
+        finally:
+            api.close()
+
+
+def local_time(moment):
+    """An aware datetime as local time, e.g. '2026-11-24 20:15:03 CET'."""
+    local = moment.astimezone()
+    return f"{local:%Y-%m-%d %H:%M:%S} {local.tzname() or ''}".rstrip()
+
+
+def age_text(days):
+    """0.04 -> '1 h ago'."""
+    seconds = days * 86400
+    if seconds < 3600:
+        return f"{max(0, int(seconds // 60))} min ago"
+    if seconds < 2 * 86400:
+        return f"{int(seconds // 3600)} h ago"
+    return f"{int(days)} days ago"
+
+
+def rollback_command(entry):
+    return f"python {PROG} rollback {entry['file']}"
 
 
 def cmd_list_safety(args):
-    """List the safety backups, newest first."""
-    begin_run(args)
-    raise NotImplementedYetError("list-safety", 5, "nothing was read or written")
+    """List the safety backups, newest first, with the restore each protected and its outcome."""
+    setup_local_run(args)
+    data_dir = local_data_dir(args)
+    entries = safety_inventory(data_dir, running=lock_holder(data_dir))
+    for entry in entries:
+        try:
+            _, tables = check_backup(Path(entry["path"]))
+            entry.update(status="ok", tables=len(tables),
+                         rows=sum(t["row_count"] for t in tables.values()))
+        except ValidationError as exc:
+            entry.update(status=f"damaged: {exc}", tables=None, rows=None)
+        if entry["needs_rollback"]:
+            entry["rollback_command"] = rollback_command(entry)
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return EXIT_OK
+    if not entries:
+        print(f"no safety backups in {Path(data_dir) / SAFETY_DIR}")
+        return EXIT_OK
+    for entry in entries:
+        created = datetime.datetime.fromisoformat(entry["created_at"])
+        contents = (f"{entry['tables']} tables  {entry['rows']} rows" if entry["status"] == "ok"
+                    else entry["status"])
+        print(f"{entry['file']}  {local_time(created)} ({age_text(entry['age_days'])})  "
+              f"{human_size(entry['bytes'])}  {contents}")
+        run = entry["run"]
+        if run is None:
+            print("    no restore or rollback log in summaries/ names this file")
+        else:
+            what = "before" if run["role"] == "protected" else "the tables after"
+            print(f"    {what} {run['kind']} of {Path(str(run['file'])).name}: {run['outcome']} "
+                  f"({run['log']})")
+        if entry["rolled_back_by"]:
+            print(f"    rolled back to by: {', '.join(entry['rolled_back_by'])}")
+        if entry["needs_rollback"]:
+            print(f"    the tables may be partly restored; to return to this state run: "
+                  f"{entry['rollback_command']}")
+    return EXIT_OK
+
+
+def cmd_cleanup_safety(args):
+    """Delete old safety backups, never the newest nor one a user may still need."""
+    setup_local_run(args)
+    data_dir = local_data_dir(args)
+    if not (data_dir / SAFETY_DIR).is_dir():
+        print(f"no safety backups in {data_dir / SAFETY_DIR}")
+        return EXIT_OK
+    with data_lock(data_dir, "cleanup-safety"):
+        entries = safety_inventory(data_dir)  # we hold the lock: no other run is going on
+        deleted, kept, freed = [], [], 0
+        for index, entry in enumerate(entries):
+            if entry["age_days"] < args.older_than:
+                continue
+            if index == 0:
+                kept.append((entry, "the newest safety backup is always kept"))
+                continue
+            run = entry["run"] or {}
+            needed = entry["needs_rollback"] or (
+                run.get("role") == "failed_state_of" and OUTCOMES.get(run["status"],
+                                                                      (None, True))[1])
+            if needed and not args.force:
+                kept.append((entry, f"its {run.get('kind', 'restore')} "
+                                    f"{run.get('outcome', '')}; it may be needed to recover "
+                                    f"(--force deletes it anyway)"))
+                continue
+            if not args.dry_run:
+                try:
+                    Path(entry["path"]).unlink()
+                except OSError as exc:
+                    kept.append((entry, f"could not delete it: {exc.strerror or exc}"))
+                    continue
+            deleted.append(entry)
+            freed += entry["bytes"]
+    verb = "would delete" if args.dry_run else "deleted"
+    if args.json:
+        print(json.dumps({"dry_run": args.dry_run, "older_than_days": args.older_than,
+                          "deleted": [e["file"] for e in deleted], "bytes_freed": freed,
+                          "kept": {e["file"]: why for e, why in kept}}, indent=2))
+        return EXIT_OK
+    for entry in deleted:
+        print(f"{verb} {entry['file']} ({human_size(entry['bytes'])}, "
+              f"{age_text(entry['age_days'])})")
+    for entry, why in kept:
+        print(f"kept {entry['file']}: {why}")
+    print(f"{verb} {len(deleted)} safety backup(s) older than {args.older_than} days, "
+          f"{human_size(freed)} {'would be ' if args.dry_run else ''}freed; "
+          f"{len(entries) - len(deleted)} kept")
+    return EXIT_OK
+
+
+def cmd_diff(args):
+    """Compare a backup file with the live data, table by table."""
+    config, paths = begin_run(args)
+    check_key_role(config)
+    path = find_backup_file(args.file, paths.backups)
+    if not path.exists() and Path(args.file).parent == Path("."):
+        path = paths.safety_backups / args.file
+    if not path.exists():
+        raise ValidationError(f"no backup file {args.file} (looked in the working directory, "
+                              f"{paths.backups} and {paths.safety_backups})")
+    log.info("reading %s", path)
+    header, in_file = check_backup(path)
+    tables = args.tables or list(in_file)
+    missing = [name for name in tables if name not in in_file]
+    if missing:
+        raise ValidationError(f"{', '.join(missing)} not in {path.name} (it holds "
+                              f"{', '.join(in_file) or 'no table'}); check --tables")
+    api = SupabaseApi(config)
+    try:
+        live = discover_tables(api.openapi())
+        results = diff_tables(api, path, tables, live)
+    finally:
+        api.close()
+    differing = {name: r for name, r in results.items() if has_differences(r)}
+    if args.json:
+        print(json.dumps({"file": str(path), "created_at": header.get("created_at"),
+                          "identical": not differing, "tables": results}, indent=2))
+    else:
+        for name, result in differing.items():
+            print(diff_text(name, result))
+    compared = sum(r["file_rows"] for r in results.values())
+    if differing:
+        log.info("%d of %d table(s) differ from %s", len(differing), len(results), path.name)
+        return EXIT_DIFFERENCES
+    log.info("no differences: %d table(s), %d rows of %s equal the live data", len(results),
+             compared, path.name)
+    return EXIT_OK
+
+
+def diff_text(name, result):
+    """The lines diff prints for one table that differs."""
+    if result.get("missing_live"):
+        return f"{name}: the table no longer exists in the project ({result['file_rows']} rows " \
+               f"in the file)"
+    lines = [f"{name}: {result['file_rows']} rows in the file, {result['live_rows']} live"
+             + (f" (compared as {result['compared_as']})" if result.get("compared_as") else "")]
+    if result["columns_only_in_file"]:
+        lines.append(f"  columns only in the file: {', '.join(result['columns_only_in_file'])}")
+    if result["columns_only_live"]:
+        lines.append(f"  columns only live: {', '.join(result['columns_only_live'])}")
+    for label, count, keys in (("only in the file", "only_in_file", "only_in_file_keys"),
+                               ("only live", "only_live", "only_live_keys"),
+                               ("changed", "changed", "changed_keys")):
+        if result[count]:
+            shown = result[keys]
+            columns = result.get("changed_columns", {}) if count == "changed" else {}
+            examples = ", ".join(k + (f" ({', '.join(columns[k])})" if columns.get(k) else "")
+                                 for k in shown)
+            more = ", ..." if result[count] > len(shown) else ""
+            lines.append(f"  {label}: {result[count]}"
+                         + (f"  keys {examples}{more}" if shown else ""))
+    return "\n".join(lines)
 
 
 # --- Command line -----------------------------------------------------------------------------
@@ -2826,18 +3234,53 @@ def build_parser():
 
     rollback = add_command(
         subparsers, "rollback", cmd_rollback,
-        "bring tables back to a safety backup (not in this version yet: exits 69)",
+        "bring tables back to exactly the state in a safety backup (its own safety backup first)",
         ["rollback safety_backup_20251128_074820.json.gz",
-         "rollback --dry-run safety_backup_20251128_074820.json.gz"])
+         "rollback --dry-run safety_backup_20251128_074820.json.gz",
+         "list-safety   (shows which file to roll back to)"])
     rollback.add_argument("file", metavar="FILE",
                           help="the safety backup: a file name in safety_backups/, or a path")
-    add_write_guard_arguments(rollback)
+    rollback.add_argument("--dry-run", action="store_true",
+                          help="print per table the rows that would be inserted, updated and "
+                               "deleted; write nothing")
+    rollback.add_argument("--tables", type=table_list, action="extend", metavar="A,B",
+                          help="roll back only these tables of the file")
+    rollback.add_argument("--ignore-columns", type=table_list, action="extend", metavar="C",
+                          help="columns left out of verification, e.g. updated_at kept current "
+                               "by a trigger (default: VERIFY_IGNORE_COLUMNS)")
+    add_json_argument(rollback)
 
     list_safety = add_command(
         subparsers, "list-safety", cmd_list_safety,
-        "list the safety backups, newest first (not in this version yet: exits 69)",
+        "list the safety backups, newest first, with the restore each protected and its outcome",
         ["list-safety", "list-safety --json"])
     add_json_argument(list_safety)
+
+    cleanup = add_command(
+        subparsers, "cleanup-safety", cmd_cleanup_safety,
+        "delete old safety backups, never the newest nor one whose restore failed or was "
+        "interrupted",
+        ["cleanup-safety --dry-run", "cleanup-safety --older-than 30",
+         "cleanup-safety --older-than 1 --force"])
+    cleanup.add_argument("--older-than", type=positive_int, default=7, metavar="DAYS",
+                         help="delete safety backups older than DAYS days (default: 7)")
+    cleanup.add_argument("--dry-run", action="store_true",
+                         help="print what would be deleted; delete nothing")
+    cleanup.add_argument("--force", action="store_true",
+                         help="also delete the safety backups of failed or interrupted restores "
+                              "(never the newest)")
+    add_json_argument(cleanup)
+
+    diff = add_command(
+        subparsers, "diff", cmd_diff,
+        "compare a backup (or safety backup) with the live data; exit 10 when they differ",
+        ["diff --file supabase_backup_20251128_074723.json.gz",
+         "diff --file safety_backup_20251128_074820.json.gz --tables bookings --json"])
+    diff.add_argument("--file", required=True, metavar="FILE",
+                      help="a path, or a file name in backups/ or safety_backups/")
+    diff.add_argument("--tables", type=table_list, action="extend", metavar="A,B",
+                      help="compare only these tables of the file")
+    add_json_argument(diff)
     return parser
 
 

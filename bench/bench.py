@@ -77,12 +77,14 @@ TARGET_SCALING = 11
 SMALL_CONSTANT = 10  # requests per table beyond ceil(rows / cap) that count as "small"
 
 OPERATIONS = ["backup", "pg_dump", "read_floor", "restore", "restore_safe", "write_floor", "copy",
-              "restore_safe_full"]
+              "restore_safe_full", "diff", "rollback"]
 LABELS = {"backup": "backup (tool)", "pg_dump": "pg_dump | gzip", "read_floor": "API read floor",
           "restore": "restore (tool, plain)", "restore_safe": "restore --safe (tool)",
           "write_floor": "API write floor", "copy": "psql COPY",
-          "restore_safe_full": "restore --safe onto the full, unchanged table"}
-RESTORES = ["restore", "restore_safe", "restore_safe_full"]
+          "restore_safe_full": "restore --safe onto the full, unchanged table",
+          "diff": "diff of the backup with the full table",
+          "rollback": "rollback to the backup, onto the full table"}
+RESTORES = ["restore", "restore_safe", "restore_safe_full", "rollback"]
 
 # Runs one command and writes its own wall time, and the peak RSS and CPU of what it waited
 # for, to argv[1]: RUSAGE_CHILDREN of a fresh process covers that one command only.
@@ -472,15 +474,7 @@ class Bench:
         command = [sys.executable, str(self.tool), "--quiet", "restore", "--file",
                    str(self.backup_file), "--tables", TABLE, "--json"]
         command.append("--safe" if safe else "--yes")
-        run = measure(self.stack, command, self.env, self.work)
-        restore_log = json.loads(run.pop("stdout"))
-        run["steps"] = {f"{s['step']}. {s['name']}": s.get("seconds", 0.0)
-                        for s in restore_log.get("steps", [])}
-        if restore_log.get("status") != "succeeded":
-            raise SystemExit(f"bench: restore ended {restore_log.get('status')}")
-        for folder in ("safety_backups", "summaries"):
-            shutil.rmtree(self.data_dir / folder, ignore_errors=True)
-        self.expect_rows("restore")
+        run = self.logged_run("restore", command)
         settle(self.stack)
         self.record("restore" if not safe else "restore_safe" if empty else "restore_safe_full",
                     run)
@@ -505,6 +499,37 @@ class Bench:
         settle(self.stack)
         self.record("copy", run)
 
+    def diff(self):
+        """diff --file of the backup against the full table: every live row is indexed."""
+        command = [sys.executable, str(self.tool), "--quiet", "diff", "--file",
+                   str(self.backup_file), "--tables", TABLE, "--json"]
+        run = measure(self.stack, command, self.env, self.work)
+        result = json.loads(run.pop("stdout"))
+        if not result["identical"] or result["tables"][TABLE]["file_rows"] != self.rows:
+            raise SystemExit(f"bench: diff found differences: {result['tables'][TABLE]}")
+        self.record("diff", run)
+
+    def rollback(self):
+        """rollback to the backup onto the full table: a safety backup of every row, then every
+        row compared, nothing to write, every row verified (the most memory a rollback takes)."""
+        command = [sys.executable, str(self.tool), "--quiet", "rollback", str(self.backup_file),
+                   "--tables", TABLE, "--json"]
+        self.record("rollback", self.logged_run("rollback", command))
+
+    def logged_run(self, op, command):
+        """Measure a restore or rollback; its log's steps join the figures; the files it left
+        are removed so that each run starts alike."""
+        run = measure(self.stack, command, self.env, self.work)
+        run_log = json.loads(run.pop("stdout"))
+        run["steps"] = {f"{s['step']}. {s['name']}": s.get("seconds", 0.0)
+                        for s in run_log.get("steps", [])}
+        if run_log.get("status") != "succeeded":
+            raise SystemExit(f"bench: {op} ended {run_log.get('status')}")
+        for folder in ("safety_backups", "summaries"):
+            shutil.rmtree(self.data_dir / folder, ignore_errors=True)
+        self.expect_rows(op)
+        return run
+
     def run(self, repeat):
         say(f"building {TABLE} with {self.rows} rows")
         started = time.perf_counter()
@@ -521,6 +546,8 @@ class Bench:
             self.write_floor()
             self.copy()  # leaves the table full for the next round's backup
             self.restore(safe=True, empty=False)
+            self.diff()
+            self.rollback()
         shutil.rmtree(self.work, ignore_errors=True)
 
 

@@ -18,7 +18,8 @@ SECTIONS = ["## Machine", "## Ratios", "## Targets (issue #7, item 2)", "## All 
             "## The tables"]
 OPERATIONS = ["backup (tool)", "pg_dump \\| gzip", "API read floor", "restore (tool, plain)",
               "restore --safe (tool)", "API write floor", "psql COPY",
-              "restore --safe onto the full, unchanged table"]
+              "restore --safe onto the full, unchanged table", "diff of the backup with the full table",
+              "rollback to the backup, onto the full table"]
 
 
 def test_quick_benchmark_writes_its_report(tmp_path):

@@ -24,13 +24,8 @@ from helpers import SETTINGS  # noqa: E402
 URL = "https://abcdefghijklmnop.supabase.co"
 # Distinctive, so that any leak into output or files is found by a plain substring search.
 FAKE_KEY = "sb_secret_TESTKEY-d0-not-leak-7f3a9c1e5b2d4f6a8c0e"
-COMMANDS = ["backup", "check", "list", "restore", "rollback", "list-safety"]
-# The commands this version does not have yet: they load the configuration, start the log and
-# exit 69 without reaching the network. Remove each one as it is implemented.
-UNIMPLEMENTED = {
-    "rollback": ["rollback", "safety_backup_20251128_074820.json.gz"],
-    "list-safety": ["list-safety"],
-}
+COMMANDS = ["backup", "check", "list", "restore", "rollback", "list-safety", "cleanup-safety",
+            "diff"]
 # A command that loads the configuration, starts the log and then fails offline, before any
 # request (the file does not exist): the configuration tests need no server.
 CONFIGURED_COMMAND = ["restore", "--safe", "--file", "no_such_backup.json.gz"]
@@ -193,22 +188,6 @@ def test_the_configured_command_fails_offline_with_one_line_and_writes_only_the_
     assert files_under(configured) == ["logs/supabase_backup.log"]
 
 
-@pytest.mark.parametrize("command", sorted(UNIMPLEMENTED))
-def test_unimplemented_command_exits_69_and_writes_no_data(configured, capsys, command):
-    code, out, err = run(capsys, "--data-dir", str(configured), *UNIMPLEMENTED[command])
-    assert code == 69
-    assert out == ""
-    assert err.splitlines() == [err.strip()]
-    assert err.startswith("supabase_backup: error: ")
-    assert f"{command} is not implemented yet" in err
-    for folder in ("backups", "safety_backups", "summaries"):
-        assert files_under(configured / folder) == []
-    assert files_under(configured / "logs") == ["supabase_backup.log"]
-    log_file = configured / "logs" / "supabase_backup.log"
-    assert stat.S_IMODE(log_file.stat().st_mode) == 0o600
-    assert "not implemented yet" in log_file.read_text()
-
-
 def test_service_key_never_appears_in_output_or_log(configured, capsys):
     code, out, err = run(capsys, "--data-dir", str(configured), "--verbose", *CONFIGURED_COMMAND)
     assert code == CONFIGURED_EXIT
@@ -241,8 +220,7 @@ def test_help_lists_every_command_and_the_exit_codes(home, capsys):
     for line in ("0    success", "3    configuration error", "5    another run holds the lock",
                  "7    backup file invalid", "8    restore failed and was rolled back",
                  "9    restore failed AND rollback failed", "11   restore failed and was kept",
-                 "130  interrupted (Ctrl-C)", *(["69   not implemented yet"] if UNIMPLEMENTED
-                                               else [])):
+                 "10   differences found (diff)", "130  interrupted (Ctrl-C)"):
         assert line in out
     assert files_under(home) == [] and files_under(supabase_backup.SCRIPT_DIR) == []
 

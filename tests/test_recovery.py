@@ -1,0 +1,343 @@
+"""Living with safety backups (issue #5): rollback, list-safety, cleanup-safety and diff, against
+the local stack. The database is checked through psycopg (helpers.database_state: every column of
+every demo table), never through the tool.
+"""
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import supabase_backup  # noqa: E402
+from helpers import (  # noqa: E402
+    assert_same_state, database_state, error_line, files_in, make_backup, rows_where, run,
+    safety_backup, start_restore, wait_for, write_requests)
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:supabase")
+
+
+def change_everything(db):
+    """Deletions, updates and additions since a backup, in several tables (FK chains included)."""
+    db.execute("DELETE FROM payments WHERE id IN (1, 2, 3)")
+    db.execute("DELETE FROM reviews WHERE id = md5('review-490')::uuid")
+    db.execute("DELETE FROM app_settings WHERE key = 'f(x)'")
+    db.execute("UPDATE users SET full_name = 'changed', tags = NULL "
+               "WHERE email IN ('user1@example.com', 'user2@example.com')")
+    db.execute("UPDATE bookings SET notes = 'changed', guests = 1 WHERE id BETWEEN 100 AND 119")
+    db.execute("UPDATE packages SET price = 1.00, name = 'changed' WHERE id = 7")
+    db.execute("UPDATE package_tags SET weight = 99 WHERE package_id = 1")
+    db.execute("INSERT INTO users (email, full_name) VALUES ('new@example.com', 'New')")
+    db.execute("INSERT INTO bookings (user_id, package_id) "
+               "SELECT id, 3 FROM users WHERE email = 'new@example.com'")
+    db.execute("INSERT INTO app_settings (key, value) VALUES ('added.later', '1')")
+
+
+def logs_named(data, prefix):
+    return [json.loads((data / "summaries" / name).read_text())
+            for name in files_in(data, "summaries") if name.startswith(prefix)]
+
+
+def safety_backups(data):
+    return [name for name in files_in(data, "safety_backups") if name.startswith("safety_backup_")]
+
+
+def list_safety(capsys, data):
+    code, out, err = run(capsys, data, "list-safety", "--json")
+    assert code == 0, err
+    return {entry["file"]: entry for entry in json.loads(out)}
+
+
+# --- rollback -------------------------------------------------------------------------------------
+
+def test_restore_then_rollback_returns_the_exact_state_before_the_restore(fresh_stack, db, data,
+                                                                          capsys):
+    stack = fresh_stack
+    path = make_backup(capsys, data)
+    change_everything(db)
+    before_restore = database_state(db)
+    assert run(capsys, data, "restore", "--safe", "--file", path.name)[0] == 0
+    assert database_state(db) != before_restore
+    safety = safety_backup(data)
+
+    # The dry run names per table what the rollback would insert, update and delete, and writes
+    # nothing.
+    stack.requests.clear()
+    code, out, err = run(capsys, data, "rollback", "--dry-run", "--json", safety.name)
+    assert code == 0, err
+    plan = json.loads(out)["plan"]
+    assert plan["payments"] == {"insert": 0, "update": 0, "delete": 3, "unchanged": 2997}
+    assert plan["app_settings"]["delete"] == 1 and plan["reviews"]["delete"] == 1
+    assert plan["users"]["update"] == 2 and plan["bookings"]["update"] == 20
+    assert "payments: 3000 rows now; 0 to insert, 0 to update, 3 to delete" in err
+    assert write_requests(stack) == [] and safety_backups(data) == [safety.name]
+
+    code, out, err = run(capsys, data, "rollback", safety.name)
+
+    assert code == 0, err
+    assert out == ""
+    assert_same_state(database_state(db), before_restore)
+    assert "rollback complete: 0 inserted, 26 updated, 5 deleted" in err
+    (log,) = logs_named(data, "rollback_log_")
+    assert log["kind"] == "rollback" and log["status"] == "succeeded"
+    assert log["backup_file"] == str(safety) and log["total_deleted"] == 5
+    # The rollback took its own safety backup first: the restored state can be had back.
+    (own,) = set(safety_backups(data)) - {safety.name}
+    assert log["safety_backup_file"] == str(data / "safety_backups" / own)
+    assert run(capsys, data, "diff", "--file", safety.name)[0] == 0
+
+
+def test_rollback_after_kill_9_mid_restore_returns_the_exact_state_before(
+        fresh_stack, db, data, capsys, tmp_path):
+    stack = fresh_stack
+    path = make_backup(capsys, data, "--tables", "app_settings,users")
+    db.execute("DELETE FROM app_settings WHERE key = 'f(x)'")  # the restore inserts it first
+    db.execute("UPDATE users SET full_name = 'changed'")
+    before_restore = database_state(db)
+    slow = stack.faults.add(kind="write", table="users", action="latency", delay=0.5)
+    process = start_restore(stack, data, tmp_path, path)
+    try:
+        os.kill(process.pid, signal.SIGKILL)
+        process.communicate(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    wait_for(lambda: stack.writes("users") == slow.seen, what="the last write to land")
+    stack.faults.clear()
+    assert 1 <= stack.writes("users") < 4, "killed mid-restore"
+    assert rows_where(db, "app_settings", "key = 'f(x)'"), "the restore had inserted a row"
+    assert database_state(db) != before_restore
+    safety = safety_backup(data)
+
+    # list-safety flags the interrupted restore with the command to run.
+    code, out, err = run(capsys, data, "list-safety")
+    assert code == 0, err
+    assert "INTERRUPTED (the process died half-way)" in out
+    assert f"run: python supabase_backup.py rollback {safety.name}" in out
+
+    code, _, err = run(capsys, data, "rollback", safety.name)
+
+    assert code == 0, err
+    assert_same_state(database_state(db), before_restore)
+    entry = list_safety(capsys, data)[safety.name]
+    assert entry["run"]["status"] == "in_progress" and entry["needs_rollback"] is False
+    assert entry["rolled_back_by"] and "rollback_command" not in entry
+    assert "partly restored" not in run(capsys, data, "list-safety")[1]
+
+
+@pytest.mark.parametrize("change, words", [
+    ("ALTER TABLE bookings DROP COLUMN notes", "bookings.notes no longer exists"),
+    ("ALTER TABLE users RENAME COLUMN full_name TO display_name",
+     "users.full_name no longer exists")])
+def test_rollback_of_a_file_that_no_longer_fits_the_schema_is_refused_untouched(
+        fresh_stack, db, data, capsys, change, words):
+    stack = fresh_stack
+    path = make_backup(capsys, data, "--tables", "users,bookings")
+    db.execute("UPDATE bookings SET notes = 'changed' WHERE id <= 10")
+    assert run(capsys, data, "restore", "--safe", "--file", path.name)[0] == 0
+    db.execute(change)
+    before = database_state(db)
+    stack.requests.clear()
+
+    code, _, err = run(capsys, data, "rollback", safety_backup(data).name)
+
+    assert code == 7, err
+    line = error_line(err)
+    assert words in line and "the database was not touched" in line
+    assert write_requests(stack) == []
+    assert_same_state(database_state(db), before)
+    (log,) = logs_named(data, "rollback_log_")
+    assert log["status"] == "refused"
+
+
+def test_a_failed_rollback_is_itself_rolled_back(fresh_stack, db, data, capsys):
+    stack = fresh_stack
+    path = make_backup(capsys, data, "--tables", "app_settings,payments")
+    db.execute("DELETE FROM payments WHERE id IN (1, 2)")
+    db.execute("UPDATE app_settings SET value = '\"changed\"' WHERE key = 'default currency'")
+    assert run(capsys, data, "restore", "--safe", "--file", path.name)[0] == 0
+    safety = safety_backup(data)
+    restored = database_state(db)
+    # The rollback updates app_settings, then its deletes of payments fail for longer than the
+    # retries last: it must put app_settings back as the restore left it.
+    stack.faults.add(kind="write", table="payments", status=503, code="503", times=4,
+                     message="injected: unavailable")
+
+    code, _, err = run(capsys, data, "rollback", safety.name)
+
+    assert code == 8, err
+    line = error_line(err)
+    assert "rollback failed" in line and "the database is as before" in line
+    assert_same_state(database_state(db), restored)
+    (log,) = logs_named(data, "rollback_log_")
+    assert log["status"] == "rolled_back"
+
+
+def test_rollback_of_a_missing_file_names_list_safety(stack, data, capsys):
+    code, _, err = run(capsys, data, "rollback", "safety_backup_20200101_000000.json.gz")
+    assert code == 7
+    assert "list-safety" in error_line(err) and "not touched" in err
+    assert stack.writes() == 0
+
+
+# --- list-safety ----------------------------------------------------------------------------------
+
+def test_list_safety_shows_each_restore_and_its_outcome_newest_first(fresh_stack, db, data,
+                                                                    capsys):
+    stack = fresh_stack
+    path = make_backup(capsys, data, "--tables", "app_settings")
+    db.execute("DELETE FROM app_settings WHERE key = 'f(x)'")
+    assert run(capsys, data, "restore", "--safe", "--file", path.name)[0] == 0
+    db.execute("DELETE FROM app_settings WHERE key = 'f(x)'")
+    stack.faults.add(kind="write", table="app_settings", status=503, code="503", times=4)
+    assert run(capsys, data, "restore", "--safe", "--file", path.name)[0] == 8
+    stack.faults.clear()
+    stack.faults.add(kind="write", table="app_settings", status=503, code="503", times=4)
+    assert run(capsys, data, "restore", "--safe", "--no-rollback", "--file", path.name)[0] == 11
+
+    code, out, err = run(capsys, data, "list-safety")
+
+    assert code == 0, err
+    names = [line.split()[0] for line in out.splitlines() if not line.startswith(" ")]
+    succeeded, rolled_back, kept = sorted(safety_backups(data))
+    assert names == [kept, name_of_failed_state(data), rolled_back, succeeded]
+    assert f"before restore of {path.name}: succeeded" in out
+    assert "failed, rolled back automatically and verified" in out
+    assert "FAILED and kept as it is (--no-rollback)" in out
+    assert out.count("run: python supabase_backup.py rollback") == 1
+    assert f"run: python supabase_backup.py rollback {kept}" in out
+    assert "1 tables  4 rows" in out.split(succeeded)[1].splitlines()[0]
+    entries = list_safety(capsys, data)
+    assert entries[kept]["needs_rollback"] and not entries[succeeded]["needs_rollback"]
+    assert entries[name_of_failed_state(data)]["run"]["role"] == "failed_state_of"
+    assert entries[succeeded]["rows"] == 4 and entries[succeeded]["tables"] == 1
+
+
+def name_of_failed_state(data):
+    (name,) = [n for n in files_in(data, "safety_backups") if n.startswith("failed_state_")]
+    return name
+
+
+def test_list_safety_needs_no_settings_and_says_when_there_is_nothing(data, capsys, monkeypatch):
+    monkeypatch.delenv("SUPABASE_URL")
+    monkeypatch.delenv("SUPABASE_SERVICE_ROLE_KEY")
+    code, out, _ = run(capsys, data, "list-safety")
+    assert code == 0 and out.startswith("no safety backups in ")
+
+
+# --- cleanup-safety -------------------------------------------------------------------------------
+
+def age(data, name, stamp):
+    """Rename a safety backup as if taken at stamp (YYYYMMDD_HHMMSS), and its log with it."""
+    kind = name.split("_2")[0]
+    new = f"{kind}_{stamp}.json.gz"
+    os.rename(data / "safety_backups" / name, data / "safety_backups" / new)
+    for log_name in files_in(data, "summaries"):
+        log_path = data / "summaries" / log_name
+        log_path.write_text(log_path.read_text().replace(name, new))
+    return new
+
+
+def test_cleanup_safety_keeps_the_newest_and_the_ones_still_needed(fresh_stack, db, data,
+                                                                   capsys):
+    stack = fresh_stack
+    path = make_backup(capsys, data, "--tables", "app_settings")
+    for outcome in ("succeeded", "kept", "newest"):
+        db.execute("DELETE FROM app_settings WHERE key = 'f(x)'")
+        if outcome == "kept":
+            stack.faults.add(kind="write", table="app_settings", status=503, code="503", times=4)
+        code = run(capsys, data, "restore", "--safe", "--no-rollback", "--file", path.name)[0]
+        assert code == (11 if outcome == "kept" else 0)
+        stack.faults.clear()
+    first, second, third = sorted(safety_backups(data))
+    old = age(data, first, "20200101_000000")
+    needed = age(data, second, "20200102_000000")
+    newest = age(data, third, "20200103_000000")  # old too, but the newest of all
+    sizes = {name: (data / "safety_backups" / name).stat().st_size for name in (old, needed)}
+
+    code, out, err = run(capsys, data, "cleanup-safety", "--dry-run")
+    assert code == 0, err
+    assert f"would delete {old}" in out and "would delete 1 safety backup(s)" in out
+    assert f"kept {newest}: the newest safety backup is always kept" in out
+    assert f"kept {needed}: its restore FAILED and kept as it is" in out
+    assert sorted(safety_backups(data)) == [old, needed, newest]
+
+    code, out, err = run(capsys, data, "cleanup-safety")
+    assert code == 0, err
+    assert f"deleted {old} ({supabase_backup.human_size(sizes[old])}" in out
+    assert sorted(safety_backups(data)) == [needed, newest]
+
+    code, out, err = run(capsys, data, "cleanup-safety", "--older-than", "1", "--force", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["deleted"] == [needed] and report["bytes_freed"] == sizes[needed]
+    assert list(report["kept"]) == [newest]
+    assert safety_backups(data) == [newest]
+
+
+def test_cleanup_safety_leaves_young_safety_backups_alone(fresh_stack, db, data, capsys):
+    path = make_backup(capsys, data, "--tables", "app_settings")
+    for _ in range(2):
+        db.execute("DELETE FROM app_settings WHERE key = 'f(x)'")
+        assert run(capsys, data, "restore", "--safe", "--file", path.name)[0] == 0
+    before = safety_backups(data)
+    code, out, _ = run(capsys, data, "cleanup-safety")
+    assert code == 0
+    assert "deleted 0 safety backup(s) older than 7 days" in out
+    assert safety_backups(data) == before
+
+
+# --- diff -----------------------------------------------------------------------------------------
+
+def test_diff_is_silent_on_identical_data_and_names_every_difference(fresh_stack, db, data,
+                                                                     capsys):
+    stack = fresh_stack
+    path = make_backup(capsys, data)
+    stack.requests.clear()
+    code, out, err = run(capsys, data, "diff", "--file", path.name)
+    assert code == 0, err
+    assert out == ""
+    assert "no differences: 8 table(s)" in err
+    assert write_requests(stack) == []
+
+    db.execute("DELETE FROM payments WHERE id IN (5, 6)")
+    db.execute("UPDATE bookings SET notes = 'changed' WHERE id IN (10, 11, 12)")
+    db.execute("UPDATE bookings SET guests = 9 WHERE id = 12")
+    db.execute("INSERT INTO app_settings (key, value) VALUES ('added.later', '1')")
+    db.execute("INSERT INTO audit_events (event, at) "
+               "SELECT event, at FROM audit_events LIMIT 2")  # duplicates of existing rows
+    db.execute("ALTER TABLE reviews ADD COLUMN mood text")
+
+    code, out, err = run(capsys, data, "diff", "--file", path.name)
+
+    assert code == 10, err
+    assert "payments: 3000 rows in the file, 2998 live\n  only in the file: 2  keys [5], [6]" \
+        in out
+    assert "  changed: 3  keys [10] (notes), [11] (notes), [12] (guests, notes)" in out
+    assert 'app_settings: 5 rows in the file, 6 live\n  only live: 1  keys ["added.later"]' \
+        in out
+    assert "audit_events: 1500 rows in the file, 1502 live (compared as whole rows" in out
+    assert "reviews: 500 rows in the file, 500 live\n  columns only live: mood" in out
+    assert "users" not in out and "packages" not in out
+
+    code, out, _ = run(capsys, data, "diff", "--file", path.name, "--tables", "payments,users",
+                       "--json")
+    assert code == 10
+    report = json.loads(out)
+    assert not report["identical"] and set(report["tables"]) == {"payments", "users"}
+    assert report["tables"]["payments"]["only_in_file"] == 2
+    assert report["tables"]["users"]["changed"] == 0
+
+
+def test_diff_of_a_table_the_file_does_not_hold_is_refused(stack, data, capsys):
+    path = make_backup(capsys, data, "--tables", "app_settings")
+    code, _, err = run(capsys, data, "diff", "--file", path.name, "--tables", "users")
+    assert code == 7
+    assert "users not in" in error_line(err)
