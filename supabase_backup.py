@@ -117,6 +117,8 @@ GZIP_LEVEL = 6
 WRITE_BATCH_SIZE = 1000  # rows per upsert request; a batch that times out is split
 DELETE_BATCH_SIZE = 100  # keys per delete or key-lookup request (they travel in the URL)
 DIFF_EXAMPLES = 5  # keys shown per kind of difference
+MISMATCHES_LISTED = 100  # mismatches a verification lists per kind and table (all are counted)
+COMPARE_CHUNK = 1000  # file rows compared with the live rows of their key range at a time
 GENERATED_COLUMN = "428C9"  # PostgreSQL: cannot insert a non-DEFAULT value into a column
 FK_VIOLATION = "23503"
 
@@ -566,21 +568,34 @@ class SupabaseApi:
             raise ConnectionFailure(f"counting {table}: the API answered without a count")
         return response.count
 
-    def page(self, table, select, order_by, after, limit, offset=0):
+    def page(self, table, select, order_by, after, limit, offset=0, until=None):
         """One page of rows in order_by order: rows after the key values `after` (keyset), or
-        from `offset` when the table has no key."""
+        from `offset` when the table has no key.
+
+        With `until`, only rows up to those key values (inclusive), and the answer is
+        (rows, how many rows the range holds after `after`): Prefer: count=exact on a key range
+        is an index range count, and it tells when the range is read without a further request.
+        """
 
         def build():
-            query = self.client.table(table).select(select)
+            query = self.client.table(table).select(select, count="exact" if until else None)
             if after is not None:
                 query = keyset_filter(query, order_by, after)
+            if until is not None:
+                query = upper_bound_filter(query, order_by, until)
             for column in order_by:
                 query = query.order(column)
             query = query.limit(limit)
             return query.offset(offset) if offset else query
 
-        return self.execute(f"reading {table} (rows after {after!r})" if after is not None
-                            else f"reading {table} (offset {offset})", build).data
+        response = self.execute(f"reading {table} (rows after {after!r})" if after is not None
+                                else f"reading {table} (offset {offset})", build)
+        if until is not None:
+            if response.count is None:
+                raise ConnectionFailure(f"reading {table}: the API answered a range without a "
+                                        f"count")
+            return response.data, response.count
+        return response.data
 
     def upsert(self, table, rows, primary_key):
         """Insert or update rows by primary key in one request (Prefer: resolution=merge-
@@ -663,12 +678,24 @@ def keyset_filter(query, columns, values):
     """
     if len(columns) == 1:
         return query.gt(columns[0], values[0])
+    return query.or_(after_branches(columns, values))
+
+
+def upper_bound_filter(query, columns, values):
+    """Rows up to `values` (inclusive) in the order of `columns`: not (after values)."""
+    if len(columns) == 1:
+        return query.lte(columns[0], values[0])
+    return query.not_.or_(after_branches(columns, values))
+
+
+def after_branches(columns, values):
+    """The PostgREST logic tree of "strictly after values": a.gt.x,and(a.eq.x,b.gt.y),..."""
     branches = []
     for i, column in enumerate(columns):
         equal = [f"{c}.eq.{quote_filter_value(v)}" for c, v in zip(columns[:i], values[:i])]
         greater = f"{column}.gt.{quote_filter_value(values[i])}"
         branches.append(f"and({','.join(equal + [greater])})" if equal else greater)
-    return query.or_(",".join(branches))
+    return ",".join(branches)
 
 
 def discover_tables(openapi):
@@ -1178,18 +1205,23 @@ class TablePages:
     never silently.
     """
 
-    def __init__(self, api, name, meta):
+    def __init__(self, api, name, meta, after=None, until=None):
         self.api, self.name = api, name
         self.order_by, self.paging = read_order(meta)
         self.select = select_list(meta)
         self.pages = 0
+        # A range of keys: after (exclusive) and until (inclusive); keyset paging only.
+        self.after, self.until = after, until
+        self.largest_page = None  # the server's row cap, once a page has shown it
 
     def __iter__(self):
-        name, page_size, largest_page, after, offset = self.name, PAGE_SIZE, None, None, 0
+        name, page_size, after, offset = self.name, PAGE_SIZE, self.after, 0
         while True:
             try:
                 rows = self.api.page(name, self.select, self.order_by, after, page_size,
-                                     offset if self.paging == "offset" else 0)
+                                     offset if self.paging == "offset" else 0, self.until)
+                if self.until is not None:
+                    rows, in_range = rows
             except StatementTimeout:
                 if page_size <= MIN_PAGE_SIZE:
                     raise IncompleteBackupError(
@@ -1206,13 +1238,15 @@ class TablePages:
                 if self.paging == "keyset":
                     after = [rows[-1].get(column) for column in self.order_by]
                 offset += len(rows)
+            if self.until is not None and len(rows) >= in_range:
+                return
             # The server returns min(asked, its row cap, rows left): a page shorter than both
             # what was asked and the largest page seen so far is the last one. The cap is
             # learned, not assumed.
-            if not rows or (largest_page is not None and
-                            len(rows) < min(page_size, largest_page)):
+            if not rows or (self.largest_page is not None and
+                            len(rows) < min(page_size, self.largest_page)):
                 return
-            largest_page = max(largest_page or 0, len(rows))
+            self.largest_page = max(self.largest_page or 0, len(rows))
 
 
 def read_table(api, name, meta, writer, progress, on_rows=None):
@@ -1827,56 +1861,113 @@ def upsert_restore(api, plans, order, progress):
         pending = still
 
 
+class TableComparison:
+    """One table's rows from a file against the live table, in memory bounded by a chunk.
+
+    The file's rows are taken in chunks of COMPARE_CHUNK; for each chunk the live rows of its key
+    range (after the previous chunk's last key, up to its own last key) are read and compared with
+    it. The server compares the keys, so no key order is reproduced here, and memory holds one
+    chunk, not the table. A row found on one side only is kept (key and digest) until finish(),
+    which also matches the rows that turned up in another range than their file chunk's (a file
+    whose order the server no longer sorts by, e.g. after a collation change): memory grows with
+    the differences, never with the table.
+    """
+
+    def __init__(self, api, name, live_meta, primary_key, columns, listed=DIFF_EXAMPLES):
+        self.api, self.name, self.live_meta = api, name, live_meta
+        self.primary_key, self.columns, self.listed = primary_key, columns, listed
+        self.chunk, self.after, self.last = {}, None, None
+        self.file_rows = self.live_rows = self.changed = 0
+        self.only_file, self.only_live = {}, {}  # key -> digest of the row
+        self.changed_keys = {}  # key -> the columns that differ, for the first `listed` keys
+
+    def add(self, row):
+        """The next row of the file (in the file's order)."""
+        self.file_rows += 1
+        self.chunk[row_key(row, self.primary_key)] = row
+        self.last = row
+        if len(self.chunk) >= COMPARE_CHUNK:
+            self._compare_range([row.get(column) for column in self.primary_key])
+
+    def _compare_range(self, until):
+        read = 0
+        for page in TablePages(self.api, self.name, self.live_meta, self.after, until):
+            read += len(page)
+            for live in page:
+                self.live_rows += 1
+                key = row_key(live, self.primary_key)
+                row = self.chunk.pop(key, None)
+                digest = row_digest(live, self.columns)
+                if row is None:
+                    self.only_live[key] = digest
+                elif row_digest(row, self.columns) != digest:
+                    self._changed(key, [c for c in self.columns if row.get(c) != live.get(c)])
+        for key, row in self.chunk.items():
+            self.only_file[key] = row_digest(row, self.columns)
+        # Only a range that held rows proves its end lies after its start; an empty one may be
+        # a chunk out of the server's order, and moving back would read rows twice. Not moving
+        # on after an empty range is always right: the next range covers it, and it was empty.
+        self.chunk = {}
+        if read:
+            self.after = until
+
+    def _changed(self, key, columns):
+        self.changed += 1
+        if len(self.changed_keys) < self.listed:
+            self.changed_keys[key] = columns
+
+    def finish(self):
+        """Compare the last chunk, then the live rows after the last range."""
+        if self.chunk:
+            self._compare_range([self.last.get(column) for column in self.primary_key])
+        self._compare_range(None)
+        for key in [key for key in self.only_file if key in self.only_live]:
+            if self.only_file.pop(key) != self.only_live.pop(key):
+                self._changed(key, [])
+        return self
+
+
+class Mismatches(list):
+    """The mismatches a verification lists (the first MISMATCHES_LISTED of each kind per
+    table), and in total how many it found."""
+
+    total = 0
+
+
 def verify_restore(api, plans, reference_path, expected_counts, ignore_columns=()):
     """Step 5: every row of the reference file is in the live table with equal values, and each
-    table's count is as expected. Returns a list of mismatches (dicts naming table and key).
+    table's count is as expected. Returns the Mismatches (dicts naming table and key).
 
-    The live tables are read once (keyset), keeping a digest per row; the file is then streamed.
-    Values are compared as PostgREST returns them; ignore_columns are left out.
+    The file is streamed against the live rows of each chunk's key range (TableComparison), so
+    memory does not grow with the table. Values are compared as PostgREST returns them;
+    ignore_columns are left out.
     """
-    mismatches, live_rows, counted = [], {}, {}
-    for name, plan in plans.items():
-        columns = compared_columns(plan, ignore_columns)
-        index = live_rows[name] = {}
-        for rows in TablePages(api, name, plan.live_meta):
-            for row in rows:
-                index[row_key(row, plan.primary_key)] = row_digest(row, columns)
-        counted[name] = api.count(name)
-        if name in expected_counts and counted[name] != expected_counts[name]:
+    mismatches, comparison = Mismatches(), None
+    for name in plans:
+        counted = api.count(name)
+        if name in expected_counts and counted != expected_counts[name]:
             mismatches.append({"table": name, "key": None, "problem":
-                               f"{counted[name]} rows, expected {expected_counts[name]}"})
-    examples = {}
+                               f"{counted} rows, expected {expected_counts[name]}"})
+            mismatches.total += 1
     for event in read_backup(reference_path):
-        if event[0] != "row" or event[1] not in plans:
-            continue
-        name, row = event[1], event[2]
-        plan = plans[name]
-        key = row_key(row, plan.primary_key)
-        columns = compared_columns(plan, ignore_columns)
-        live = live_rows[name].get(key)
-        if live is None:
-            mismatches.append({"table": name, "key": key, "problem": "missing"})
-        elif live != row_digest(row, columns):
-            mismatches.append({"table": name, "key": key, "problem": "different values"})
-            if len(examples.setdefault(name, {})) < 20:
-                examples[name][key] = row
-    if mismatches:
-        describe_differences(api, plans, mismatches, examples, ignore_columns)
+        if event[0] == "table" and event[1] in plans:
+            plan = plans[event[1]]
+            comparison = TableComparison(api, plan.name, plan.live_meta, plan.primary_key,
+                                         compared_columns(plan, ignore_columns),
+                                         listed=MISMATCHES_LISTED)
+        elif event[0] == "row" and comparison is not None:
+            comparison.add(event[2])
+        elif event[0] == "end_table" and comparison is not None:
+            comparison.finish()
+            mismatches.total += len(comparison.only_file) + comparison.changed
+            mismatches.extend({"table": comparison.name, "key": key, "problem": "missing"}
+                              for key in itertools.islice(comparison.only_file,
+                                                          MISMATCHES_LISTED))
+            mismatches.extend({"table": comparison.name, "key": key,
+                               "problem": "different values", "columns": columns}
+                              for key, columns in comparison.changed_keys.items())
+            comparison = None
     return mismatches
-
-
-def describe_differences(api, plans, mismatches, examples, ignore_columns):
-    """Name the columns that differ on a sample of mismatched rows (in place, as "columns")."""
-    for name, rows in examples.items():
-        plan = plans[name]
-        found = api.rows_by_key(name, select_list(plan.live_meta), plan.primary_key,
-                                [json.loads(key) for key in rows])
-        live = {row_key(r, plan.primary_key): r for r in found}
-        for mismatch in mismatches:
-            if mismatch["table"] == name and mismatch["key"] in rows:
-                backup_row, live_row = rows[mismatch["key"]], live.get(mismatch["key"], {})
-                mismatch["columns"] = [c for c in compared_columns(plan, ignore_columns)
-                                       if backup_row.get(c) != live_row.get(c)]
 
 
 def compared_columns(plan, ignore_columns):
@@ -1899,7 +1990,8 @@ def mismatch_message(mismatches, what):
         advice = (f"; the differences are confined to {names}, which a trigger (e.g. "
                   f"moddatetime) may rewrite on every write: if so, leave it out of "
                   f"verification with --ignore-columns {names} (or VERIFY_IGNORE_COLUMNS={names})")
-    return f"{what} verification found {len(mismatches)} mismatch(es): {shown}{advice}"
+    total = getattr(mismatches, "total", len(mismatches))
+    return f"{what} verification found {total} mismatch(es): {shown}{advice}"
 
 
 def rewritten_columns(mismatches):
@@ -1997,33 +2089,12 @@ def rollback(api, plans, order, safety_path, progress, ignore_columns=()):
 def diff_tables(api, path, tables, live_tables):
     """Compare the given tables of a backup file with the live data; returns {table: result}.
 
-    Per table the live rows are read once (keyset) into an index of key -> digest, then the file
-    is streamed against it, so memory is one index entry per live row of the table being compared
-    (one table at a time). A table without a primary key is compared as a multiset of whole rows.
+    A table with the same primary key in the file and live is compared in key ranges
+    (TableComparison): memory holds a chunk of rows and the differences, not the table. A table
+    without one is compared as a multiset of whole rows, which holds a digest per live row.
     Values are compared over the columns both sides have, as PostgREST returns them.
     """
-    results = {}
-    wanted = set(tables)
-    state = {}
-
-    def finish(name):
-        result, index = results[name], state.pop(name)
-        if index["keyed"]:
-            result["only_live"] = len(index["rows"])
-            result["only_live_keys"] = list(itertools.islice(index["rows"], DIFF_EXAMPLES))
-        else:
-            result["only_live"] = sum(index["rows"].values())
-        describe = index["changed_rows"]
-        if describe:
-            meta = live_tables[name]
-            pk = index["primary_key"]
-            found = api.rows_by_key(name, select_list(meta), pk,
-                                    [json.loads(k) for k in describe])
-            live = {row_key(row, pk): row for row in found}
-            result["changed_columns"] = {
-                key: [c for c in index["columns"] if row.get(c) != live.get(key, {}).get(c)]
-                for key, row in describe.items()}
-
+    results, wanted, current = {}, set(tables), None
     for event in read_backup(path):
         kind = event[0]
         if kind == "table" and event[1] in wanted:
@@ -2032,59 +2103,55 @@ def diff_tables(api, path, tables, live_tables):
             result = results[name] = {"file_rows": 0, "live_rows": 0, "only_in_file": 0,
                                       "only_live": 0, "changed": 0, "only_in_file_keys": [],
                                       "only_live_keys": [], "changed_keys": [],
-                                      "columns_only_in_file": [], "columns_only_live": []}
+                                      "changed_columns": {}, "columns_only_in_file": [],
+                                      "columns_only_live": []}
             live_meta = live_tables.get(name)
             if live_meta is None:
                 result["missing_live"] = True
-                state[name] = {"keyed": False, "rows": {}, "columns": [], "changed_rows": {},
-                               "primary_key": []}
+                current = ("missing", result)
                 continue
             live_columns = [c["name"] for c in live_meta["columns"]]
             result["columns_only_in_file"] = [c for c in file_columns if c not in live_columns]
             result["columns_only_live"] = [c for c in live_columns if c not in file_columns]
             columns = [c for c in file_columns if c in live_columns]
             pk = list(meta.get("primary_key") or [])
-            keyed = bool(pk) and pk == list(live_meta["primary_key"])
-            if not keyed:
+            if pk and pk == list(live_meta["primary_key"]):
+                current = ("keyed", result, TableComparison(api, name, live_meta, pk, columns))
+            else:
                 result["compared_as"] = "whole rows (no primary key)"
-            rows = {} if keyed else collections.Counter()
-            for page in TablePages(api, name, live_meta):
-                result["live_rows"] += len(page)
-                for row in page:
-                    digest = row_digest(row, columns)
-                    if keyed:
-                        rows[row_key(row, pk)] = digest
-                    else:
-                        rows[digest] += 1
-            state[name] = {"keyed": keyed, "rows": rows, "columns": columns,
-                           "changed_rows": {}, "primary_key": pk}
-        elif kind == "row" and event[1] in state:
-            name, row = event[1], event[2]
-            result, index = results[name], state[name]
+                live_rows = collections.Counter()
+                for page in TablePages(api, name, live_meta):
+                    result["live_rows"] += len(page)
+                    live_rows.update(row_digest(row, columns) for row in page)
+                current = ("whole", result, live_rows, columns)
+        elif kind == "row" and current is not None:
+            result = current[1]
             result["file_rows"] += 1
-            if result.get("missing_live"):
+            if current[0] == "missing":
                 result["only_in_file"] += 1
-                continue
-            digest = row_digest(row, index["columns"])
-            if not index["keyed"]:
-                if index["rows"][digest] > 0:
-                    index["rows"][digest] -= 1
+            elif current[0] == "keyed":
+                current[2].add(event[2])
+            else:
+                live_rows, digest = current[2], row_digest(event[2], current[3])
+                if live_rows[digest] > 0:
+                    live_rows[digest] -= 1
                 else:
                     result["only_in_file"] += 1
-                continue
-            key = row_key(row, index["primary_key"])
-            live = index["rows"].pop(key, None)
-            if live is None:
-                result["only_in_file"] += 1
-                if len(result["only_in_file_keys"]) < DIFF_EXAMPLES:
-                    result["only_in_file_keys"].append(key)
-            elif live != digest:
-                result["changed"] += 1
-                if len(result["changed_keys"]) < DIFF_EXAMPLES:
-                    result["changed_keys"].append(key)
-                    index["changed_rows"][key] = row
-        elif kind == "end_table" and event[1] in state:
-            finish(event[1])
+        elif kind == "end_table" and current is not None:
+            result = current[1]
+            if current[0] == "keyed":
+                comparison = current[2].finish()
+                result.update(
+                    live_rows=comparison.live_rows, only_in_file=len(comparison.only_file),
+                    only_live=len(comparison.only_live), changed=comparison.changed,
+                    only_in_file_keys=list(itertools.islice(comparison.only_file,
+                                                            DIFF_EXAMPLES)),
+                    only_live_keys=list(itertools.islice(comparison.only_live, DIFF_EXAMPLES)),
+                    changed_keys=list(comparison.changed_keys),
+                    changed_columns={k: v for k, v in comparison.changed_keys.items() if v})
+            elif current[0] == "whole":
+                result["only_live"] = sum(current[2].values())
+            current = None
     for name in tables:
         if name not in results:
             raise ValidationError(f"{name} is not in {Path(path).name}; check --tables")

@@ -18,7 +18,7 @@ if str(REPO_ROOT) not in sys.path:
 import supabase_backup  # noqa: E402
 from helpers import (  # noqa: E402
     assert_same_state, database_state, error_line, files_in, make_backup, rows_where, run,
-    safety_backup, start_restore, wait_for, write_requests)
+    rewrite_backup, safety_backup, start_restore, table_rows, wait_for, write_requests)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:supabase")
 
@@ -341,3 +341,77 @@ def test_diff_of_a_table_the_file_does_not_hold_is_refused(stack, data, capsys):
     code, _, err = run(capsys, data, "diff", "--file", path.name, "--tables", "users")
     assert code == 7
     assert "users not in" in error_line(err)
+
+
+@pytest.mark.parametrize("chunk, max_rows", [(7, 5), (1000, 1000)])
+def test_diff_in_key_ranges_with_composite_and_text_keys(fresh_stack, db, data, capsys,
+                                                         monkeypatch, chunk, max_rows):
+    """The file is compared chunk by chunk with the live rows of each chunk's key range: ranges
+    over composite keys and text keys with commas, quotes and dots, through a small row cap."""
+    stack = fresh_stack
+    path = make_backup(capsys, data, "--tables", "package_tags,app_settings,payments")
+    db.execute("INSERT INTO app_settings (key, value) VALUES ('a,b.\"c\"', '1'), ('zz', '2')")
+    db.execute("UPDATE app_settings SET value = '9' WHERE key = 'f(x)'")
+    db.execute("DELETE FROM package_tags WHERE package_id = 2")
+    db.execute("UPDATE package_tags SET weight = weight + 1 WHERE package_id = 5")
+    db.execute("INSERT INTO package_tags (package_id, tag) VALUES (1, 'zzz-new'), (300, 'aaa')")
+    db.execute("DELETE FROM payments WHERE id % 700 = 0")
+    monkeypatch.setattr(supabase_backup, "COMPARE_CHUNK", chunk)
+    stack.max_rows = max_rows
+
+    code, out, err = run(capsys, data, "diff", "--file", path.name, "--json")
+
+    assert code == 10, err
+    tables = json.loads(out)["tables"]
+    settings = tables["app_settings"]
+    assert (settings["only_live"], settings["changed"], settings["only_in_file"]) == (2, 1, 0)
+    assert sorted(settings["only_live_keys"]) == sorted(['["a,b.\\"c\\""]', '["zz"]'])
+    assert settings["changed_columns"] == {'["f(x)"]': ["value"]}
+    tags = tables["package_tags"]
+    tags_per_package = db.execute("SELECT count(*) FROM package_tags WHERE package_id = 5"
+                                  ).fetchone()[0]
+    assert tags["only_live"] == 2 and tags["changed"] == tags_per_package
+    assert tags["only_in_file"] == 900 - db.execute(
+        "SELECT count(*) FROM package_tags").fetchone()[0] + 2
+    payments = tables["payments"]
+    assert payments["only_in_file"] == 3000 // 700 and payments["only_live"] == 0
+    assert payments["only_in_file_keys"] == ["[700]", "[1400]", "[2100]", "[2800]"]
+    assert payments["live_rows"] == 3000 - 3000 // 700
+
+
+def test_diff_reads_each_table_about_once(fresh_stack, db, data, capsys):
+    stack = fresh_stack
+    path = make_backup(capsys, data, "--tables", "bookings,users")
+    stack.requests.clear()
+    assert run(capsys, data, "diff", "--file", path.name)[0] == 0
+    reads = [r for r in stack.requests if r.method == "GET" and r.table in ("bookings", "users")]
+    # One range per 1000 file rows, and one read after the file's last key, per table.
+    assert len(reads) == (5 + 1) + (2 + 1)
+
+
+def test_diff_matches_rows_of_a_file_in_another_order(fresh_stack, db, data, capsys):
+    """A file whose rows are not in the server's key order (edited, or a collation changed):
+    rows that turn up in another chunk's range are still matched, never reported twice."""
+    stack = fresh_stack
+    path = make_backup(capsys, data, "--tables", "users,package_tags")
+
+    def shuffle(document):
+        for table in document["tables"].values():
+            table["rows"].reverse()
+    rewrite_backup(path, shuffle)
+    code, out, err = run(capsys, data, "diff", "--file", path.name)
+    assert code == 0, out + err
+    assert out == ""
+
+    db.execute("UPDATE users SET full_name = 'changed' WHERE email = 'user7@example.com'")
+    db.execute("DELETE FROM package_tags WHERE package_id = 3")
+    code, out, _ = run(capsys, data, "diff", "--file", path.name, "--json")
+    assert code == 10
+    tables = json.loads(out)["tables"]
+    assert (tables["users"]["changed"], tables["users"]["only_in_file"],
+            tables["users"]["only_live"]) == (1, 0, 0)
+    gone = len(table_rows(path, "package_tags")) - db.execute(
+        "SELECT count(*) FROM package_tags").fetchone()[0]
+    assert (tables["package_tags"]["only_in_file"], tables["package_tags"]["only_live"],
+            tables["package_tags"]["changed"]) == (gone, 0, 0)
+    assert stack.writes() == 0
