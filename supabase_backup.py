@@ -1523,8 +1523,6 @@ class TablePlan:
     inserts: int = 0
     updates: int = 0
     unchanged: int = 0
-    inserted_keys: list = field(default_factory=list)
-    updated_keys: set = field(default_factory=set)
     skip_columns: set = field(default_factory=set)  # generated columns the server refuses
     identity_always: str | None = None  # a GENERATED ALWAYS identity column: patch, never insert
     written_inserts: int = 0
@@ -1538,8 +1536,29 @@ class TablePlan:
     spool: Path | None = None  # the rows to write, spooled by record_counts()
     safety_count: int | None = None  # rows in the safety backup
     rewrite: set = field(default_factory=set)  # a rollback's keys to write back from the file
-    sent_keys: set = field(default_factory=set)  # rows a write was sent for: what rollback undoes
+    # What a rollback undoes: the spooled rows a write was sent for (one byte per spool line),
+    # and the live rows a rollback to a file deleted.
+    sent_rows: bytearray = field(default_factory=bytearray, repr=False)
+    deleted_keys: set = field(default_factory=set, repr=False)
     deleted: int = 0  # rows a rollback to a file deleted (their keys are not in the file)
+
+    def mark_sent(self, batch):
+        """Record that a write was sent for a batch: from then on its rows may have landed."""
+        self.sent_rows[batch.start:batch.start + len(batch)] = b"\x01" * len(batch)
+
+    @property
+    def touched(self):
+        return bool(self.deleted_keys) or 1 in self.sent_rows
+
+    def sent_spool_keys(self):
+        """(is_insert, key) of every spooled row a write was sent for, read from the spool."""
+        if self.spool is None:
+            return
+        with open(self.spool, encoding="utf-8") as spool:
+            for index, line in enumerate(spool):
+                if self.sent_rows[index]:
+                    is_insert, row = json.loads(line)
+                    yield is_insert, row_key(row, self.primary_key)
 
     def summary(self):
         return {"inserted": self.written_inserts, "updated": self.written_updates,
@@ -1565,26 +1584,23 @@ def record_counts(scan, plans, spool_dir, extra_keys=False):
 
     With extra_keys, also the live rows whose keys the file does not hold (a rollback deletes
     them, so that the table ends up exactly as the file)."""
-    spools, seen = {}, {name: set() for name in plans} if extra_keys else None
+    spools = {}
     try:
         for event in read_backup(scan.path):
             if event[0] != "row" or event[1] not in plans:
                 continue
             plan, row = plans[event[1]], event[2]
             key = row_key(row, plan.primary_key)
-            live = plan.live.get(key)
+            # Taken out of the index: what is left at the end are the live rows the file lacks.
+            live = plan.live.pop(key, None)
             plan.backup_rows += 1
-            if seen is not None:
-                seen[plan.name].add(key)
             if live is not None and live == row_digest(row, plan.columns):
                 plan.unchanged += 1
                 continue
             if live is None:
                 plan.inserts += 1
-                plan.inserted_keys.append(key)
             else:
                 plan.updates += 1
-                plan.updated_keys.add(key)
             spool = spools.get(plan.name)
             if spool is None:
                 spool = spools[plan.name] = open(spool_dir / f"{len(spools)}.jsonl", "w",
@@ -1594,9 +1610,11 @@ def record_counts(scan, plans, spool_dir, extra_keys=False):
     finally:
         for spool in spools.values():
             spool.close()
-    if seen is not None:
-        for name, plan in plans.items():
-            plan.extra_keys = [key for key in plan.live if key not in seen[name]]
+    for plan in plans.values():
+        if extra_keys:
+            plan.extra_keys = list(plan.live)
+        plan.live = {}  # the index has served: free it before the writes
+        plan.sent_rows = bytearray(plan.inserts + plan.updates)
     for name, plan in plans.items():
         pk = plan.primary_key
         columns = [fk["column"] for fk in scan.tables[name]["meta"].get("foreign_keys") or []
@@ -1659,20 +1677,34 @@ def spool_parents_first(plan, columns):
             os.unlink(level.name)
 
 
+class Batch(list):
+    """Rows to write, (is_insert, row) pairs, that are consecutive lines of a table's spool
+    from line `start` on: what a rollback undoes is then found by line, not kept by key."""
+
+    def __init__(self, items, start):
+        super().__init__(items)
+        self.start = start
+
+    def part(self, begin, end=None):
+        end = len(self) if end is None else end
+        return Batch(self[begin:end], self.start + begin)
+
+
 def spooled_batches(plan):
-    """The spooled rows of a table in batches: lists of (is_insert, row)."""
+    """The spooled rows of a table in Batches of plan.batch_size."""
     path = plan.spool
     if path is None:
         return
-    batch = []
+    batch, start = [], 0
     with open(path, encoding="utf-8") as spool:
         for line in spool:
             batch.append(tuple(json.loads(line)))
             if len(batch) >= plan.batch_size:
-                yield batch
+                yield Batch(batch, start)
+                start += len(batch)
                 batch = []
     if batch:
-        yield batch
+        yield Batch(batch, start)
 
 
 def payload(plan, row):
@@ -1747,7 +1779,7 @@ class MissingParent(Exception):
 
 def halves(batch):
     middle = len(batch) // 2
-    return [batch[:middle], batch[middle:]]
+    return [batch.part(0, middle), batch.part(middle)]
 
 
 def count_written(plan, batch):
@@ -1785,7 +1817,7 @@ def patch_rows(api, plan, batch):
                     continue  # nothing was written: the same row again, without that column
                 if exc.code == FK_VIOLATION:
                     count_written(plan, batch[:index])
-                    raise MissingParent(plan, batch[index:], exc) from None
+                    raise MissingParent(plan, batch.part(index), exc) from None
                 plan.errors += 1
                 raise RestoreFailure(f"{plan.name}: the row with key "
                                      f"{row_key(row, plan.primary_key)} was refused: {exc.code} "
@@ -1816,7 +1848,7 @@ def upsert_restore(api, plans, order, progress):
     """
     def write(plan, batch):
         # From the first attempt on, the rows may have landed, whatever the answer says.
-        plan.sent_keys.update(row_key(row, plan.primary_key) for _, row in batch)
+        plan.mark_sent(batch)
         try:
             return write_rows(api, plan, batch)
         except MissingParent:
@@ -2009,39 +2041,59 @@ def rewritten_columns(mismatches):
     return {name: sorted(columns) for name, columns in by_table.items()}
 
 
-def delete_rows(api, plans, order, which):
-    """Delete rows by key, children before parents: which(plan) gives the key strings.
+def delete_rows(api, plans, order, which, record=False):
+    """Delete rows by key, children before parents: which(plan) gives the key strings (any
+    iterable; it is consumed a batch at a time). With record, the keys sent go into
+    plan.deleted_keys, for a rollback of this deletion.
 
     A batch refused because other rows still refer to its rows (23503) is retried after the
     rest; when a round makes no progress that is a RestoreFailure naming the table.
     """
+    refused = []
+
+    def deleted(plan, keys):
+        try:
+            api.delete_keys(plan.name, plan.primary_key, keys)
+            return True
+        except ApiRejected as exc:
+            if exc.code != FK_VIOLATION:
+                raise RestoreFailure(f"{plan.name}: deleting rows was refused: {exc.code} "
+                                     f"{exc.message}") from None
+            refused.append(exc)
+            return False
+
     pending = []
     for name in reversed(order):
-        plan, keys = plans[name], which(plans[name])
-        plan.sent_keys.update(keys)
-        for start in range(0, len(keys), DELETE_BATCH_SIZE):
-            pending.append((plan, [json.loads(k) for k in keys[start:start + DELETE_BATCH_SIZE]]))
+        plan = plans[name]
+        for batch in chunks(which(plan), DELETE_BATCH_SIZE):
+            if record:
+                plan.deleted_keys.update(batch)
+            keys = [json.loads(key) for key in batch]
+            if not deleted(plan, keys):
+                pending.append((plan, keys))
     while pending:
-        still, last_error = [], None
-        for plan, keys in pending:
-            try:
-                api.delete_keys(plan.name, plan.primary_key, keys)
-            except ApiRejected as exc:
-                if exc.code != FK_VIOLATION:
-                    raise RestoreFailure(f"{plan.name}: deleting rows was refused: {exc.code} "
-                                         f"{exc.message}") from None
-                still.append((plan, keys))
-                last_error = exc
+        still = [(plan, keys) for plan, keys in pending if not deleted(plan, keys)]
         if len(still) == len(pending):
+            error = refused[-1]
             raise RestoreFailure(f"{still[0][0].name}: rows cannot be deleted because other rows "
-                                 f"still refer to them ({last_error.message}"
-                                 f"{'; ' + last_error.details if last_error.details else ''})")
+                                 f"still refer to them ({error.message}"
+                                 f"{'; ' + error.details if error.details else ''})")
         pending = still
+
+
+def chunks(items, size):
+    """Lists of up to size items from any iterable."""
+    iterator = iter(items)
+    while True:
+        chunk = list(itertools.islice(iterator, size))
+        if not chunk:
+            return
+        yield chunk
 
 
 def delete_extra(api, plans, order):
     """A rollback's last write: delete the live rows whose keys the file does not hold."""
-    delete_rows(api, plans, order, lambda plan: plan.extra_keys)
+    delete_rows(api, plans, order, lambda plan: plan.extra_keys, record=True)
 
 
 def rollback(api, plans, order, safety_path, progress, ignore_columns=()):
@@ -2053,15 +2105,16 @@ def rollback(api, plans, order, safety_path, progress, ignore_columns=()):
     writing them could only fire triggers, or undo what the app changed since. Returns the
     mismatches of that verification (empty: the rollback is exact).
     """
-    touched = {name: plan for name, plan in plans.items() if plan.sent_keys}
-    delete_rows(api, plans, order,
-                lambda plan: [key for key in plan.inserted_keys if key in plan.sent_keys])
+    touched = {name: plan for name, plan in plans.items() if plan.touched}
+    delete_rows(api, plans, order, lambda plan: (key for is_insert, key
+                                                 in plan.sent_spool_keys() if is_insert))
     rollback_plans = {}
     for name, plan in plans.items():
         rollback_plans[name] = clone = TablePlan(name, plan.primary_key, plan.columns)
         clone.skip_columns, clone.identity_always = set(plan.skip_columns), plan.identity_always
         clone.live_meta = plan.live_meta
-        clone.rewrite = (plan.updated_keys | set(plan.extra_keys)) & plan.sent_keys
+        clone.rewrite = {key for is_insert, key in plan.sent_spool_keys()
+                         if not is_insert} | plan.deleted_keys
     with tempfile.TemporaryDirectory(dir=safety_path.parent, prefix=TEMP_PREFIX) as spool_dir:
         spools = {}
         try:
@@ -2081,6 +2134,8 @@ def rollback(api, plans, order, safety_path, progress, ignore_columns=()):
         finally:
             for spool in spools.values():
                 spool.close()
+        for clone in rollback_plans.values():
+            clone.sent_rows = bytearray(clone.updates)
         upsert_restore(api, rollback_plans, order, progress)
     expected = {name: plan.safety_count for name, plan in touched.items()}
     return verify_restore(api, touched, safety_path, expected, ignore_columns)
@@ -2908,7 +2963,8 @@ class RestoreRun:
         not_verified, written_back = {}, {}
         for name, plan in self.plans.items():
             columns = [c for c in plan.columns if c not in compared_columns(plan, leave_out)]
-            written_back[name] = len(plan.updated_keys & plan.sent_keys)
+            written_back[name] = sum(1 for is_insert, _ in plan.sent_spool_keys()
+                                     if not is_insert)
             if written_back[name] and columns:
                 not_verified[name] = columns
         rollback_info = {"failed_state_file": str(failed_path), "mismatches": mismatches[:100],
