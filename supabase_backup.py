@@ -824,7 +824,10 @@ def clear_partial_files(folder):
     removed = []
     for path in folder.glob(TEMP_PREFIX + "*"):
         try:
-            path.unlink()
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)  # a restore's spool of rows to write
+            else:
+                path.unlink()
             removed.append(path.name)
         except OSError:
             pass
@@ -2293,6 +2296,7 @@ OUTCOMES = {
     "succeeded": ("succeeded", False),
     "rolled_back": ("failed, rolled back automatically and verified", False),
     "refused": ("refused by validation; nothing was written", False),
+    "aborted": ("stopped before writing anything", False),
     "dry_run": ("dry run", False),
     "failed_kept": ("FAILED and kept as it is (--no-rollback)", True),
     "failed": ("FAILED and kept as it is", True),
@@ -2772,11 +2776,30 @@ class RestoreRun:
         self.plans, self.order, self.safety_path = {}, [], None
         self.restore_log = None
         self.rewritten = {}  # table -> columns the failed verification found rewritten
+        self._step, self.writing = None, False
 
     def say_step(self, number, tag, text):
         log.info("%d. [%s] %s", number, tag, text)
 
     def run(self):
+        try:
+            return self._run()
+        except BaseException as exc:
+            if self.restore_log is not None and self.restore_log.data["status"] == "in_progress":
+                # Whatever stopped the run, its log must not read like a run still going on.
+                reason = ("interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt)
+                          else one_line(exc, 800))
+                steps = self.restore_log.data["steps"]
+                if steps and steps[-1]["status"] == "running":
+                    self.fail_step("failed", reason)
+                if self.writing:
+                    write_restore_log(self.restore_log, status="failed", error=reason)
+                else:
+                    write_restore_log(self.restore_log, status="aborted",
+                                      error=f"{reason}; stopped before writing anything")
+            raise
+
+    def _run(self):
         args, api = self.args, self.api
         started = utc_now()
         # Read now: a typo in a setting must not fail a restore half-way.
@@ -2860,6 +2883,7 @@ class RestoreRun:
                       f"{sum(p.updates for p in self.plans.values())} to update")
 
             # 4-5. Restore, verify; any failure rolls back.
+            self.writing = True
             try:
                 self.step(4, "RESTORE", "upsert on the primary key, parents before children"
                           + ("; then delete the rows the file does not hold, children first"
@@ -3023,7 +3047,7 @@ class RestoreRun:
             self.restore_log.step(*self._step, detail=detail, status="ok")
 
     def fail_step(self, status, detail):
-        if self.restore_log:
+        if self.restore_log and self._step:
             self.restore_log.step(*self._step, detail=detail, status=status)
 
 
