@@ -9,7 +9,9 @@ database through a path that is not the tool's.
 
 from __future__ import annotations
 
+import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 import psycopg
@@ -82,3 +84,127 @@ def data(stack, tmp_path, monkeypatch):
     monkeypatch.setenv("SUPABASE_SERVICE_ROLE_KEY", stack.service_role_key)
     return tmp_path / "data"
 
+
+# --- The fault matrix (tests/test_faults.py) -------------------------------------------------
+# A case of the fault suite asks for `matrix_row(case, kind, expected, exit_code)` and fills the
+# row in from what it observed: the exit code, the facts it checked, and the database (or file)
+# state it compared. pytest_terminal_summary prints the rows as a Markdown table with totals, and
+# writes that table to the path in FAULT_MATRIX when it is set. Nothing in a row is written by
+# hand but the case, its kind and what is expected.
+
+MATRIX_KINDS = ("backup fault", "restore fault", "bad input", "configuration")
+MATRIX_ROWS = pytest.StashKey[list]()
+
+
+class MatrixRow:
+    """One case of the matrix: what was expected, and what the test observed."""
+
+    def __init__(self, nodeid, case, kind, expected, exit_code):
+        assert kind in MATRIX_KINDS, kind
+        self.nodeid, self.case, self.kind = nodeid, case, kind
+        self.expected, self.expected_exit = expected, exit_code
+        self.exit_code = None
+        self.facts, self.problems = [], []
+        self.lost = self.unexpected = 0
+
+    def exited(self, code):
+        """Record the exit code the run ended with; returns it."""
+        self.exit_code = code
+        return code
+
+    def saw(self, fact, ok=True):
+        """Record an observed fact; ok=False marks it as not what was expected."""
+        self.facts.append(fact if ok else f"NOT AS EXPECTED: {fact}")
+        if not ok:
+            self.problems.append(fact)
+
+    def compare(self, actual, expected, label):
+        """Compare two states ({table: rows}, each row a hashable text): rows lost are the rows of
+        the expected state missing from the actual one."""
+        lost = unexpected = 0
+        for table in sorted(set(actual) | set(expected)):
+            have, want = Counter(actual.get(table, ())), Counter(expected.get(table, ()))
+            lost += sum((want - have).values())
+            unexpected += sum((have - want).values())
+        self.lost += lost
+        self.unexpected += unexpected
+        exact = not (lost or unexpected)
+        self.saw(label if exact else f"{label}: {lost} row(s) missing, {unexpected} unexpected",
+                 exact)
+        return lost
+
+    @property
+    def as_expected(self):
+        return (self.exit_code is not None and self.exit_code == self.expected_exit
+                and not self.problems and self.lost == 0 and self.unexpected == 0)
+
+    @property
+    def observed(self):
+        if self.exit_code is None:
+            return "(no observation: the test stopped before the run ended)"
+        return "; ".join([f"exit {self.exit_code}", *self.facts])
+
+
+@pytest.fixture
+def matrix_row(request):
+    """matrix_row(case, kind, expected, exit_code) -> a MatrixRow the test fills in."""
+    rows = request.config.stash.setdefault(MATRIX_ROWS, [])
+
+    def make(case, kind, expected, exit_code):
+        row = MatrixRow(request.node.nodeid, case, kind, expected, exit_code)
+        rows.append(row)
+        return row
+
+    return make
+
+
+def _test_outcomes(terminalreporter):
+    outcomes = {}
+    for outcome in ("passed", "failed", "error", "xfailed", "xpassed", "skipped"):
+        for report in terminalreporter.stats.get(outcome, []):
+            nodeid = getattr(report, "nodeid", None)
+            if nodeid and (outcome != "passed" or nodeid not in outcomes):
+                outcomes[nodeid] = outcome
+    return outcomes
+
+
+def _cell(text):
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def fault_matrix_markdown(rows, outcomes):
+    """The matrix as Markdown: one row per case, then the totals."""
+    lines = ["| # | kind | case | expected | observed | rows lost | as expected | test |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for number, row in enumerate(rows, 1):
+        lines.append("| " + " | ".join(_cell(value) for value in (
+            number, row.kind, row.case, f"exit {row.expected_exit}; {row.expected}", row.observed,
+            row.lost, "yes" if row.as_expected else "NO", outcomes.get(row.nodeid, "?"))) + " |")
+    faults = [r for r in rows if r.kind in ("backup fault", "restore fault")]
+    inputs = [r for r in rows if r.kind in ("bad input", "configuration")]
+    refusals = [r for r in inputs if r.expected_exit != 0]
+    totals = (f"cases run: {len(rows)}; faults survived: "
+              f"{sum(r.as_expected for r in faults)} of {len(faults)}; bad inputs refused: "
+              f"{sum(r.as_expected for r in refusals)} of {len(refusals)}"
+              + (f" (and {sum(r.as_expected for r in inputs if r.expected_exit == 0)} of "
+                 f"{len(inputs) - len(refusals)} accepted and restored exactly, as expected)"
+                 if len(inputs) > len(refusals) else "")
+              + f"; rows lost: {sum(r.lost for r in rows)}")
+    not_expected = [f"#{n} {outcomes.get(r.nodeid, '?')}" for n, r in enumerate(rows, 1)
+                    if not r.as_expected]
+    if not_expected:
+        totals += f"; not as expected: {len(not_expected)} ({', '.join(not_expected)})"
+    return "\n".join(lines) + "\n\n" + totals + "\n"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    rows = config.stash.get(MATRIX_ROWS, [])
+    if not rows:
+        return
+    text = fault_matrix_markdown(rows, _test_outcomes(terminalreporter))
+    terminalreporter.write_sep("=", "fault matrix")
+    terminalreporter.write(text)
+    target = os.environ.get("FAULT_MATRIX")
+    if target:
+        Path(target).write_text("# Fault matrix\n\n" + text)
+        terminalreporter.write_line(f"fault matrix written to {target}")
