@@ -16,7 +16,8 @@ BENCH = REPO / "bench" / "bench.py"
 SECTIONS = ["## Machine", "## Ratios", "## Targets (issue #7, item 2)", "## All figures",
             "## Scaling: 2k against 1k rows", "## The local server as the bottleneck",
             "## The tables"]
-OPERATIONS = ["backup (tool)", "pg_dump \\| gzip", "API read floor", "restore (tool, plain)",
+OPERATIONS = ["backup (tool)", "pg_dump \\| gzip", "API read floor", "API read + file format floor",
+              "restore (tool, plain)",
               "restore --safe (tool)", "API write floor", "psql COPY",
               "restore --safe onto the full, unchanged table", "diff of the backup with the full table",
               "rollback to the backup, onto the full table"]
