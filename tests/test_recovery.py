@@ -415,3 +415,22 @@ def test_diff_matches_rows_of_a_file_in_another_order(fresh_stack, db, data, cap
     assert (tables["package_tags"]["only_in_file"], tables["package_tags"]["only_live"],
             tables["package_tags"]["changed"]) == (gone, 0, 0)
     assert stack.writes() == 0
+
+
+def test_rollback_tables_brings_back_only_the_tables_named(fresh_stack, db, data, capsys):
+    path = make_backup(capsys, data, "--tables", "app_settings,payments")
+    db.execute("DELETE FROM app_settings WHERE key = 'f(x)'")
+    db.execute("DELETE FROM payments WHERE id = 9")
+    before_restore = database_state(db)
+    assert run(capsys, data, "restore", "--safe", "--file", path.name)[0] == 0
+    restored = database_state(db)
+
+    code, _, err = run(capsys, data, "rollback", "--tables", "payments", safety_backup(data).name)
+
+    assert code == 0, err
+    state = database_state(db)
+    assert_same_state({**state, "app_settings": restored["app_settings"]},
+                      {**before_restore, "app_settings": restored["app_settings"]})
+    assert state["app_settings"] == restored["app_settings"]
+    (log,) = logs_named(data, "rollback_log_")
+    assert log["tables"] == ["payments"] and log["total_deleted"] == 1
