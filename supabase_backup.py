@@ -911,24 +911,6 @@ class BackupWriter:
             pass
 
 
-class NullWriter(BackupWriter):
-    """BackupWriter's interface without a file: rows are counted and checksummed only."""
-
-    class _Discard:
-        def write(self, data):
-            return len(data)
-
-    def __init__(self):  # noqa: super().__init__ would create a file
-        self.path, self.out, self._table = None, self._Discard(), None
-        self.tables_written = self.rows_written = 0
-
-    def finish(self, **trailer):
-        return None
-
-    def abort(self):
-        pass
-
-
 def fsync_dir(folder):
     """Make a rename durable (the folder's entry reaches the disk)."""
     try:
@@ -1238,6 +1220,9 @@ class TablePages:
             self.pages += 1
             if rows:
                 yield rows
+                # Each HTTP response sits in a reference cycle: without this its body (a page,
+                # ~200 KB) waits for the rare full collection, and memory grows with the table.
+                gc.collect()
                 if self.paging == "keyset":
                     after = [rows[-1].get(column) for column in self.order_by]
                 offset += len(rows)
@@ -1252,12 +1237,10 @@ class TablePages:
             self.largest_page = max(self.largest_page or 0, len(rows))
 
 
-def read_table(api, name, meta, writer, progress, on_rows=None):
+def read_table(api, name, meta, writer, progress):
     """Stream one table into the writer; returns its trailer (counts, checksum, paging notes).
 
-    on_rows(name, rows), when given, sees every page too (the restore builds its index of the
-    live rows from the safety backup's read this way). Any error fails the table: never a
-    silently short table.
+    Any error fails the table: never a silently short table.
     """
     pages = TablePages(api, name, meta)
     count_before, count_method = count_rows(api, name)
@@ -1266,12 +1249,7 @@ def read_table(api, name, meta, writer, progress, on_rows=None):
                               "numeric_as_text": pages.select != "*"})
     for rows in pages:
         writer.write_rows(rows)
-        if on_rows is not None:
-            on_rows(name, rows)
         progress.advance(len(rows))
-        # Each HTTP response sits in a reference cycle: without this its body (a page, ~200 KB)
-        # waits for the rare full collection, and memory grows with the table.
-        gc.collect()
     paging, pages = pages.paging, pages.pages
     count_after, count_method = count_rows(api, name, count_method)
     rows_read = progress.rows
@@ -1291,12 +1269,11 @@ def read_table(api, name, meta, writer, progress, on_rows=None):
     return trailer
 
 
-def snapshot(api, tables, discovered, path, project_host, role, progress, note=None,
-             on_rows=None):
+def snapshot(api, tables, discovered, path, project_host, role, progress, note=None):
     """Back up the given tables into one new file at path; returns the backup's summary.
 
     The file appears under its final name only once every table is read completely, and is then
-    re-read and verified. With path None the tables are read without a file (a dry run).
+    re-read and verified.
     """
     header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
               "tool_version": TOOL_VERSION, "created_at": utc_now().isoformat(),
@@ -1305,7 +1282,7 @@ def snapshot(api, tables, discovered, path, project_host, role, progress, note=N
     if note:
         header["note"] = note
     try:
-        writer = BackupWriter(path, header) if path is not None else NullWriter()
+        writer = BackupWriter(path, header)
     except OSError as exc:
         raise IncompleteBackupError(f"cannot create a file in {path.parent}: "
                                     f"{exc.strerror or exc}; choose a folder you can write to "
@@ -1314,7 +1291,7 @@ def snapshot(api, tables, discovered, path, project_host, role, progress, note=N
     try:
         for name in tables:
             try:
-                trailer = read_table(api, name, discovered[name], writer, progress, on_rows)
+                trailer = read_table(api, name, discovered[name], writer, progress)
             except TableMissingError as exc:
                 raise IncompleteBackupError(f"{name} disappeared during the backup ({exc}); no "
                                             f"backup file was written; run the backup again")
@@ -1337,8 +1314,6 @@ def snapshot(api, tables, discovered, path, project_host, role, progress, note=N
     except BaseException:
         writer.abort()
         raise
-    if path is None:
-        return summary
     # Re-read what was written: a backup is only as good as the file on disk.
     _, checked = check_backup(path)
     if [name for name in checked] != list(tables):
@@ -1534,7 +1509,6 @@ class TablePlan:
     failure: str | None = None
     batch_size: int = WRITE_BATCH_SIZE
     extra_keys: list = field(default_factory=list)  # live rows the file lacks (rollback deletes)
-    live: dict = field(default_factory=dict, repr=False)  # key -> digest of the live row
     live_meta: dict | None = None  # the live table's metadata (from the OpenAPI document)
     spool: Path | None = None  # the rows to write, spooled by record_counts()
     safety_count: int | None = None  # rows in the safety backup
@@ -1570,53 +1544,177 @@ class TablePlan:
                 "planned_deletes": len(self.extra_keys)}
 
 
-def live_index_builder(plans):
-    """A read_table row callback filling plan.live: key -> digest of the live row."""
-    def on_rows(table, rows):
-        plan = plans.get(table)
-        if plan is None:
+class TableComparison:
+    """One table's rows from a file against the live table, in memory bounded by a chunk.
+
+    The file's rows are taken in chunks of COMPARE_CHUNK; for each chunk the live rows of its key
+    range (after the previous chunk's last key, up to its own last key) are read and compared with
+    it. The server compares the keys, so no key order is reproduced here, and memory holds one
+    chunk, not the table. A row found on one side only is kept (key and digest) until finish(),
+    which also matches the rows that turned up in another range than their file chunk's (a file
+    whose order the server no longer sorts by, e.g. after a collation change): memory grows with
+    the differences, never with the table.
+    """
+
+    def __init__(self, api, name, live_meta, primary_key, columns, listed=DIFF_EXAMPLES):
+        self.api, self.name, self.live_meta = api, name, live_meta
+        self.primary_key, self.columns, self.listed = primary_key, columns, listed
+        self.chunk, self.after, self.last = {}, None, None
+        self.file_rows = self.live_rows = self.changed = 0
+        self.only_file, self.only_live = {}, {}  # key -> digest of the row
+        self.changed_keys = {}  # key -> the columns that differ, for the first `listed` keys
+
+    def add(self, row):
+        """The next row of the file (in the file's order)."""
+        self.file_rows += 1
+        self.chunk[row_key(row, self.primary_key)] = row
+        self.last = row
+        if len(self.chunk) >= COMPARE_CHUNK:
+            self._compare_range([row.get(column) for column in self.primary_key])
+
+    def _compare_range(self, until):
+        read = 0
+        for page in TablePages(self.api, self.name, self.live_meta, self.after, until):
+            read += len(page)
+            for live in page:
+                self.live_rows += 1
+                key = row_key(live, self.primary_key)
+                row = self.chunk.pop(key, None)
+                digest = row_digest(live, self.columns)
+                if row is None:
+                    self.only_live[key] = digest
+                else:
+                    self.matched(key, row, live, row_digest(row, self.columns) == digest)
+        for key, row in self.chunk.items():
+            self.file_only(key, row)
+        # Only a range that held rows proves its end lies after its start; an empty one may be
+        # a chunk out of the server's order, and moving back would read rows twice. Not moving
+        # on after an empty range is always right: the next range covers it, and it was empty.
+        self.chunk = {}
+        if read:
+            self.after = until
+
+    def matched(self, key, row, live, equal):
+        """A file row and the live row with its key, found in the same range."""
+        if not equal:
+            self._changed(key, [c for c in self.columns if row.get(c) != live.get(c)])
+
+    def file_only(self, key, row):
+        """A file row whose key its range does not hold (yet: see reconcile)."""
+        self.only_file[key] = row_digest(row, self.columns)
+
+    def _changed(self, key, columns):
+        self.changed += 1
+        if len(self.changed_keys) < self.listed:
+            self.changed_keys[key] = columns
+
+    def finish(self):
+        """Compare the last chunk, then the live rows after the last range."""
+        if self.chunk:
+            self._compare_range([self.last.get(column) for column in self.primary_key])
+        self._compare_range(None)
+        self.reconcile()
+        return self
+
+    def reconcile(self):
+        """Match the rows that turned up in different ranges on the two sides."""
+        for key in [key for key in self.only_file if key in self.only_live]:
+            if self.only_file.pop(key) != self.only_live.pop(key):
+                self._changed(key, [])
+
+
+class PlanComparison(TableComparison):
+    """Step 3 for one table: the file against the live rows, in key ranges (TableComparison);
+    the rows to write are spooled as they are found, and only the live rows the file lacks are
+    kept (key and digest): memory does not grow with the rows restored.
+
+    A file row its range does not hold is spooled as an insert at once. Were the file out of the
+    server's order, the row may turn up live in another range: reconcile() then reads the spool
+    again and makes such a row an update, or drops it when it is equal.
+    """
+
+    def __init__(self, api, plan, spool_path):
+        super().__init__(api, plan.name, plan.live_meta, plan.primary_key, plan.columns)
+        self.plan, self.spool_path = plan, spool_path
+        self.spool = None
+
+    def add(self, row):
+        self.plan.backup_rows += 1
+        super().add(row)
+
+    def matched(self, key, row, live, equal):
+        if equal:
+            self.plan.unchanged += 1
+        else:
+            self.plan.updates += 1
+            self.write(False, row)
+
+    def file_only(self, key, row):
+        self.plan.inserts += 1
+        self.write(True, row)
+
+    def write(self, is_insert, row):
+        if self.spool is None:
+            self.spool = open(self.spool_path, "w", encoding="utf-8", opener=private_opener)
+            self.plan.spool = self.spool_path
+        self.spool.write(compact_json([is_insert, row]) + "\n")
+
+    def close(self):
+        if self.spool is not None:
+            self.spool.close()
+
+    def reconcile(self):
+        self.close()
+        if not self.only_live or self.plan.spool is None:
             return
-        for row in rows:
-            plan.live[row_key(row, plan.primary_key)] = row_digest(row, plan.columns)
-    return on_rows
+        plan, fixed = self.plan, self.spool_path.with_suffix(".fixed")
+        changed = False
+        with open(self.spool_path, encoding="utf-8") as spool, \
+                open(fixed, "w", encoding="utf-8", opener=private_opener) as out:
+            for line in spool:
+                is_insert, row = json.loads(line)
+                key = row_key(row, plan.primary_key) if is_insert else None
+                if key is not None and key in self.only_live:
+                    changed = True
+                    plan.inserts -= 1
+                    if self.only_live.pop(key) == row_digest(row, plan.columns):
+                        plan.unchanged += 1
+                        continue
+                    plan.updates += 1
+                    line = compact_json([False, row]) + "\n"
+                out.write(line)
+        if changed:
+            os.replace(fixed, self.spool_path)
+        else:
+            os.unlink(fixed)
 
 
-def record_counts(scan, plans, spool_dir, extra_keys=False):
-    """Step 3: which backup rows will be inserted, updated or left alone (a key comparison with
-    the live rows read in step 1); rows to write are spooled per table to spool_dir.
+def record_counts(api, scan, plans, spool_dir, extra_keys=False):
+    """Step 3: which backup rows will be inserted, updated or left alone, by comparing the file
+    with the live rows in key ranges; rows to write are spooled per table to spool_dir. Returns
+    the live row count of each table (the count before the writes).
 
     With extra_keys, also the live rows whose keys the file does not hold (a rollback deletes
     them, so that the table ends up exactly as the file)."""
-    spools = {}
+    counts, comparison = {}, None
     try:
         for event in read_backup(scan.path):
-            if event[0] != "row" or event[1] not in plans:
-                continue
-            plan, row = plans[event[1]], event[2]
-            key = row_key(row, plan.primary_key)
-            # Taken out of the index: what is left at the end are the live rows the file lacks.
-            live = plan.live.pop(key, None)
-            plan.backup_rows += 1
-            if live is not None and live == row_digest(row, plan.columns):
-                plan.unchanged += 1
-                continue
-            if live is None:
-                plan.inserts += 1
-            else:
-                plan.updates += 1
-            spool = spools.get(plan.name)
-            if spool is None:
-                spool = spools[plan.name] = open(spool_dir / f"{len(spools)}.jsonl", "w",
-                                                 encoding="utf-8", opener=private_opener)
-                plan.spool = Path(spool.name)
-            spool.write(compact_json([live is None, row]) + "\n")
+            if event[0] == "table" and event[1] in plans:
+                plan = plans[event[1]]
+                comparison = PlanComparison(api, plan, spool_dir / f"{len(counts)}.jsonl")
+                counts[plan.name] = None
+            elif event[0] == "row" and comparison is not None:
+                comparison.add(event[2])
+            elif event[0] == "end_table" and comparison is not None:
+                comparison.finish()
+                counts[comparison.name] = comparison.live_rows
+                if extra_keys:
+                    comparison.plan.extra_keys = list(comparison.only_live)
+                comparison = None
     finally:
-        for spool in spools.values():
-            spool.close()
+        if comparison is not None:
+            comparison.close()
     for plan in plans.values():
-        if extra_keys:
-            plan.extra_keys = list(plan.live)
-        plan.live = {}  # the index has served: free it before the writes
         plan.sent_rows = bytearray(plan.inserts + plan.updates)
     for name, plan in plans.items():
         pk = plan.primary_key
@@ -1624,6 +1722,7 @@ def record_counts(scan, plans, spool_dir, extra_keys=False):
                    if fk["references_table"] == name and [fk["references_column"]] == pk]
         if columns and plan.spool is not None:
             spool_parents_first(plan, columns)
+    return counts
 
 
 def private_opener(path, flags):
@@ -1894,72 +1993,6 @@ def upsert_restore(api, plans, order, progress):
                 raise RestoreFailure(f"{plan.name}: {plan.failure}")
             split = True  # no progress by whole batches: narrow down the rows that cannot land
         pending = still
-
-
-class TableComparison:
-    """One table's rows from a file against the live table, in memory bounded by a chunk.
-
-    The file's rows are taken in chunks of COMPARE_CHUNK; for each chunk the live rows of its key
-    range (after the previous chunk's last key, up to its own last key) are read and compared with
-    it. The server compares the keys, so no key order is reproduced here, and memory holds one
-    chunk, not the table. A row found on one side only is kept (key and digest) until finish(),
-    which also matches the rows that turned up in another range than their file chunk's (a file
-    whose order the server no longer sorts by, e.g. after a collation change): memory grows with
-    the differences, never with the table.
-    """
-
-    def __init__(self, api, name, live_meta, primary_key, columns, listed=DIFF_EXAMPLES):
-        self.api, self.name, self.live_meta = api, name, live_meta
-        self.primary_key, self.columns, self.listed = primary_key, columns, listed
-        self.chunk, self.after, self.last = {}, None, None
-        self.file_rows = self.live_rows = self.changed = 0
-        self.only_file, self.only_live = {}, {}  # key -> digest of the row
-        self.changed_keys = {}  # key -> the columns that differ, for the first `listed` keys
-
-    def add(self, row):
-        """The next row of the file (in the file's order)."""
-        self.file_rows += 1
-        self.chunk[row_key(row, self.primary_key)] = row
-        self.last = row
-        if len(self.chunk) >= COMPARE_CHUNK:
-            self._compare_range([row.get(column) for column in self.primary_key])
-
-    def _compare_range(self, until):
-        read = 0
-        for page in TablePages(self.api, self.name, self.live_meta, self.after, until):
-            read += len(page)
-            for live in page:
-                self.live_rows += 1
-                key = row_key(live, self.primary_key)
-                row = self.chunk.pop(key, None)
-                digest = row_digest(live, self.columns)
-                if row is None:
-                    self.only_live[key] = digest
-                elif row_digest(row, self.columns) != digest:
-                    self._changed(key, [c for c in self.columns if row.get(c) != live.get(c)])
-        for key, row in self.chunk.items():
-            self.only_file[key] = row_digest(row, self.columns)
-        # Only a range that held rows proves its end lies after its start; an empty one may be
-        # a chunk out of the server's order, and moving back would read rows twice. Not moving
-        # on after an empty range is always right: the next range covers it, and it was empty.
-        self.chunk = {}
-        if read:
-            self.after = until
-
-    def _changed(self, key, columns):
-        self.changed += 1
-        if len(self.changed_keys) < self.listed:
-            self.changed_keys[key] = columns
-
-    def finish(self):
-        """Compare the last chunk, then the live rows after the last range."""
-        if self.chunk:
-            self._compare_range([self.last.get(column) for column in self.primary_key])
-        self._compare_range(None)
-        for key in [key for key in self.only_file if key in self.only_live]:
-            if self.only_file.pop(key) != self.only_live.pop(key):
-                self._changed(key, [])
-        return self
 
 
 class Mismatches(list):
@@ -2826,25 +2859,21 @@ class RestoreRun:
             plan.live_meta = live.get(name)
         present = [name for name in tables if name in live]
 
-        # 1. Safety backup of the current state (also the source of the live row index).
+        # 1. Safety backup of the current state.
         if self.safe and not self.dry_run:
             self.safety_path = new_file_path(self.paths.safety_backups, "safety_backup")
             self.step(1, "SAFETY", f"safety backup of {len(present)} table(s) -> "
                       f"{self.safety_path}")
             summary = snapshot(api, present, live, self.safety_path, self.config.host,
-                               SERVICE_ROLE, self.progress, on_rows=live_index_builder(self.plans),
+                               SERVICE_ROLE, self.progress,
                                note=f"safety backup before {self.mode} of {self.file_path.name}")
             self.restore_log.update(safety_backup_file=str(self.safety_path))
             self.done(f"{summary['rows']} rows in {len(present)} tables, re-read and checked")
+            for name, table in summary["tables"].items():
+                self.plans[name].safety_count = table["count_after"]
         else:
-            why = "dry run" if self.dry_run else "no --safe"
-            self.step(1, "SAFETY", f"skipped ({why}); reading the current state")
-            summary = snapshot(api, present, live, None, self.config.host, SERVICE_ROLE,
-                               self.progress, on_rows=live_index_builder(self.plans))
-            self.done(f"{summary['rows']} rows read")
-        before = {name: t["count_after"] for name, t in summary["tables"].items()}
-        for name, plan in self.plans.items():
-            plan.safety_count = before.get(name)
+            self.step(1, "SAFETY", f"skipped ({'dry run' if self.dry_run else 'no --safe'})")
+            self.done("no safety backup")
 
         # 2. Validate.
         self.step(2, "VALIDATE", f"{self.file_path.name}: checksums, keys, critical tables, "
@@ -2859,10 +2888,12 @@ class RestoreRun:
         self.done("ok" + (f"; critical tables present: {', '.join(critical)}" if critical else ""))
 
         # 3. Record the state before, and the plan.
-        self.step(3, "RECORD", "row counts before, and which rows will be inserted or updated")
+        self.step(3, "RECORD", "row counts before, and which rows will be inserted or updated"
+                  + (" or deleted" if self.mode == "rollback" else ""))
         spool_root = self.paths.safety_backups
         with tempfile.TemporaryDirectory(dir=spool_root, prefix=TEMP_PREFIX) as spool_dir:
-            record_counts(scan, self.plans, Path(spool_dir), extra_keys=(self.mode == "rollback"))
+            before = record_counts(api, scan, self.plans, Path(spool_dir),
+                                   extra_keys=(self.mode == "rollback"))
             for name in self.order:
                 plan = self.plans[name]
                 log.info("  %s: %d rows now; %d to insert, %d to update%s, %d unchanged", name,

@@ -18,7 +18,8 @@ if str(REPO_ROOT) not in sys.path:
 import supabase_backup  # noqa: E402
 from helpers import (  # noqa: E402
     assert_same_state, database_state, error_line, files_in, make_backup, rows_where, run,
-    rewrite_backup, safety_backup, start_restore, table_rows, wait_for, write_requests)
+    restore_log, rewrite_backup, safety_backup, start_restore, table_rows, wait_for,
+    write_requests)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:supabase")
 
@@ -37,6 +38,12 @@ def change_everything(db):
     db.execute("INSERT INTO bookings (user_id, package_id) "
                "SELECT id, 3 FROM users WHERE email = 'new@example.com'")
     db.execute("INSERT INTO app_settings (key, value) VALUES ('added.later', '1')")
+
+
+def reverse_rows(document):
+    """A backup edit: every table's rows in reverse key order (out of the server's order)."""
+    for table in document["tables"].values():
+        table["rows"].reverse()
 
 
 def logs_named(data, prefix):
@@ -395,10 +402,7 @@ def test_diff_matches_rows_of_a_file_in_another_order(fresh_stack, db, data, cap
     stack = fresh_stack
     path = make_backup(capsys, data, "--tables", "users,package_tags")
 
-    def shuffle(document):
-        for table in document["tables"].values():
-            table["rows"].reverse()
-    rewrite_backup(path, shuffle)
+    rewrite_backup(path, reverse_rows)
     code, out, err = run(capsys, data, "diff", "--file", path.name)
     assert code == 0, out + err
     assert out == ""
@@ -434,3 +438,38 @@ def test_rollback_tables_brings_back_only_the_tables_named(fresh_stack, db, data
     assert state["app_settings"] == restored["app_settings"]
     (log,) = logs_named(data, "rollback_log_")
     assert log["tables"] == ["payments"] and log["total_deleted"] == 1
+
+
+def test_restore_and_rollback_of_a_file_in_another_order_plan_exactly(fresh_stack, db, data,
+                                                                     capsys):
+    """The plan compares the file with the live rows in key ranges; rows of a file out of the
+    server's order turn up in other ranges and are matched after all: nothing equal is written,
+    nothing is inserted twice, and the rollback deletes exactly what the file lacks."""
+    stack = fresh_stack
+    path = make_backup(capsys, data, "--tables", "users,payments")
+
+    rewrite_backup(path, reverse_rows)
+    at_backup = database_state(db)
+    db.execute("DELETE FROM payments WHERE id IN (5, 2999)")
+    db.execute("UPDATE users SET full_name = 'changed' WHERE email = 'user9@example.com'")
+    db.execute("INSERT INTO app_settings (key, value) VALUES ('untouched', '1')")
+    before_restore = database_state(db)
+    stack.requests.clear()
+
+    code, _, err = run(capsys, data, "restore", "--safe", "--file", path.name)
+
+    assert code == 0, err
+    expected = database_state(db)
+    assert expected["payments"] == at_backup["payments"]
+    assert expected["users"] == at_backup["users"]
+    log = restore_log(data)
+    assert log["plan"]["payments"] == {"insert": 2, "update": 0, "delete": 0, "unchanged": 2998}
+    assert log["plan"]["users"] == {"insert": 0, "update": 1, "delete": 0, "unchanged": 1999}
+    assert len(write_requests(stack)) == 2
+
+    code, _, err = run(capsys, data, "rollback", safety_backup(data).name)
+
+    assert code == 0, err
+    assert_same_state(database_state(db), before_restore)
+    (rollback,) = logs_named(data, "rollback_log_")
+    assert rollback["plan"]["payments"]["delete"] == 2 and rollback["total_deleted"] == 2
