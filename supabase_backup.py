@@ -1556,10 +1556,14 @@ class TableComparison:
     the differences, never with the table.
     """
 
-    def __init__(self, api, name, live_meta, primary_key, columns, listed=DIFF_EXAMPLES):
+    def __init__(self, api, name, live_meta, primary_key, columns, listed=DIFF_EXAMPLES,
+                 live_total=None):
         self.api, self.name, self.live_meta = api, name, live_meta
         self.primary_key, self.columns, self.listed = primary_key, columns, listed
         self.chunk, self.after, self.last = {}, None, None
+        # The live row count (counted once, when not given): once that many rows are read, the
+        # ranges left are not asked for (into an empty table, no range is).
+        self.live_total = live_total
         self.file_rows = self.live_rows = self.changed = 0
         self.only_file, self.only_live = {}, {}  # key -> digest of the row
         self.changed_keys = {}  # key -> the columns that differ, for the first `listed` keys
@@ -1573,8 +1577,12 @@ class TableComparison:
             self._compare_range([row.get(column) for column in self.primary_key])
 
     def _compare_range(self, until):
+        if self.live_total is None:
+            self.live_total = self.api.count(self.name)
         read = 0
-        for page in TablePages(self.api, self.name, self.live_meta, self.after, until):
+        pages = (TablePages(self.api, self.name, self.live_meta, self.after, until)
+                 if self.live_rows < self.live_total else ())
+        for page in pages:
             read += len(page)
             for live in page:
                 self.live_rows += 1
@@ -2011,18 +2019,19 @@ def verify_restore(api, plans, reference_path, expected_counts, ignore_columns=(
     ignore_columns are left out.
     """
     mismatches, comparison = Mismatches(), None
+    counted = {}
     for name in plans:
-        counted = api.count(name)
-        if name in expected_counts and counted != expected_counts[name]:
+        counted[name] = api.count(name)
+        if name in expected_counts and counted[name] != expected_counts[name]:
             mismatches.append({"table": name, "key": None, "problem":
-                               f"{counted} rows, expected {expected_counts[name]}"})
+                               f"{counted[name]} rows, expected {expected_counts[name]}"})
             mismatches.total += 1
     for event in read_backup(reference_path):
         if event[0] == "table" and event[1] in plans:
             plan = plans[event[1]]
             comparison = TableComparison(api, plan.name, plan.live_meta, plan.primary_key,
                                          compared_columns(plan, ignore_columns),
-                                         listed=MISMATCHES_LISTED)
+                                         listed=MISMATCHES_LISTED, live_total=counted[plan.name])
         elif event[0] == "row" and comparison is not None:
             comparison.add(event[2])
         elif event[0] == "end_table" and comparison is not None:

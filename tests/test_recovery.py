@@ -391,9 +391,9 @@ def test_diff_reads_each_table_about_once(fresh_stack, db, data, capsys):
     path = make_backup(capsys, data, "--tables", "bookings,users")
     stack.requests.clear()
     assert run(capsys, data, "diff", "--file", path.name)[0] == 0
-    reads = [r for r in stack.requests if r.method == "GET" and r.table in ("bookings", "users")]
-    # One range per 1000 file rows, and one read after the file's last key, per table.
-    assert len(reads) == (5 + 1) + (2 + 1)
+    reads = [r.method for r in stack.requests if r.table in ("bookings", "users")]
+    # One count per table, then one range per 1000 file rows; once the count is read, no more.
+    assert sorted(reads) == ["GET"] * (5 + 2) + ["HEAD"] * 2
 
 
 def test_diff_matches_rows_of_a_file_in_another_order(fresh_stack, db, data, capsys):
@@ -473,3 +473,21 @@ def test_restore_and_rollback_of_a_file_in_another_order_plan_exactly(fresh_stac
     assert_same_state(database_state(db), before_restore)
     (rollback,) = logs_named(data, "rollback_log_")
     assert rollback["plan"]["payments"]["delete"] == 2 and rollback["total_deleted"] == 2
+
+
+def test_restore_into_an_emptied_table_asks_for_no_range_to_plan(fresh_stack, db, data, capsys):
+    stack = fresh_stack
+    path = make_backup(capsys, data, "--tables", "app_settings")
+    at_backup = database_state(db)
+    db.execute("DELETE FROM app_settings")
+    stack.requests.clear()
+
+    code, _, err = run(capsys, data, "restore", "--safe", "--file", path.name)
+
+    assert code == 0, err
+    assert_same_state(database_state(db), at_backup)
+    reads = [r.method for r in stack.requests if r.table == "app_settings"
+             and r.method in ("GET", "HEAD")]
+    # The safety backup: a count, one (empty) page, a count; the plan: a count, and no range,
+    # since the table is empty; the verification: a count, one range; the log: a count.
+    assert reads == ["HEAD", "GET", "HEAD", "HEAD", "HEAD", "GET", "HEAD"], " ".join(reads)
