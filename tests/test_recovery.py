@@ -491,3 +491,13 @@ def test_restore_into_an_emptied_table_asks_for_no_range_to_plan(fresh_stack, db
     # The safety backup: a count, one (empty) page, a count; the plan: a count, and no range,
     # since the table is empty; the verification: a count, one range; the log: a count.
     assert reads == ["HEAD", "GET", "HEAD", "HEAD", "HEAD", "GET", "HEAD"], " ".join(reads)
+
+
+def test_diff_names_a_table_that_no_longer_exists(fresh_stack, db, data, capsys):
+    path = make_backup(capsys, data, "--tables", "app_settings,package_tags")
+    db.execute("DROP TABLE app_settings")
+
+    code, out, err = run(capsys, data, "diff", "--file", path.name)
+
+    assert code == 10, err
+    assert out == "app_settings: the table no longer exists in the project (5 rows in the file)\n"
