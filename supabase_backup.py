@@ -1588,11 +1588,10 @@ class TableComparison:
                 self.live_rows += 1
                 key = row_key(live, self.primary_key)
                 row = self.chunk.pop(key, None)
-                digest = row_digest(live, self.columns)
                 if row is None:
-                    self.only_live[key] = digest
+                    self.only_live[key] = row_digest(live, self.columns)
                 else:
-                    self.matched(key, row, live, row_digest(row, self.columns) == digest)
+                    self.matched(key, row, live, self.same_values(row, live))
         for key, row in self.chunk.items():
             self.file_only(key, row)
         # Only a range that held rows proves its end lies after its start; an empty one may be
@@ -1601,6 +1600,13 @@ class TableComparison:
         self.chunk = {}
         if read:
             self.after = until
+
+    def same_values(self, row, live):
+        """Whether two rows hold equal values in the compared columns (as parsed from JSON:
+        1 and 1.0 are equal, as they are as numbers)."""
+        if len(row) == len(self.columns) and row.keys() == live.keys():
+            return row == live  # both hold exactly the compared columns: one C-level comparison
+        return all(row.get(column) == live.get(column) for column in self.columns)
 
     def matched(self, key, row, live, equal):
         """A file row and the live row with its key, found in the same range."""
