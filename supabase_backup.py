@@ -77,6 +77,7 @@ import itertools
 import json
 import logging
 import logging.handlers
+import math
 import os
 import re
 import shutil
@@ -1578,7 +1579,8 @@ class TableComparison:
 
     def _compare_range(self, until):
         if self.live_total is None:
-            self.live_total = self.api.count(self.name)
+            counted = exact_count(self.api, self.name)
+            self.live_total = math.inf if counted is None else counted
         read = 0
         pages = (TablePages(self.api, self.name, self.live_meta, self.after, until)
                  if self.live_rows < self.live_total else ())
@@ -1602,16 +1604,17 @@ class TableComparison:
             self.after = until
 
     def same_values(self, row, live):
-        """Whether two rows hold equal values in the compared columns (as parsed from JSON:
-        1 and 1.0 are equal, as they are as numbers)."""
-        if len(row) == len(self.columns) and row.keys() == live.keys():
-            return row == live  # both hold exactly the compared columns: one C-level comparison
-        return all(row.get(column) == live.get(column) for column in self.columns)
+        """Whether two rows hold the same values in the compared columns, as JSON text: Python's
+        == would take true for 1 and 1.0 for 1, which are different values in a column."""
+        columns = self.columns
+        return (compact_json([row.get(c) for c in columns])
+                == compact_json([live.get(c) for c in columns]))
 
     def matched(self, key, row, live, equal):
         """A file row and the live row with its key, found in the same range."""
         if not equal:
-            self._changed(key, [c for c in self.columns if row.get(c) != live.get(c)])
+            self._changed(key, [c for c in self.columns
+                                if compact_json(row.get(c)) != compact_json(live.get(c))])
 
     def file_only(self, key, row):
         """A file row whose key its range does not hold (yet: see reconcile)."""
@@ -2009,6 +2012,14 @@ def upsert_restore(api, plans, order, progress):
         pending = still
 
 
+def exact_count(api, name):
+    """A table's exact row count, or None when counting hits the statement timeout."""
+    try:
+        return api.count(name)
+    except StatementTimeout:
+        return None
+
+
 class Mismatches(list):
     """The mismatches a verification lists (the first MISMATCHES_LISTED of each kind per
     table), and in total how many it found."""
@@ -2025,23 +2036,28 @@ def verify_restore(api, plans, reference_path, expected_counts, ignore_columns=(
     ignore_columns are left out.
     """
     mismatches, comparison = Mismatches(), None
-    counted = {}
-    for name in plans:
-        counted[name] = api.count(name)
-        if name in expected_counts and counted[name] != expected_counts[name]:
-            mismatches.append({"table": name, "key": None, "problem":
-                               f"{counted[name]} rows, expected {expected_counts[name]}"})
-            mismatches.total += 1
+    # A count that hits the statement timeout is left to the comparison, which reads every live
+    # row anyway (then it skips no range).
+    counted = {name: exact_count(api, name) for name in plans}
     for event in read_backup(reference_path):
         if event[0] == "table" and event[1] in plans:
             plan = plans[event[1]]
             comparison = TableComparison(api, plan.name, plan.live_meta, plan.primary_key,
                                          compared_columns(plan, ignore_columns),
-                                         listed=MISMATCHES_LISTED, live_total=counted[plan.name])
+                                         listed=MISMATCHES_LISTED,
+                                         live_total=(math.inf if counted[plan.name] is None
+                                                     else counted[plan.name]))
         elif event[0] == "row" and comparison is not None:
             comparison.add(event[2])
         elif event[0] == "end_table" and comparison is not None:
             comparison.finish()
+            name = comparison.name
+            if counted[name] is None:
+                counted[name] = comparison.live_rows
+            if name in expected_counts and counted[name] != expected_counts[name]:
+                mismatches.append({"table": name, "key": None, "problem":
+                                   f"{counted[name]} rows, expected {expected_counts[name]}"})
+                mismatches.total += 1
             mismatches.total += len(comparison.only_file) + comparison.changed
             mismatches.extend({"table": comparison.name, "key": key, "problem": "missing"}
                               for key in itertools.islice(comparison.only_file,
@@ -2092,27 +2108,16 @@ def rewritten_columns(mismatches):
     return {name: sorted(columns) for name, columns in by_table.items()}
 
 
-def delete_rows(api, plans, order, which, record=False):
+def delete_rows(api, plans, order, which, record=False, defer=False):
     """Delete rows by key, children before parents: which(plan) gives the key strings (any
     iterable; it is consumed a batch at a time). With record, the keys sent go into
     plan.deleted_keys, for a rollback of this deletion.
 
     A batch refused because other rows still refer to its rows (23503) is retried after the
-    rest; when a round makes no progress that is a RestoreFailure naming the table.
+    rest; when a round makes no progress that is a RestoreFailure naming the table. With defer,
+    the refused batches are returned instead, for retry_deletes() once other writes have moved
+    the rows that refer to them.
     """
-    refused = []
-
-    def deleted(plan, keys):
-        try:
-            api.delete_keys(plan.name, plan.primary_key, keys)
-            return True
-        except ApiRejected as exc:
-            if exc.code != FK_VIOLATION:
-                raise RestoreFailure(f"{plan.name}: deleting rows was refused: {exc.code} "
-                                     f"{exc.message}") from None
-            refused.append(exc)
-            return False
-
     pending = []
     for name in reversed(order):
         plan = plans[name]
@@ -2120,12 +2125,36 @@ def delete_rows(api, plans, order, which, record=False):
             if record:
                 plan.deleted_keys.update(batch)
             keys = [json.loads(key) for key in batch]
-            if not deleted(plan, keys):
+            if deleted_or_refused(api, plan, keys) is not None:
                 pending.append((plan, keys))
+    if defer:
+        return pending
+    retry_deletes(api, pending)
+    return []
+
+
+def deleted_or_refused(api, plan, keys):
+    """Delete rows by key; None when done, the ApiRejected when other rows still refer to them."""
+    try:
+        api.delete_keys(plan.name, plan.primary_key, keys)
+        return None
+    except ApiRejected as exc:
+        if exc.code != FK_VIOLATION:
+            raise RestoreFailure(f"{plan.name}: deleting rows was refused: {exc.code} "
+                                 f"{exc.message}") from None
+        return exc
+
+
+def retry_deletes(api, pending):
+    """Retry refused delete batches, round after round, while a round makes progress."""
     while pending:
-        still = [(plan, keys) for plan, keys in pending if not deleted(plan, keys)]
+        still, error = [], None
+        for plan, keys in pending:
+            refusal = deleted_or_refused(api, plan, keys)
+            if refusal is not None:
+                still.append((plan, keys))
+                error = refusal
         if len(still) == len(pending):
-            error = refused[-1]
             raise RestoreFailure(f"{still[0][0].name}: rows cannot be deleted because other rows "
                                  f"still refer to them ({error.message}"
                                  f"{'; ' + error.details if error.details else ''})")
@@ -2157,8 +2186,11 @@ def rollback(api, plans, order, safety_path, progress, ignore_columns=()):
     mismatches of that verification (empty: the rollback is exact).
     """
     touched = {name: plan for name, plan in plans.items() if plan.touched}
-    delete_rows(api, plans, order, lambda plan: (key for is_insert, key
-                                                 in plan.sent_spool_keys() if is_insert))
+    # Deleted first (a row written back may need a unique value an inserted row holds), but a
+    # delete that rows still refer to waits for the write-back, which points them back.
+    refused = delete_rows(api, plans, order, lambda plan: (key for is_insert, key
+                                                           in plan.sent_spool_keys() if is_insert),
+                          defer=True)
     rollback_plans = {}
     for name, plan in plans.items():
         rollback_plans[name] = clone = TablePlan(name, plan.primary_key, plan.columns)
@@ -2188,6 +2220,7 @@ def rollback(api, plans, order, safety_path, progress, ignore_columns=()):
         for clone in rollback_plans.values():
             clone.sent_rows = bytearray(clone.updates)
         upsert_restore(api, rollback_plans, order, progress)
+    retry_deletes(api, refused)
     expected = {name: plan.safety_count for name, plan in touched.items()}
     return verify_restore(api, touched, safety_path, expected, ignore_columns)
 
@@ -2426,7 +2459,10 @@ def safety_inventory(data_dir, running=None, now=None):
                 role = None
             if role:
                 status = data.get("status") or "in_progress"
-                if status == "in_progress" and running:
+                # Running now only if the run that holds the lock is the one that wrote this log.
+                live_run = (status == "in_progress" and running is not None
+                            and f"(pid {data.get('pid')})" in running)
+                if live_run:
                     outcome = f"running now ({running})"
                 else:
                     outcome = OUTCOMES.get(status, (status, True))[0]
@@ -2434,7 +2470,7 @@ def safety_inventory(data_dir, running=None, now=None):
                                 "role": role, "file": data.get("backup_file"),
                                 "started_at": data.get("started_at"), "status": status,
                                 "outcome": outcome, "error": data.get("error")}
-                entry["needs_rollback"] = (role == "protected" and not running and
+                entry["needs_rollback"] = (role == "protected" and not live_run and
                                            OUTCOMES.get(status, (None, True))[1])
             if (data.get("kind") == "rollback" and data.get("status") == "succeeded" and
                     Path(str(data.get("backup_file"))).name == path.name):
@@ -2885,7 +2921,7 @@ class RestoreRun:
             self.restore_log.update(safety_backup_file=str(self.safety_path))
             self.done(f"{summary['rows']} rows in {len(present)} tables, re-read and checked")
             for name, table in summary["tables"].items():
-                self.plans[name].safety_count = table["count_after"]
+                self.plans[name].safety_count = table["rows"]  # what a rollback brings back
         else:
             self.step(1, "SAFETY", f"skipped ({'dry run' if self.dry_run else 'no --safe'})")
             self.done("no safety backup")
@@ -2970,7 +3006,7 @@ class RestoreRun:
                                                    f"traceback is in {current_log_file()})"))
 
         # 6. The log.
-        after = {name: api.count(name) for name in self.plans}
+        after = {name: exact_count(api, name) for name in self.plans}
         sql = sequence_sql(self.plans, live)
         self.step(6, "LOG", f"{self.restore_log.path}")
         write_restore_log(self.restore_log, status="succeeded", after_counts=after,
@@ -3047,7 +3083,7 @@ class RestoreRun:
             self.fail_step("failed", problem)
             raise RollbackFailedError(f"{self.mode} failed ({reason}) and so did the automatic "
                                       f"rollback ({problem})", self.rollback_hint())
-        after = {name: self.api.count(name) for name in self.plans}
+        after = {name: exact_count(self.api, name) for name in self.plans}
         write_restore_log(self.restore_log, status="rolled_back", error=reason,
                           rollback=rollback_info, after_counts=after)
         except_columns = "".join(
@@ -3207,10 +3243,13 @@ def cmd_cleanup_safety(args):
     with data_lock(data_dir, "cleanup-safety"):
         entries = safety_inventory(data_dir)  # we hold the lock: no other run is going on
         deleted, kept, freed = [], [], 0
-        for index, entry in enumerate(entries):
+        # The newest snapshot taken before a run (not a failed-state one): what the data was
+        # last known good as.
+        newest = next((e for e in entries if e["kind"] == "safety_backup"), None)
+        for entry in entries:
             if entry["age_days"] < args.older_than:
                 continue
-            if index == 0:
+            if entry is newest:
                 kept.append((entry, "the newest safety backup is always kept"))
                 continue
             run = entry["run"] or {}

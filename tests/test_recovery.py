@@ -501,3 +501,81 @@ def test_diff_names_a_table_that_no_longer_exists(fresh_stack, db, data, capsys)
 
     assert code == 10, err
     assert out == "app_settings: the table no longer exists in the project (5 rows in the file)\n"
+
+
+# --- found in review: each of these once went wrong -----------------------------------------------
+
+def test_true_and_1_are_different_values_to_diff_and_restore(fresh_stack, db, data, capsys):
+    path = make_backup(capsys, data, "--tables", "app_settings")
+    at_backup = database_state(db)
+    db.execute("UPDATE app_settings SET value = '0' WHERE key = 'maintenance.mode'")
+    db.execute("UPDATE app_settings SET value = jsonb_set(value, '{new_checkout}', '1') "
+               "WHERE key = 'feature,flags'")
+
+    code, out, _ = run(capsys, data, "diff", "--file", path.name)
+    assert code == 10
+    assert "changed: 2" in out and '["maintenance.mode"] (value)' in out
+
+    code, _, err = run(capsys, data, "restore", "--safe", "--file", path.name)
+    assert code == 0, err
+    assert "0 inserted, 2 updated" in err
+    assert_same_state(database_state(db), at_backup)
+
+
+def test_the_automatic_rollback_writes_back_before_it_deletes_rows_still_referred_to(
+        fresh_stack, db, data, capsys):
+    """The restore inserts a user and points bookings back at it, then fails: the rollback must
+    point the bookings away again before it can delete that user."""
+    stack = fresh_stack
+    path = make_backup(capsys, data, "--tables", "users,bookings,payments")
+    (user,) = db.execute("SELECT user_id FROM bookings b WHERE NOT EXISTS (SELECT FROM users u "
+                         "WHERE u.referred_by = b.user_id) ORDER BY id LIMIT 1").fetchone()
+    (other,) = db.execute("SELECT id FROM users WHERE id <> %s ORDER BY id LIMIT 1",
+                          [user]).fetchone()
+    db.execute("UPDATE bookings SET user_id = %s WHERE user_id = %s", [other, user])
+    db.execute("DELETE FROM users WHERE id = %s", [user])
+    db.execute("UPDATE payments SET method = 'changed' WHERE id = 1")
+    before = database_state(db)
+    stack.faults.add(kind="write", table="payments", status=503, code="503", times=4)
+
+    code, _, err = run(capsys, data, "restore", "--safe", "--file", path.name)
+
+    assert code == 8, err
+    assert "the database is as before" in err
+    assert_same_state(database_state(db), before)
+
+
+def test_list_safety_flags_a_failed_restore_while_another_run_holds_the_lock(
+        fresh_stack, db, data, capsys):
+    stack = fresh_stack
+    path = make_backup(capsys, data, "--tables", "app_settings")
+    db.execute("DELETE FROM app_settings WHERE key = 'f(x)'")
+    stack.faults.add(kind="write", table="app_settings", status=503, code="503", times=4)
+    assert run(capsys, data, "restore", "--safe", "--no-rollback", "--file", path.name)[0] == 11
+    kept = safety_backup(data).name
+
+    with supabase_backup.data_lock(data, "backup"):  # a nightly backup, say
+        entries = list_safety(capsys, data)
+
+    assert entries[kept]["needs_rollback"] is True
+    assert entries[kept]["rollback_command"] == f"python supabase_backup.py rollback {kept}"
+
+
+def test_cleanup_safety_keeps_the_newest_safety_backup_not_a_failed_state(fresh_stack, db, data,
+                                                                         capsys):
+    stack = fresh_stack
+    path = make_backup(capsys, data, "--tables", "app_settings")
+    db.execute("DELETE FROM app_settings WHERE key = 'f(x)'")
+    stack.faults.add(kind="write", table="app_settings", status=503, code="503", times=4)
+    assert run(capsys, data, "restore", "--safe", "--file", path.name)[0] == 8
+    (safety,) = safety_backups(data)
+    failed = name_of_failed_state(data)
+    age(data, safety, "20200101_000000")
+    (safety,) = safety_backups(data)
+    age(data, failed, "20200101_000000")
+
+    code, out, err = run(capsys, data, "cleanup-safety")
+
+    assert code == 0, err
+    assert f"kept {safety}: the newest safety backup is always kept" in out
+    assert safety_backups(data) == [safety]
