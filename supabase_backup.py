@@ -3206,6 +3206,10 @@ def cmd_list_safety(args):
             entry.update(status=f"damaged: {exc}", tables=None, rows=None)
         if entry["needs_rollback"]:
             entry["rollback_command"] = rollback_command(entry)
+            if entry["run"]["kind"] == "rollback":
+                # What a user most likely wants is the rollback done, not undone.
+                entry["rerun_command"] = (f"python {PROG} rollback "
+                                          f"{Path(str(entry['run']['file'])).name}")
     if args.json:
         print(json.dumps(entries, indent=2))
         return EXIT_OK
@@ -3227,7 +3231,11 @@ def cmd_list_safety(args):
                   f"({run['log']})")
         if entry["rolled_back_by"]:
             print(f"    rolled back to by: {', '.join(entry['rolled_back_by'])}")
-        if entry["needs_rollback"]:
+        if entry.get("rerun_command"):
+            print(f"    the rollback did not finish; to finish it run again: "
+                  f"{entry['rerun_command']}; or, to return to the state before it: "
+                  f"{entry['rollback_command']}")
+        elif entry["needs_rollback"]:
             print(f"    the tables may be partly restored; to return to this state run: "
                   f"{entry['rollback_command']}")
     return EXIT_OK

@@ -173,19 +173,22 @@ def wait_for(condition, timeout=20.0, what="the condition"):
         time.sleep(0.01)
 
 
-def start_restore(stack, data, tmp_path, path):
-    """`python supabase_backup.py restore --safe` in a process of its own, once it is writing."""
+def start_restore(stack, data, tmp_path, path, command=None):
+    """`python supabase_backup.py restore --safe --file PATH` (or the command given) in a process
+    of its own, once it is writing to users (a write more than users has had so far)."""
+    writes_before = stack.writes("users")
     script = tmp_path / "app" / "supabase_backup.py"
     script.parent.mkdir()
     shutil.copy(REPO_ROOT / "supabase_backup.py", script)
     env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
     env.update(SUPABASE_URL=stack.url, SUPABASE_SERVICE_ROLE_KEY=stack.service_role_key,
                SUPABASE_BACKUP_DIR=str(data))
-    process = subprocess.Popen([sys.executable, str(script), "restore", "--safe", "--file",
-                                path.name], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+    command = command or ["restore", "--safe", "--file", path.name]
+    process = subprocess.Popen([sys.executable, str(script), *command], cwd=tmp_path, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: stack.writes("users") >= 1, what="the restore to write to users")
+        wait_for(lambda: stack.writes("users") > writes_before,
+                 what="the restore to write to users")
     except BaseException:
         process.kill()
         process.wait()

@@ -579,3 +579,33 @@ def test_cleanup_safety_keeps_the_newest_safety_backup_not_a_failed_state(fresh_
     assert code == 0, err
     assert f"kept {safety}: the newest safety backup is always kept" in out
     assert safety_backups(data) == [safety]
+
+
+def test_list_safety_offers_to_finish_a_rollback_that_was_killed(fresh_stack, db, data, capsys,
+                                                                tmp_path):
+    stack = fresh_stack
+    path = make_backup(capsys, data, "--tables", "users")
+    db.execute("UPDATE users SET full_name = 'changed'")
+    assert run(capsys, data, "restore", "--safe", "--file", path.name)[0] == 0
+    first = safety_backup(data).name
+    writes_before = stack.writes("users")
+    slow = stack.faults.add(kind="write", table="users", action="latency", delay=0.5)
+    process = start_restore(stack, data, tmp_path, data / "safety_backups" / first,
+                            command=["rollback", first])
+    try:
+        os.kill(process.pid, signal.SIGKILL)
+        process.communicate(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    wait_for(lambda: stack.writes("users") - writes_before == slow.seen, what="the last answer")
+    stack.faults.clear()
+    (own,) = set(safety_backups(data)) - {first}
+
+    code, out, _ = run(capsys, data, "list-safety")
+
+    assert code == 0
+    assert (f"the rollback did not finish; to finish it run again: python supabase_backup.py "
+            f"rollback {first}; or, to return to the state before it: python supabase_backup.py "
+            f"rollback {own}") in out
