@@ -6,6 +6,7 @@ import gzip
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -194,3 +195,22 @@ def start_restore(stack, data, tmp_path, path, command=None):
         process.wait()
         raise
     return process
+
+
+def kill_9_mid_write(stack, data, tmp_path, path, command=None):
+    """Start a restore (or the command given) with writes to users slowed to 0.5 s, kill -9 it
+    once it writes, and wait until the server has answered the write it was waiting for; the
+    faults are cleared after."""
+    writes_before = stack.writes("users")
+    slow = stack.faults.add(kind="write", table="users", action="latency", delay=0.5)
+    process = start_restore(stack, data, tmp_path, path, command)
+    try:
+        os.kill(process.pid, signal.SIGKILL)
+        process.communicate(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    wait_for(lambda: stack.writes("users") - writes_before == slow.seen,
+             what="the server to answer the last write")
+    stack.faults.clear()

@@ -29,9 +29,9 @@ import pytest
 
 import supabase_backup
 from helpers import (
-    OUTLASTS_RETRIES, REPO_ROOT, SETTINGS, database_state, files_in, make_backup, restore_log,
-    rewrite_backup, rows_where, run, safety_backup, start_restore, table_rows, wait_for,
-    write_requests)
+    OUTLASTS_RETRIES, REPO_ROOT, SETTINGS, database_state, files_in, kill_9_mid_write,
+    make_backup, restore_log, rewrite_backup, rows_where, run, safety_backup, table_rows,
+    wait_for, write_requests)
 from local_supabase import make_jwt
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:supabase")
@@ -666,17 +666,7 @@ def test_kill_9_mid_restore_then_rollback_returns_exactly_the_state_before(
                      "restore fault", "list-safety names the command; the rollback returns the "
                      "database exactly to the state before the restore", 0)
     stack = changed.stack
-    slow = stack.faults.add(kind="write", table="users", action="latency", delay=0.5)
-    process = start_restore(stack, data, tmp_path, changed.path)
-    try:
-        os.kill(process.pid, signal.SIGKILL)
-        process.communicate(timeout=10)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    wait_for(lambda: stack.writes("users") == slow.seen, what="the last answer")
-    stack.faults.clear()
+    kill_9_mid_write(stack, data, tmp_path, changed.path)
     row.saw("the killed restore had written", database_state(db) != changed.before)
     command = f"python supabase_backup.py rollback {safety_backup(data).name}"
     _, out, _ = run(capsys, data, "list-safety")
@@ -738,20 +728,10 @@ def test_kill_9_mid_restore_then_the_next_restore_completes_and_cleans_up(
     at_backup = database_state(db)
     db.execute("UPDATE users SET full_name = 'changed'")
     api_before = api_state(db, ["users"])
-    slow = stack.faults.add(kind="write", table="users", action="latency", delay=0.5)
-    process = start_restore(stack, data, tmp_path, path)
-    try:
-        os.kill(process.pid, signal.SIGKILL)
-        process.communicate(timeout=10)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    wait_for(lambda: stack.writes("users") == slow.seen, what="the last answer")
+    kill_9_mid_write(stack, data, tmp_path, path)
     first_safety = safety_backup(data)
     left = sorted(str(p.relative_to(data)) for p in data.rglob(".partial-*"))
     row.saw(f"left by the kill: {left}", bool(left))
-    stack.faults.clear()
 
     code, _, err = run(capsys, data, "restore", "--safe", "--file", path.name)
 

@@ -5,7 +5,6 @@ every demo table), never through the tool.
 
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -17,9 +16,8 @@ if str(REPO_ROOT) not in sys.path:
 
 import supabase_backup  # noqa: E402
 from helpers import (  # noqa: E402
-    assert_same_state, database_state, error_line, files_in, make_backup, rows_where, run,
-    restore_log, rewrite_backup, safety_backup, start_restore, table_rows, wait_for,
-    write_requests)
+    assert_same_state, database_state, error_line, files_in, kill_9_mid_write, make_backup,
+    restore_log, rewrite_backup, rows_where, run, safety_backup, table_rows, write_requests)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:supabase")
 
@@ -107,17 +105,7 @@ def test_rollback_after_kill_9_mid_restore_returns_the_exact_state_before(
     db.execute("DELETE FROM app_settings WHERE key = 'f(x)'")  # the restore inserts it first
     db.execute("UPDATE users SET full_name = 'changed'")
     before_restore = database_state(db)
-    slow = stack.faults.add(kind="write", table="users", action="latency", delay=0.5)
-    process = start_restore(stack, data, tmp_path, path)
-    try:
-        os.kill(process.pid, signal.SIGKILL)
-        process.communicate(timeout=10)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    wait_for(lambda: stack.writes("users") == slow.seen, what="the last write to land")
-    stack.faults.clear()
+    kill_9_mid_write(stack, data, tmp_path, path)
     assert 1 <= stack.writes("users") < 4, "killed mid-restore"
     assert rows_where(db, "app_settings", "key = 'f(x)'"), "the restore had inserted a row"
     assert database_state(db) != before_restore
@@ -588,19 +576,8 @@ def test_list_safety_offers_to_finish_a_rollback_that_was_killed(fresh_stack, db
     db.execute("UPDATE users SET full_name = 'changed'")
     assert run(capsys, data, "restore", "--safe", "--file", path.name)[0] == 0
     first = safety_backup(data).name
-    writes_before = stack.writes("users")
-    slow = stack.faults.add(kind="write", table="users", action="latency", delay=0.5)
-    process = start_restore(stack, data, tmp_path, data / "safety_backups" / first,
-                            command=["rollback", first])
-    try:
-        os.kill(process.pid, signal.SIGKILL)
-        process.communicate(timeout=10)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    wait_for(lambda: stack.writes("users") - writes_before == slow.seen, what="the last answer")
-    stack.faults.clear()
+    kill_9_mid_write(stack, data, tmp_path, data / "safety_backups" / first,
+                     command=["rollback", first])
     (own,) = set(safety_backups(data)) - {first}
 
     code, out, _ = run(capsys, data, "list-safety")
