@@ -957,13 +957,15 @@ def _parse_line(path, number, text):
                               f"({_json_error(exc)}); use another backup") from None
 
 
-def read_backup(path, parse_rows=True):
+def read_backup(path, parse_rows=True, as_bytes=False):
     """Stream a backup file: yields ("header", dict), ("table", name, meta), ("row", name, row),
     ("end_table", name, trailer), ("end", trailer).
 
     Checks as it goes: the format, that every table's rows match its row_count and sha256, and
     that the document is complete. A problem raises ValidationError naming it. Without
-    parse_rows the rows are checked by their bytes only (the checksum) and yielded as None.
+    parse_rows the rows are checked by their bytes only (the checksum) and yielded as None; with
+    as_bytes they are yielded as those bytes (the row's compact JSON, what the checksum covers),
+    unparsed: parse_row() reads one when it is needed.
     """
     path = Path(path)
     stream = open_backup(path)
@@ -976,11 +978,20 @@ def read_backup(path, parse_rows=True):
             raise ValidationError(f"{path.name} is not a readable backup ({exc}); "
                                   f"use another backup") from None
         if whole is not None:
-            yield from _read_whole(path, whole)
+            yield from _read_whole(path, whole, as_bytes)
             return
-        yield from _read_lines(path, first, stream, parse_rows)
+        yield from _read_lines(path, first, stream, parse_rows, as_bytes)
     finally:
         stream.close()
+
+
+def parse_row(line):
+    """A row from its line (read_backup with as_bytes), which the file's checksum vouched for."""
+    try:
+        return json.loads(line)
+    except ValueError as exc:
+        raise ValidationError(f"a row of the backup file is not valid JSON ({_json_error(exc)}); "
+                              f"was the file changed during the run? use another backup") from None
 
 
 def _check_header(path, header):
@@ -994,7 +1005,7 @@ def _check_header(path, header):
                               f"version of supabase_backup.py")
 
 
-def _read_lines(path, first, stream, parse_rows=True):
+def _read_lines(path, first, stream, parse_rows=True, as_bytes=False):
     """The streaming reader for the layout BackupWriter writes."""
     if not first.endswith(b',"tables":{\n'):
         raise ValidationError(f"{path.name} is damaged: its first line is not a backup header; "
@@ -1012,7 +1023,8 @@ def _read_lines(path, first, stream, parse_rows=True):
             if table is not None and (line.startswith(b"{") or line.startswith(b",{")):
                 body = line[1:] if line.startswith(b",") else line
                 body = body.rstrip(b"\n")
-                row = _parse_line(path, number, body) if parse_rows else None
+                row = (body if as_bytes else
+                       _parse_line(path, number, body) if parse_rows else None)
                 sha.update(body + b"\n")
                 rows += 1
                 yield ("row", table, row)
@@ -1053,7 +1065,7 @@ def _read_lines(path, first, stream, parse_rows=True):
                               f"(truncated?); use another backup")
 
 
-def _read_whole(path, data):
+def _read_whole(path, data, as_bytes=False):
     """A backup in the same format but another layout (e.g. re-indented by jq): read it whole."""
     try:
         document = json.loads(data)
@@ -1077,8 +1089,9 @@ def _read_whole(path, data):
         yield ("table", name, meta)
         sha = hashlib.sha256()
         for row in rows:
-            sha.update(row_json(row).encode() + b"\n")
-            yield ("row", name, row)
+            line = row_json(row).encode()
+            sha.update(line + b"\n")
+            yield ("row", name, line if as_bytes else row)
         if table.get("row_count") != len(rows) or table.get("sha256") != sha.hexdigest():
             raise ValidationError(f"{path.name} is damaged: table {name} does not match its "
                                   f"row count and checksum; use another backup")
@@ -1555,13 +1568,19 @@ class TableComparison:
     which also matches the rows that turned up in another range than their file chunk's (a file
     whose order the server no longer sorts by, e.g. after a collation change): memory grows with
     the differences, never with the table.
+
+    The file's rows come as their lines (read_backup with as_bytes): the compact JSON of each row
+    as the server sent it. While the live rows of a range are the chunk's lines, byte for byte
+    and in the same order (a table that did not change, or a restore just verified), nothing is
+    parsed or keyed; from the first live row that is not, the rest of the range is compared by
+    key and value.
     """
 
     def __init__(self, api, name, live_meta, primary_key, columns, listed=DIFF_EXAMPLES,
                  live_total=None):
         self.api, self.name, self.live_meta = api, name, live_meta
         self.primary_key, self.columns, self.listed = primary_key, columns, listed
-        self.chunk, self.after, self.last = {}, None, None
+        self.chunk, self.after = [], None  # the file lines of the current chunk
         # The live row count (counted once, when not given): once that many rows are read, the
         # ranges left are not asked for (into an empty table, no range is).
         self.live_total = live_total
@@ -1569,37 +1588,61 @@ class TableComparison:
         self.only_file, self.only_live = {}, {}  # key -> digest of the row
         self.changed_keys = {}  # key -> the columns that differ, for the first `listed` keys
 
-    def add(self, row):
-        """The next row of the file (in the file's order)."""
+    def add(self, line):
+        """The next row of the file (in the file's order), as its line's bytes."""
         self.file_rows += 1
-        self.chunk[row_key(row, self.primary_key)] = row
-        self.last = row
+        self.chunk.append(line)
         if len(self.chunk) >= COMPARE_CHUNK:
-            self._compare_range([row.get(column) for column in self.primary_key])
+            self._compare_range(self._key_values(line))
+
+    def _key_values(self, line):
+        row = parse_row(line)
+        return [row.get(column) for column in self.primary_key]
+
+    def _by_key(self, lines):
+        """{key: (line, row)} of file lines, in their order."""
+        keyed = {}
+        for line in lines:
+            row = parse_row(line)
+            keyed[row_key(row, self.primary_key)] = (line, row)
+        return keyed
 
     def _compare_range(self, until):
         if self.live_total is None:
             counted = exact_count(self.api, self.name)
             self.live_total = math.inf if counted is None else counted
-        read = 0
+        chunk, self.chunk = self.chunk, []
+        # chunk[:same] equalled the first live rows of the range byte for byte; rest is None
+        # until a live row does not, then {key: (line, row)} of the chunk's other rows.
+        read, same, rest = 0, 0, None
         pages = (TablePages(self.api, self.name, self.live_meta, self.after, until)
                  if self.live_rows < self.live_total else ())
         for page in pages:
             read += len(page)
             for live in page:
                 self.live_rows += 1
+                if rest is None:
+                    if same < len(chunk) and chunk[same] == row_json(live).encode():
+                        same += 1
+                        continue
+                    rest = self._by_key(chunk[same:])
                 key = row_key(live, self.primary_key)
-                row = self.chunk.pop(key, None)
-                if row is None:
+                found = rest.pop(key, None)
+                if found is None:
                     self.only_live[key] = row_digest(live, self.columns)
                 else:
-                    self.matched(key, row, live, self.same_values(row, live))
-        for key, row in self.chunk.items():
-            self.file_only(key, row)
+                    line, row = found
+                    self.matched(key, line, row, live, self.same_values(row, live))
+        self.unchanged_rows(same)
+        if rest is None:
+            for line in chunk[same:]:
+                self.file_only(line)
+        else:
+            for line, row in rest.values():
+                self.file_only(line, row)
         # Only a range that held rows proves its end lies after its start; an empty one may be
         # a chunk out of the server's order, and moving back would read rows twice. Not moving
         # on after an empty range is always right: the next range covers it, and it was empty.
-        self.chunk = {}
         if read:
             self.after = until
 
@@ -1610,15 +1653,19 @@ class TableComparison:
         return (compact_json([row.get(c) for c in columns])
                 == compact_json([live.get(c) for c in columns]))
 
-    def matched(self, key, row, live, equal):
+    def unchanged_rows(self, count):
+        """count file rows equal, byte for byte, to the live rows with their keys."""
+
+    def matched(self, key, line, row, live, equal):
         """A file row and the live row with its key, found in the same range."""
         if not equal:
             self._changed(key, [c for c in self.columns
                                 if compact_json(row.get(c)) != compact_json(live.get(c))])
 
-    def file_only(self, key, row):
+    def file_only(self, line, row=None):
         """A file row whose key its range does not hold (yet: see reconcile)."""
-        self.only_file[key] = row_digest(row, self.columns)
+        row = parse_row(line) if row is None else row
+        self.only_file[row_key(row, self.primary_key)] = row_digest(row, self.columns)
 
     def _changed(self, key, columns):
         self.changed += 1
@@ -1628,7 +1675,7 @@ class TableComparison:
     def finish(self):
         """Compare the last chunk, then the live rows after the last range."""
         if self.chunk:
-            self._compare_range([self.last.get(column) for column in self.primary_key])
+            self._compare_range(self._key_values(self.chunk[-1]))
         self._compare_range(None)
         self.reconcile()
         return self
@@ -1642,8 +1689,9 @@ class TableComparison:
 
 class PlanComparison(TableComparison):
     """Step 3 for one table: the file against the live rows, in key ranges (TableComparison);
-    the rows to write are spooled as they are found, and only the live rows the file lacks are
-    kept (key and digest): memory does not grow with the rows restored.
+    the rows to write are spooled as they are found (their lines from the file, unparsed), and
+    only the live rows the file lacks are kept (key and digest): memory does not grow with the
+    rows restored.
 
     A file row its range does not hold is spooled as an insert at once. Were the file out of the
     server's order, the row may turn up live in another range: reconcile() then reads the spool
@@ -1655,26 +1703,30 @@ class PlanComparison(TableComparison):
         self.plan, self.spool_path = plan, spool_path
         self.spool = None
 
-    def add(self, row):
+    def add(self, line):
         self.plan.backup_rows += 1
-        super().add(row)
+        super().add(line)
 
-    def matched(self, key, row, live, equal):
+    def unchanged_rows(self, count):
+        self.plan.unchanged += count
+
+    def matched(self, key, line, row, live, equal):
         if equal:
             self.plan.unchanged += 1
         else:
             self.plan.updates += 1
-            self.write(False, row)
+            self.write(False, line)
 
-    def file_only(self, key, row):
+    def file_only(self, line, row=None):
         self.plan.inserts += 1
-        self.write(True, row)
+        self.write(True, line)
 
-    def write(self, is_insert, row):
+    def write(self, is_insert, line):
+        """Spool one row to write: the line [is_insert,row] in JSON."""
         if self.spool is None:
-            self.spool = open(self.spool_path, "w", encoding="utf-8", opener=private_opener)
+            self.spool = open(self.spool_path, "wb", opener=private_opener)
             self.plan.spool = self.spool_path
-        self.spool.write(compact_json([is_insert, row]) + "\n")
+        self.spool.write((b"[true," if is_insert else b"[false,") + line + b"]\n")
 
     def close(self):
         if self.spool is not None:
@@ -1715,7 +1767,7 @@ def record_counts(api, scan, plans, spool_dir, extra_keys=False):
     them, so that the table ends up exactly as the file)."""
     counts, comparison = {}, None
     try:
-        for event in read_backup(scan.path):
+        for event in read_backup(scan.path, as_bytes=True):
             if event[0] == "table" and event[1] in plans:
                 plan = plans[event[1]]
                 comparison = PlanComparison(api, plan, spool_dir / f"{len(counts)}.jsonl")
@@ -2039,7 +2091,7 @@ def verify_restore(api, plans, reference_path, expected_counts, ignore_columns=(
     # A count that hits the statement timeout is left to the comparison, which reads every live
     # row anyway (then it skips no range).
     counted = {name: exact_count(api, name) for name in plans}
-    for event in read_backup(reference_path):
+    for event in read_backup(reference_path, as_bytes=True):
         if event[0] == "table" and event[1] in plans:
             plan = plans[event[1]]
             comparison = TableComparison(api, plan.name, plan.live_meta, plan.primary_key,
@@ -2234,7 +2286,7 @@ def diff_tables(api, path, tables, live_tables):
     Values are compared over the columns both sides have, as PostgREST returns them.
     """
     results, wanted, current = {}, set(tables), None
-    for event in read_backup(path):
+    for event in read_backup(path, as_bytes=True):
         kind = event[0]
         if kind == "table" and event[1] in wanted:
             name, meta = event[1], event[2]
@@ -2271,7 +2323,7 @@ def diff_tables(api, path, tables, live_tables):
             elif current[0] == "keyed":
                 current[2].add(event[2])
             else:
-                live_rows, digest = current[2], row_digest(event[2], current[3])
+                live_rows, digest = current[2], row_digest(parse_row(event[2]), current[3])
                 if live_rows[digest] > 0:
                     live_rows[digest] -= 1
                 else:
