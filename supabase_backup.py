@@ -83,6 +83,7 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -1866,16 +1867,77 @@ def spooled_batches(plan):
     path = plan.spool
     if path is None:
         return
-    batch, start = [], 0
-    with open(path, encoding="utf-8") as spool:
+    lines, start = [], 0
+    with open(path, "rb") as spool:
         for line in spool:
-            batch.append(tuple(json.loads(line)))
-            if len(batch) >= plan.batch_size:
-                yield Batch(batch, start)
-                start += len(batch)
-                batch = []
-    if batch:
-        yield Batch(batch, start)
+            lines.append(line)
+            if len(lines) >= plan.batch_size:
+                yield _spooled_batch(lines, start)
+                start += len(lines)
+                lines = []
+    if lines:
+        yield _spooled_batch(lines, start)
+
+
+def _spooled_batch(lines, start):
+    # One parse for the batch: a JSON array of the spool's [is_insert, row] lines.
+    return Batch([tuple(item) for item in json.loads(b"[" + b",".join(lines) + b"]")], start)
+
+
+class _Failed(NamedTuple):
+    error: BaseException
+
+
+def read_ahead(items, depth=2):
+    """The items of an iterator, made up to `depth` ahead by a thread of their own: reading and
+    parsing the next batch then overlaps waiting for the server's answer to this one. Only the
+    making is ahead; whoever consumes them still does one thing at a time, in order. An error
+    of the iterator is raised here, in its place."""
+    queue = collections.deque()
+    ready = threading.Condition()
+    finished = object()
+    stop = False
+
+    def put(item):
+        with ready:
+            while len(queue) >= depth and not stop:
+                ready.wait()
+            queue.append(item)
+            ready.notify_all()
+
+    def make():
+        try:
+            for item in items:
+                put(item)
+                if stop:
+                    return
+            put(finished)
+        except BaseException as exc:  # handed to the consumer, raised there
+            put(_Failed(exc))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=make, name="read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            with ready:
+                while not queue:
+                    ready.wait()
+                item = queue.popleft()
+                ready.notify_all()
+            if item is finished:
+                return
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+    finally:
+        with ready:
+            stop = True
+            ready.notify_all()
+        thread.join()
 
 
 def payload(plan, row):
@@ -2032,7 +2094,7 @@ def upsert_restore(api, plans, order, progress):
     for name in order:
         plan = plans[name]
         progress.start(name, plan.inserts + plan.updates)
-        for batch in spooled_batches(plan):
+        for batch in read_ahead(spooled_batches(plan)):
             try:
                 progress.advance(write(plan, batch))
             except MissingParent as missing:

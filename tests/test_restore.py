@@ -647,3 +647,64 @@ def test_ctrl_c_mid_restore_exits_130_naming_the_rollback_command(fresh_stack, d
         f"run: python supabase_backup.py rollback {safety_backup(data).name}" in line
     log = restore_log(data)
     assert log["status"] == "interrupted" and log["finished_at"] is not None
+
+
+def test_a_spool_read_error_mid_write_rolls_back_to_exactly_the_state_before(
+        fresh_stack, db, data, capsys, monkeypatch):
+    """The rows to write are read and parsed a batch ahead, in a thread of their own: an error
+    there (here the disk, on the second batch of users) still stops the restore in its place and
+    rolls it back."""
+    path = make_backup(capsys, data, "--tables", "users")
+    db.execute("UPDATE users SET full_name = 'changed' WHERE email ~ '^user1?[0-9]{1,3}@'")
+    before = database_state(db)
+    real, calls = supabase_backup._spooled_batch, []
+
+    def failing(lines, start):
+        calls.append(start)
+        if len(calls) == 2:
+            raise OSError(5, "Input/output error")
+        return real(lines, start)
+
+    monkeypatch.setattr(supabase_backup, "_spooled_batch", failing)
+
+    code, _, err = run(capsys, data, "restore", "--safe", "--file", path.name)
+
+    assert code == 8, err
+    line = error_line(err)
+    assert "Input/output error" in line and "rolled back" in line
+    assert_same_state(database_state(db), before)
+    log = restore_log(data)
+    assert log["status"] == "rolled_back" and log["rollback"]["verified"] is True
+
+
+def test_read_ahead_hands_out_every_item_in_order_and_stops_its_thread():
+    import threading
+
+    assert list(supabase_backup.read_ahead(iter(range(1000)))) == list(range(1000))
+
+    def broken():
+        yield 1
+        raise OSError("disk")
+
+    seen = []
+    with pytest.raises(OSError, match="disk"):
+        for item in supabase_backup.read_ahead(broken()):
+            seen.append(item)
+    assert seen == [1]
+
+    closed = []
+
+    def endless():
+        try:
+            n = 0
+            while True:
+                yield n
+                n += 1
+        finally:
+            closed.append(True)
+
+    ahead = supabase_backup.read_ahead(endless())
+    assert [next(ahead) for _ in range(3)] == [0, 1, 2]
+    ahead.close()
+    assert closed == [True]
+    assert not any(t.name == "read-ahead" for t in threading.enumerate())
