@@ -767,6 +767,11 @@ def duplicate_a_key(document):
     rows.insert(200, dict(rows[100]))
 
 
+def duplicate_a_text_key(document):
+    rows = document["tables"]["app_settings"]["rows"]
+    rows.append(dict(rows[0]))
+
+
 def drop_a_key_value(document):
     del document["tables"]["bookings"]["rows"][7]["id"]
 
@@ -812,6 +817,8 @@ BAD_FILES = {
                                                  ["critical table users is not in the backup"]),
     "duplicate keys": (lambda p: rewrite_backup(p, duplicate_a_key), [],
                        ["bookings: key [101] appears twice"]),
+    "duplicate text keys": (lambda p: rewrite_backup(p, duplicate_a_text_key), [],
+                            ["app_settings: key [", "appears twice"]),
     "rows missing key columns": (lambda p: rewrite_backup(p, drop_a_key_value), [],
                                  ["bookings: a row has no value for key column id"]),
     "schema drift (a column dropped live)": (None, [], ["bookings.created_at no longer exists",

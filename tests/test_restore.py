@@ -708,3 +708,17 @@ def test_read_ahead_hands_out_every_item_in_order_and_stops_its_thread():
     ahead.close()
     assert closed == [True]
     assert not any(t.name == "read-ahead" for t in threading.enumerate())
+
+
+def test_seen_key_tells_rows_apart_exactly_when_row_key_does():
+    values = [1, "1", True, 1.0, "[1]", '["1"]', 0, False, "", None, 10**20, "é", [1], {"a": 1}]
+    rows = [{"id": v} for v in values] + [{"id": 1, "n": 2}, {"id": "1", "n": 1}]
+    for pk in (["id"], ["id", "n"]):
+        for a in rows:
+            for b in rows:
+                same_row_key = (supabase_backup.row_key(a, pk) == supabase_backup.row_key(b, pk))
+                same_seen_key = (supabase_backup.seen_key(a, pk) == supabase_backup.seen_key(b, pk))
+                assert same_seen_key == same_row_key, (a, b, pk)
+                if same_seen_key:
+                    assert hash(supabase_backup.seen_key(a, pk)) == \
+                        hash(supabase_backup.seen_key(b, pk))
