@@ -462,6 +462,7 @@ class SupabaseApi:
         self.url = config.url
         self.key_setting = config.key_setting
         self.requests = 0
+        self._counting = threading.Lock()  # a key range's first page may be read by a thread
         # The ~100,000 objects importing the client made live for the whole run: keep them out
         # of the cyclic collector's way, so that collecting after each page costs next to
         # nothing (see read_table).
@@ -484,7 +485,8 @@ class SupabaseApi:
 
         attempts = len(RETRY_DELAYS) + 1
         for attempt in range(1, attempts + 1):
-            self.requests += 1
+            with self._counting:
+                self.requests += 1
             try:
                 return build().execute()
             except APIError as exc:
@@ -1213,6 +1215,7 @@ class TablePages:
         # A range of keys: after (exclusive) and until (inclusive); keyset paging only.
         self.after, self.until = after, until
         self.largest_page = None  # the server's row cap, once a page has shown it
+        self.in_range = None  # with `until`: how many rows the range holds (its first answer)
 
     def __iter__(self):
         name, page_size, after, offset = self.name, PAGE_SIZE, self.after, 0
@@ -1222,6 +1225,8 @@ class TablePages:
                                      offset if self.paging == "offset" else 0, self.until)
                 if self.until is not None:
                     rows, in_range = rows
+                    if self.in_range is None:
+                        self.in_range = in_range
             except StatementTimeout:
                 if page_size <= MIN_PAGE_SIZE:
                     raise IncompleteBackupError(
@@ -1571,13 +1576,49 @@ class TablePlan:
                 "planned_deletes": len(self.extra_keys)}
 
 
+class RangeRead:
+    """The live rows of one key range (TablePages with after and until): its first page is read
+    by a thread of its own from the start, so that it overlaps comparing the range before; the
+    rest of the range, when it has more, as it is iterated. Reads only."""
+
+    def __init__(self, api, name, meta, after, until):
+        self.pages = TablePages(api, name, meta, after, until)
+        self._iterator = iter(self.pages)
+        self._first, self._error = None, None
+        self._thread = threading.Thread(target=self._read_first, name="range-read", daemon=True)
+        self._thread.start()
+
+    def _read_first(self):
+        try:
+            self._first = next(self._iterator, None)
+        except BaseException as exc:  # raised by first_page(), in the caller's thread
+            self._error = exc
+
+    def first_page(self):
+        """The range's first page, or None when it holds no rows; raises what reading raised."""
+        self.join()
+        if self._error is not None:
+            raise self._error
+        return self._first
+
+    def join(self):
+        self._thread.join()
+
+    def __iter__(self):
+        first = self.first_page()
+        if first is not None:
+            yield first
+            yield from self._iterator
+
+
 class TableComparison:
     """One table's rows from a file against the live table, in memory bounded by a chunk.
 
     The file's rows are taken in chunks of COMPARE_CHUNK; for each chunk the live rows of its key
     range (after the previous chunk's last key, up to its own last key) are read and compared with
-    it. The server compares the keys, so no key order is reproduced here, and memory holds one
-    chunk, not the table. A row found on one side only is kept (key and digest) until finish(),
+    it. The server compares the keys, so no key order is reproduced here, and memory holds two
+    chunks (the one compared, and the next, whose range is read meanwhile: RangeRead), not the
+    table. A row found on one side only is kept (key and digest) until finish(),
     which also matches the rows that turned up in another range than their file chunk's (a file
     whose order the server no longer sorts by, e.g. after a collation change): memory grows with
     the differences, never with the table.
@@ -1593,10 +1634,12 @@ class TableComparison:
                  live_total=None):
         self.api, self.name, self.live_meta = api, name, live_meta
         self.primary_key, self.columns, self.listed = primary_key, columns, listed
-        self.chunk, self.after = [], None  # the file lines of the current chunk
+        self.chunk, self.after = [], None  # the file lines of the chunk being filled
+        self.pending = None  # (lines, until, RangeRead or None): a chunk whose range is read
         # The live row count (counted once, when not given): once that many rows are read, the
         # ranges left are not asked for (into an empty table, no range is).
         self.live_total = live_total
+        self.in_ranges = 0  # the live rows of the ranges asked for so far (their counts)
         self.file_rows = self.live_rows = self.changed = 0
         self.only_file, self.only_live = {}, {}  # key -> digest of the row
         self.changed_keys = {}  # key -> the columns that differ, for the first `listed` keys
@@ -1606,7 +1649,7 @@ class TableComparison:
         self.file_rows += 1
         self.chunk.append(line)
         if len(self.chunk) >= COMPARE_CHUNK:
-            self._compare_range(self._key_values(line))
+            self._chunk_done(self._key_values(line))
 
     def _key_values(self, line):
         row = parse_row(line)
@@ -1620,18 +1663,45 @@ class TableComparison:
             keyed[row_key(row, self.primary_key)] = (line, row)
         return keyed
 
-    def _compare_range(self, until):
+    def _count(self):
         if self.live_total is None:
             counted = exact_count(self.api, self.name)
             self.live_total = math.inf if counted is None else counted
+
+    def _chunk_done(self, until):
+        """A full chunk: compare the one before it while the live rows of its range are read."""
+        self._count()
         chunk, self.chunk = self.chunk, []
+        previous, self.pending = self.pending, None
+        if previous is not None:
+            self._moved_past(previous)
+        self.pending = (chunk, until, self._read(until))
+        if previous is not None:
+            self._compare(*previous)
+
+    def _moved_past(self, pending):
+        """Once a range's first page is in: where the next range starts, and how many live rows
+        the ranges so far hold. Only a range that held rows proves its end lies after its start;
+        an empty one may be a chunk out of the server's order, and moving back would read rows
+        twice. Not moving on after an empty range is always right: the next range covers it,
+        and it was empty."""
+        _, until, read = pending
+        if read is not None and read.first_page() is not None:
+            self.after = until
+            self.in_ranges += read.pages.in_range
+
+    def _read(self, until):
+        """A RangeRead of the rows after self.after up to until, or None when every live row
+        has been read already."""
+        if self.in_ranges >= self.live_total:
+            return None
+        return RangeRead(self.api, self.name, self.live_meta, self.after, until)
+
+    def _compare(self, chunk, until, read):
         # chunk[:same] equalled the first live rows of the range byte for byte; rest is None
         # until a live row does not, then {key: (line, row)} of the chunk's other rows.
-        read, same, rest = 0, 0, None
-        pages = (TablePages(self.api, self.name, self.live_meta, self.after, until)
-                 if self.live_rows < self.live_total else ())
-        for page in pages:
-            read += len(page)
+        same, rest = 0, None
+        for page in read or ():
             for live in page:
                 self.live_rows += 1
                 if rest is None:
@@ -1653,11 +1723,6 @@ class TableComparison:
         else:
             for line, row in rest.values():
                 self.file_only(line, row)
-        # Only a range that held rows proves its end lies after its start; an empty one may be
-        # a chunk out of the server's order, and moving back would read rows twice. Not moving
-        # on after an empty range is always right: the next range covers it, and it was empty.
-        if read:
-            self.after = until
 
     def same_values(self, row, live):
         """Whether two rows hold the same values in the compared columns, as JSON text: Python's
@@ -1686,12 +1751,23 @@ class TableComparison:
             self.changed_keys[key] = columns
 
     def finish(self):
-        """Compare the last chunk, then the live rows after the last range."""
+        """Compare the last chunks, then the live rows after the last range."""
         if self.chunk:
-            self._compare_range(self._key_values(self.chunk[-1]))
-        self._compare_range(None)
+            self._chunk_done(self._key_values(self.chunk[-1]))
+        self._count()
+        previous, self.pending = self.pending, None
+        if previous is not None:
+            self._moved_past(previous)
+            self._compare(*previous)
+        self._compare([], None, self._read(None))
         self.reconcile()
         return self
+
+    def close(self):
+        """Wait for a range still being read (after an error elsewhere); its answer is dropped."""
+        pending, self.pending = self.pending, None
+        if pending is not None and pending[2] is not None:
+            pending[2].join()
 
     def reconcile(self):
         """Match the rows that turned up in different ranges on the two sides."""
@@ -1742,6 +1818,7 @@ class PlanComparison(TableComparison):
         self.spool.write((b"[true," if is_insert else b"[false,") + line + b"]\n")
 
     def close(self):
+        super().close()
         if self.spool is not None:
             self.spool.close()
 
@@ -2165,33 +2242,37 @@ def verify_restore(api, plans, reference_path, expected_counts, ignore_columns=(
     # A count that hits the statement timeout is left to the comparison, which reads every live
     # row anyway (then it skips no range).
     counted = {name: exact_count(api, name) for name in plans}
-    for event in read_backup(reference_path, as_bytes=True):
-        if event[0] == "table" and event[1] in plans:
-            plan = plans[event[1]]
-            comparison = TableComparison(api, plan.name, plan.live_meta, plan.primary_key,
-                                         compared_columns(plan, ignore_columns),
-                                         listed=MISMATCHES_LISTED,
-                                         live_total=(math.inf if counted[plan.name] is None
-                                                     else counted[plan.name]))
-        elif event[0] == "row" and comparison is not None:
-            comparison.add(event[2])
-        elif event[0] == "end_table" and comparison is not None:
-            comparison.finish()
-            name = comparison.name
-            if counted[name] is None:
-                counted[name] = comparison.live_rows
-            if name in expected_counts and counted[name] != expected_counts[name]:
-                mismatches.append({"table": name, "key": None, "problem":
-                                   f"{counted[name]} rows, expected {expected_counts[name]}"})
-                mismatches.total += 1
-            mismatches.total += len(comparison.only_file) + comparison.changed
-            mismatches.extend({"table": comparison.name, "key": key, "problem": "missing"}
-                              for key in itertools.islice(comparison.only_file,
-                                                          MISMATCHES_LISTED))
-            mismatches.extend({"table": comparison.name, "key": key,
-                               "problem": "different values", "columns": columns}
-                              for key, columns in comparison.changed_keys.items())
-            comparison = None
+    try:
+        for event in read_backup(reference_path, as_bytes=True):
+            if event[0] == "table" and event[1] in plans:
+                plan = plans[event[1]]
+                comparison = TableComparison(api, plan.name, plan.live_meta, plan.primary_key,
+                                             compared_columns(plan, ignore_columns),
+                                             listed=MISMATCHES_LISTED,
+                                             live_total=(math.inf if counted[plan.name] is None
+                                                         else counted[plan.name]))
+            elif event[0] == "row" and comparison is not None:
+                comparison.add(event[2])
+            elif event[0] == "end_table" and comparison is not None:
+                comparison.finish()
+                name = comparison.name
+                if counted[name] is None:
+                    counted[name] = comparison.live_rows
+                if name in expected_counts and counted[name] != expected_counts[name]:
+                    mismatches.append({"table": name, "key": None, "problem":
+                                       f"{counted[name]} rows, expected {expected_counts[name]}"})
+                    mismatches.total += 1
+                mismatches.total += len(comparison.only_file) + comparison.changed
+                mismatches.extend({"table": comparison.name, "key": key, "problem": "missing"}
+                                  for key in itertools.islice(comparison.only_file,
+                                                              MISMATCHES_LISTED))
+                mismatches.extend({"table": comparison.name, "key": key,
+                                   "problem": "different values", "columns": columns}
+                                  for key, columns in comparison.changed_keys.items())
+                comparison = None
+    finally:
+        if comparison is not None:
+            comparison.close()
     return mismatches
 
 
@@ -2360,63 +2441,67 @@ def diff_tables(api, path, tables, live_tables):
     Values are compared over the columns both sides have, as PostgREST returns them.
     """
     results, wanted, current = {}, set(tables), None
-    for event in read_backup(path, as_bytes=True):
-        kind = event[0]
-        if kind == "table" and event[1] in wanted:
-            name, meta = event[1], event[2]
-            file_columns = [c["name"] for c in meta.get("columns") or []]
-            result = results[name] = {"file_rows": 0, "live_rows": 0, "only_in_file": 0,
-                                      "only_live": 0, "changed": 0, "only_in_file_keys": [],
-                                      "only_live_keys": [], "changed_keys": [],
-                                      "changed_columns": {}, "columns_only_in_file": [],
-                                      "columns_only_live": []}
-            live_meta = live_tables.get(name)
-            if live_meta is None:
-                result["missing_live"] = True
-                current = ("missing", result)
-                continue
-            live_columns = [c["name"] for c in live_meta["columns"]]
-            result["columns_only_in_file"] = [c for c in file_columns if c not in live_columns]
-            result["columns_only_live"] = [c for c in live_columns if c not in file_columns]
-            columns = [c for c in file_columns if c in live_columns]
-            pk = list(meta.get("primary_key") or [])
-            if pk and pk == list(live_meta["primary_key"]):
-                current = ("keyed", result, TableComparison(api, name, live_meta, pk, columns))
-            else:
-                result["compared_as"] = "whole rows (no primary key)"
-                live_rows = collections.Counter()
-                for page in TablePages(api, name, live_meta):
-                    result["live_rows"] += len(page)
-                    live_rows.update(row_digest(row, columns) for row in page)
-                current = ("whole", result, live_rows, columns)
-        elif kind == "row" and current is not None:
-            result = current[1]
-            result["file_rows"] += 1
-            if current[0] == "missing":
-                result["only_in_file"] += 1
-            elif current[0] == "keyed":
-                current[2].add(event[2])
-            else:
-                live_rows, digest = current[2], row_digest(parse_row(event[2]), current[3])
-                if live_rows[digest] > 0:
-                    live_rows[digest] -= 1
+    try:
+        for event in read_backup(path, as_bytes=True):
+            kind = event[0]
+            if kind == "table" and event[1] in wanted:
+                name, meta = event[1], event[2]
+                file_columns = [c["name"] for c in meta.get("columns") or []]
+                result = results[name] = {"file_rows": 0, "live_rows": 0, "only_in_file": 0,
+                                          "only_live": 0, "changed": 0, "only_in_file_keys": [],
+                                          "only_live_keys": [], "changed_keys": [],
+                                          "changed_columns": {}, "columns_only_in_file": [],
+                                          "columns_only_live": []}
+                live_meta = live_tables.get(name)
+                if live_meta is None:
+                    result["missing_live"] = True
+                    current = ("missing", result)
+                    continue
+                live_columns = [c["name"] for c in live_meta["columns"]]
+                result["columns_only_in_file"] = [c for c in file_columns if c not in live_columns]
+                result["columns_only_live"] = [c for c in live_columns if c not in file_columns]
+                columns = [c for c in file_columns if c in live_columns]
+                pk = list(meta.get("primary_key") or [])
+                if pk and pk == list(live_meta["primary_key"]):
+                    current = ("keyed", result, TableComparison(api, name, live_meta, pk, columns))
                 else:
+                    result["compared_as"] = "whole rows (no primary key)"
+                    live_rows = collections.Counter()
+                    for page in TablePages(api, name, live_meta):
+                        result["live_rows"] += len(page)
+                        live_rows.update(row_digest(row, columns) for row in page)
+                    current = ("whole", result, live_rows, columns)
+            elif kind == "row" and current is not None:
+                result = current[1]
+                result["file_rows"] += 1
+                if current[0] == "missing":
                     result["only_in_file"] += 1
-        elif kind == "end_table" and current is not None:
-            result = current[1]
-            if current[0] == "keyed":
-                comparison = current[2].finish()
-                result.update(
-                    live_rows=comparison.live_rows, only_in_file=len(comparison.only_file),
-                    only_live=len(comparison.only_live), changed=comparison.changed,
-                    only_in_file_keys=list(itertools.islice(comparison.only_file,
-                                                            DIFF_EXAMPLES)),
-                    only_live_keys=list(itertools.islice(comparison.only_live, DIFF_EXAMPLES)),
-                    changed_keys=list(comparison.changed_keys),
-                    changed_columns={k: v for k, v in comparison.changed_keys.items() if v})
-            elif current[0] == "whole":
-                result["only_live"] = sum(current[2].values())
-            current = None
+                elif current[0] == "keyed":
+                    current[2].add(event[2])
+                else:
+                    live_rows, digest = current[2], row_digest(parse_row(event[2]), current[3])
+                    if live_rows[digest] > 0:
+                        live_rows[digest] -= 1
+                    else:
+                        result["only_in_file"] += 1
+            elif kind == "end_table" and current is not None:
+                result = current[1]
+                if current[0] == "keyed":
+                    comparison = current[2].finish()
+                    result.update(
+                        live_rows=comparison.live_rows, only_in_file=len(comparison.only_file),
+                        only_live=len(comparison.only_live), changed=comparison.changed,
+                        only_in_file_keys=list(itertools.islice(comparison.only_file,
+                                                                DIFF_EXAMPLES)),
+                        only_live_keys=list(itertools.islice(comparison.only_live, DIFF_EXAMPLES)),
+                        changed_keys=list(comparison.changed_keys),
+                        changed_columns={k: v for k, v in comparison.changed_keys.items() if v})
+                elif current[0] == "whole":
+                    result["only_live"] = sum(current[2].values())
+                current = None
+    finally:
+        if current is not None and current[0] == "keyed":
+            current[2].close()
     for name in tables:
         if name not in results:
             raise ValidationError(f"{name} is not in {Path(path).name}; check --tables")

@@ -605,6 +605,46 @@ def test_a_verification_mismatch_rolls_back_exactly(changed, db, data, capsys, m
     assert row.as_expected, row.observed
 
 
+@pytest.mark.parametrize("step", ["planning (step 3)", "verifying (step 5)"])
+def test_a_read_that_fails_while_comparing_with_the_live_rows(changed, db, data, capsys,
+                                                              matrix_row, step):
+    """Steps 3 and 5 read a key range's first page in a thread of their own while they compare
+    the range before: a read that fails there stops the restore in its place. Before any write
+    (planning) nothing is written and the log says aborted; after the writes (verifying) the
+    restore is rolled back exactly."""
+    planning = step.startswith("planning")
+    row = matrix_row(f"restore: a read fails for good while {step}", "restore fault",
+                     "nothing written, aborted" if planning else
+                     "rolled back; database exactly as before; safety backup intact",
+                     4 if planning else 8)
+    stack = changed.stack
+    assert run(capsys, data, "restore", "--safe", "--dry-run", "--file", changed.path.name)[0] == 0
+    planning_reads = reads_recorded(stack, "bookings")  # the count, then one range per chunk
+    assert planning_reads >= 2
+    changed.take_before()
+    # The safety backup reads bookings first; then the planning's count; then its first range.
+    # Verifying comes after the planning's reads, with its own count first.
+    after = changed.backup_reads["bookings"] + (1 if planning else planning_reads + 1)
+    stack.faults.add(kind="read", table="bookings", after=after + 1, times=OUTLASTS_RETRIES,
+                     status=500, code="XX000", message="injected: cannot read")
+
+    code, _, err = run(capsys, data, "restore", "--safe", "--file", changed.path.name)
+
+    if planning:
+        row.exited(code)
+        observe_error_line(row, err, "injected: cannot read", "reading bookings")
+        observe_writes(row, stack)
+        row.compare(database_state(db), changed.before, "database = state before")
+        observe_files(row, capsys, data)
+        log = restore_log(data)
+        row.saw(f"restore log: {log['status']}", log["status"] == "aborted")
+        assert code == 4, err
+    else:
+        observe_rolled_back(row, capsys, data, db, changed, code, err, "injected: cannot read")
+        assert code == 8, err
+    assert row.as_expected, row.observed
+
+
 def test_a_failure_during_the_rollback_exits_9_naming_the_rollback_command(
         changed, db, data, capsys, matrix_row):
     row = matrix_row("restore: the rollback fails too (its failed-state snapshot cannot read)",
