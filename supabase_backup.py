@@ -79,6 +79,7 @@ import logging
 import logging.handlers
 import math
 import os
+import queue
 import re
 import shutil
 import sys
@@ -840,6 +841,61 @@ def clear_partial_files(folder):
                  len(removed), ", ".join(removed))
 
 
+class CompressingWriter:
+    """Bytes written here are compressed and written to `target` (a GzipFile) by a thread of its
+    own, 256 KB at a time: zlib lets go of the interpreter while it compresses, so that runs
+    on another core beside reading and encoding the next page. An error there (a full disk) is
+    raised by the next write(), or by close()."""
+
+    CHUNK = 1 << 18
+
+    def __init__(self, target):
+        self.target = target
+        self._parts, self._size = [], 0
+        self._chunks = queue.Queue(maxsize=2)
+        self._error, self._dropping = None, False
+        self._thread = threading.Thread(target=self._compress, name="compress", daemon=True)
+        self._thread.start()
+
+    def _compress(self):
+        while True:
+            data = self._chunks.get()
+            if data is None:
+                return
+            if self._error is None and not self._dropping:
+                try:
+                    self.target.write(data)
+                except BaseException as exc:  # raised by write() or close(), in their thread
+                    self._error = exc
+
+    def _raise(self):
+        if self._error is not None:
+            raise self._error
+
+    def write(self, data):
+        self._raise()
+        self._parts.append(data)
+        self._size += len(data)
+        if self._size >= self.CHUNK:
+            self._chunks.put(b"".join(self._parts))
+            self._parts, self._size = [], 0
+
+    def close(self):
+        """Compress what is left and wait until everything is written."""
+        if self._parts:
+            self._chunks.put(b"".join(self._parts))
+            self._parts, self._size = [], 0
+        self._chunks.put(None)
+        self._thread.join()
+        self._raise()
+
+    def abort(self):
+        """Drop what is not written yet and stop the thread."""
+        self._dropping, self._parts = True, []
+        self._chunks.put(None)
+        self._thread.join()
+
+
 class BackupWriter:
     """Writes a backup file atomically: a temporary name in the same folder, fsync, rename.
 
@@ -854,7 +910,7 @@ class BackupWriter:
         self.raw = os.fdopen(fd, "wb")
         self.gzip = gzip.GzipFile(filename="", mode="wb", fileobj=self.raw,
                                   compresslevel=GZIP_LEVEL, mtime=0)
-        self.out = io.BufferedWriter(self.gzip, buffer_size=1 << 20)
+        self.out = CompressingWriter(self.gzip)
         self.tables_written = 0
         self.rows_written = 0
         head = json.dumps(header, ensure_ascii=False, separators=(",", ":"))
@@ -871,12 +927,16 @@ class BackupWriter:
 
     def write_rows(self, rows):
         """Append rows to the current table, updating its count and checksum."""
+        if not rows:
+            return
         table = self._table
-        for row in rows:
-            line = row_json(row).encode()
-            table["sha"].update(line + b"\n")
-            self.out.write((b"," if table["rows"] else b"") + line + b"\n")
-            table["rows"] += 1
+        lines = b"\n".join([row_json(row).encode() for row in rows]) + b"\n"
+        table["sha"].update(lines)  # the same as line by line, each with its "\n"
+        # Each row on a line of its own, with a comma before it from the second row on (compact
+        # JSON holds no raw newline: the first len(rows) - 1 are the ones between rows).
+        self.out.write((b"," if table["rows"] else b"")
+                       + lines.replace(b"\n", b"\n,", len(rows) - 1))
+        table["rows"] += len(rows)
         self.rows_written += len(rows)
 
     def end_table(self, **trailer):
@@ -893,7 +953,7 @@ class BackupWriter:
         """Write the closing line, fsync, and rename into place; the file is whole from here on."""
         tail = json.dumps({"complete": True, **trailer}, ensure_ascii=False, separators=(",", ":"))
         self.out.write(b"}," + tail[1:].encode() + b"\n")
-        self.out.flush()
+        self.out.close()
         self.gzip.close()
         self.raw.flush()
         os.fsync(self.raw.fileno())
@@ -904,7 +964,7 @@ class BackupWriter:
 
     def abort(self):
         """Throw the unfinished file away."""
-        for closer in (self.out.close, self.gzip.close, self.raw.close):
+        for closer in (self.out.abort, self.gzip.close, self.raw.close):
             try:
                 closer()
             except Exception:  # the file is being thrown away; closing errors do not matter
@@ -1267,7 +1327,9 @@ def read_table(api, name, meta, writer, progress):
     progress.start(name, count_before)
     writer.begin_table(name, {**meta, "order_by": pages.order_by, "paging": pages.paging,
                               "numeric_as_text": pages.select != "*"})
-    for rows in pages:
+    # The next page is asked for by a thread of its own while this one is encoded (one request
+    # in flight; keyset paging learns the next key from the page before).
+    for rows in read_ahead(pages):
         writer.write_rows(rows)
         progress.advance(len(rows))
     paging, pages = pages.paging, pages.pages

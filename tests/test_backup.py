@@ -934,3 +934,29 @@ def test_script_for_cron_is_silent_on_success_and_one_line_on_failure(stack, dat
                           capture_output=True, text=True, timeout=60)
     assert anon.returncode == 3
     assert len(anon.stderr.splitlines()) == 1 and stack.anon_key not in anon.stderr
+
+
+def test_the_compressing_thread_hands_every_byte_on_in_order_and_raises_its_errors():
+    import io as _io
+
+    sink = _io.BytesIO()
+    writer = supabase_backup.CompressingWriter(sink)
+    parts = [bytes([i % 251]) * (i * 997 % 70000) for i in range(200)]
+    for part in parts:
+        writer.write(part)
+    writer.close()
+    assert sink.getvalue() == b"".join(parts)
+
+    class FullDisk(_io.BytesIO):
+        def write(self, data):
+            if self.tell() + len(data) > 600_000:
+                raise OSError(28, "No space left on device")
+            return super().write(data)
+
+    writer = supabase_backup.CompressingWriter(FullDisk())
+    with pytest.raises(OSError, match="No space left"):
+        for _ in range(100):
+            writer.write(b"x" * 100_000)
+        writer.close()
+    writer.abort()
+    assert not writer._thread.is_alive()
