@@ -1448,14 +1448,37 @@ def row_digest(row, columns):
 
 def seen_key(row, primary_key):
     """A key to tell rows apart by, cheaper in time and memory than row_key where it can be: a
-    one-column key's value itself when it is an int or a string. Two rows get equal seen_keys
-    only when their row_keys are equal (an int never equals a string or a tuple; bool, float
-    and the rest take the JSON text, in a tuple)."""
-    if len(primary_key) == 1:
-        value = row.get(primary_key[0])
-        if type(value) is int or type(value) is str:
-            return value
+    one-column key's value itself when it is an int or a string, a tuple of the values of a
+    longer key made of those. Two rows get equal seen_keys only when their row_keys are equal
+    (an int never equals a string; a key with a bool, float or anything else takes its JSON
+    text, in a tuple of one, which never equals a value or a longer tuple)."""
+    values = [row.get(column) for column in primary_key]
+    if all(type(value) is int or type(value) is str for value in values):
+        return values[0] if len(values) == 1 else tuple(values)
     return (row_key(row, primary_key),)
+
+
+def _rises(before, key):
+    try:
+        return key > before
+    except TypeError:  # keys of different kinds: not known to rise
+        return False
+
+
+def _repeated_keys(path, names):
+    """The second pass of scan_backup for tables whose keys did not keep rising: a set of each
+    one's keys, one table at a time."""
+    problems, keys, pk = [], set(), None
+    for event in read_backup(path, as_bytes=True):
+        if event[0] == "table":
+            keys, pk = set(), (event[2].get("primary_key") or [] if event[1] in names else None)
+        elif event[0] == "row" and pk:
+            row = parse_row(event[2])
+            key = seen_key(row, pk)
+            if key in keys:
+                problems.append(f"{event[1]}: key {row_key(row, pk)} appears twice")
+            keys.add(key)
+    return problems
 
 
 @dataclass
@@ -1470,16 +1493,20 @@ class BackupScan:
 def scan_backup(path, tables_wanted=None):
     """Read a whole backup file, checking what can be checked offline: format, checksums, row
     structure, and primary keys (present, non-null, unique). Raises ValidationError listing the
-    problems. Memory: one key per row of a table with a primary key, one table at a time."""
+    problems.
+
+    Memory does not grow with the rows: keys that keep rising (as the server sorted them, for
+    ints, uuids and most keys) cannot repeat, so only the last one is kept. A table whose keys
+    do not keep rising in Python's order (text under a collation, an edited file) is checked
+    again in a second pass with a set of its keys."""
     header, tables, problems = None, {}, []
-    keys, name, meta = set(), None, None
+    name, meta, unsorted, last = None, None, set(), None
     for event in read_backup(path):
         kind = event[0]
         if kind == "header":
             header = event[1]
         elif kind == "table":
-            name, meta = event[1], event[2]
-            keys = set()
+            name, meta, last = event[1], event[2], None
             known = {c["name"] for c in meta.get("columns") or []}
             pk = meta.get("primary_key") or []
             tables[name] = {"meta": meta, "bad_rows": 0}
@@ -1504,14 +1531,17 @@ def scan_backup(path, tables_wanted=None):
                     problems.append(f"{name}: a row has no value for key column "
                                     f"{', '.join(missing)}")
                     continue
-                key = seen_key(row, pk)
-                if key in keys:
-                    problems.append(f"{name}: key {row_key(row, pk)} appears twice")
-                keys.add(key)
+                if name not in unsorted:
+                    key = seen_key(row, pk)
+                    if last is None or _rises(last, key):
+                        last = key
+                    else:
+                        unsorted.add(name)
         elif kind == "end_table":
             tables[event[1]].update(row_count=event[2].get("row_count"),
                                     sha256=event[2].get("sha256"))
-            keys = set()
+    if unsorted:
+        problems.extend(_repeated_keys(path, unsorted))
     if problems:
         shown = "; ".join(dict.fromkeys(problems[:5]))
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""

@@ -722,3 +722,42 @@ def test_seen_key_tells_rows_apart_exactly_when_row_key_does():
                 if same_seen_key:
                     assert hash(supabase_backup.seen_key(a, pk)) == \
                         hash(supabase_backup.seen_key(b, pk))
+
+
+def write_file(path, rows, key=lambda i: i):
+    """A backup file of one table `t` (id primary key, body) with the given number of rows."""
+    writer = supabase_backup.BackupWriter(path, {"format": supabase_backup.FORMAT_NAME,
+                                                 "format_version": supabase_backup.FORMAT_VERSION})
+    writer.begin_table("t", {"columns": [{"name": "id"}, {"name": "body"}],
+                             "primary_key": ["id"]})
+    for start in range(0, rows, 1000):
+        writer.write_rows([{"id": key(i), "body": "x" * 40}
+                           for i in range(start, min(rows, start + 1000))])
+    writer.end_table()
+    return writer.finish()
+
+
+@pytest.mark.parametrize("key", [lambda i: i, lambda i: f"{i:08d}-a"], ids=["int", "text"])
+def test_checking_a_file_for_repeated_keys_takes_memory_that_does_not_grow_with_it(tmp_path,
+                                                                                  key):
+    import tracemalloc
+
+    peaks = {}
+    for rows in (5000, 80000):
+        path = write_file(tmp_path / f"{rows}.json.gz", rows, key)
+        tracemalloc.start()
+        try:
+            supabase_backup.scan_backup(path)
+            peaks[rows] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    # A set of 80,000 keys alone would take some 4 MB more.
+    assert peaks[80000] < peaks[5000] * 1.5, peaks
+
+
+def test_a_key_that_repeats_out_of_order_is_still_found(tmp_path):
+    path = write_file(tmp_path / "b.json.gz", 3000, key=lambda i: (2999 - i) if i < 2999 else 5)
+    with pytest.raises(supabase_backup.ValidationError, match=r"t: key \[5\] appears twice"):
+        supabase_backup.scan_backup(path)
+    path = write_file(tmp_path / "c.json.gz", 3000, key=lambda i: 2999 - i)
+    assert supabase_backup.scan_backup(path).tables["t"]["row_count"] == 3000
