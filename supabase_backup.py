@@ -93,7 +93,7 @@ from typing import Mapping, NamedTuple
 
 from dotenv import dotenv_values
 
-TOOL_VERSION = "0.3.0"
+TOOL_VERSION = "0.4.0"
 FORMAT_NAME = "supabase_backup"
 FORMAT_VERSION = 1
 
