@@ -121,6 +121,7 @@ WRITE_BATCH_SIZE = 1000  # rows per upsert request; a batch that times out is sp
 DELETE_BATCH_SIZE = 100  # keys per delete or key-lookup request (they travel in the URL)
 DIFF_EXAMPLES = 5  # keys shown per kind of difference
 MISMATCHES_LISTED = 100  # mismatches a verification lists per kind and table (all are counted)
+THREAD_GRACE = 5  # seconds a reading thread gets to end after its consumer stopped early
 COMPARE_CHUNK = 1000  # file rows compared with the live rows of their key range at a time
 GENERATED_COLUMN = "428C9"  # PostgreSQL: cannot insert a non-DEFAULT value into a column
 FK_VIOLATION = "23503"
@@ -1474,6 +1475,8 @@ def _repeated_keys(path, names):
             keys, pk = set(), (event[2].get("primary_key") or [] if event[1] in names else None)
         elif event[0] == "row" and pk:
             row = parse_row(event[2])
+            if not isinstance(row, dict) or any(row.get(c) is None for c in pk):
+                continue  # named by the first pass already
             key = seen_key(row, pk)
             if key in keys:
                 problems.append(f"{event[1]}: key {row_key(row, pk)} appears twice")
@@ -1655,7 +1658,7 @@ class TablePlan:
         """(is_insert, key) of every spooled row a write was sent for, read from the spool."""
         if self.spool is None:
             return
-        with open(self.spool, encoding="utf-8") as spool:
+        with open(self.spool, "rb") as spool:  # lines end at b"\n" only, as they were written
             for index, line in enumerate(spool):
                 if self.sent_rows[index]:
                     is_insert, row = json.loads(line)
@@ -1693,8 +1696,8 @@ class RangeRead:
             raise self._error
         return self._first
 
-    def join(self):
-        self._thread.join()
+    def join(self, timeout=None):
+        self._thread.join(timeout)
 
     def __iter__(self):
         first = self.first_page()
@@ -1763,10 +1766,9 @@ class TableComparison:
     def _chunk_done(self, until):
         """A full chunk: compare the one before it while the live rows of its range are read."""
         self._count()
-        chunk, self.chunk = self.chunk, []
-        previous, self.pending = self.pending, None
+        chunk, self.chunk, previous = self.chunk, [], self.pending
         if previous is not None:
-            self._moved_past(previous)
+            self._moved_past(previous)  # close() still finds it pending while this waits
         self.pending = (chunk, until, self._read(until))
         if previous is not None:
             self._compare(*previous)
@@ -1847,19 +1849,21 @@ class TableComparison:
         if self.chunk:
             self._chunk_done(self._key_values(self.chunk[-1]))
         self._count()
-        previous, self.pending = self.pending, None
+        previous = self.pending
         if previous is not None:
             self._moved_past(previous)
+            self.pending = None
             self._compare(*previous)
         self._compare([], None, self._read(None))
         self.reconcile()
         return self
 
     def close(self):
-        """Wait for a range still being read (after an error elsewhere); its answer is dropped."""
+        """After an error elsewhere (or Ctrl-C): give a range still being read a moment to end;
+        its answer is dropped. The thread only reads, and does not outlive the process."""
         pending, self.pending = self.pending, None
         if pending is not None and pending[2] is not None:
-            pending[2].join()
+            pending[2].join(THREAD_GRACE)
 
     def reconcile(self):
         """Match the rows that turned up in different ranges on the two sides."""
@@ -1920,8 +1924,8 @@ class PlanComparison(TableComparison):
             return
         plan, fixed = self.plan, self.spool_path.with_suffix(".fixed")
         changed = False
-        with open(self.spool_path, encoding="utf-8") as spool, \
-                open(fixed, "w", encoding="utf-8", opener=private_opener) as out:
+        with open(self.spool_path, "rb") as spool, \
+                open(fixed, "wb", opener=private_opener) as out:
             for line in spool:
                 is_insert, row = json.loads(line)
                 key = row_key(row, plan.primary_key) if is_insert else None
@@ -1932,7 +1936,7 @@ class PlanComparison(TableComparison):
                         plan.unchanged += 1
                         continue
                     plan.updates += 1
-                    line = compact_json([False, row]) + "\n"
+                    line = compact_json([False, row]).encode() + b"\n"
                 out.write(line)
         if changed:
             os.replace(fixed, self.spool_path)
@@ -1990,7 +1994,7 @@ def spool_parents_first(plan, columns):
     Only keys are held in memory; the rows are sorted by depth through one file per level.
     """
     parents = {}
-    with open(plan.spool, encoding="utf-8") as spool:
+    with open(plan.spool, "rb") as spool:
         for line in spool:
             row = json.loads(line)[1]
             parents[row_key(row, plan.primary_key)] = [
@@ -2013,14 +2017,14 @@ def spool_parents_first(plan, columns):
         return
     levels = {}
     try:
-        with open(plan.spool, encoding="utf-8") as spool:
+        with open(plan.spool, "rb") as spool:
             for line in spool:
                 depth = depths[row_key(json.loads(line)[1], plan.primary_key)]
                 if depth not in levels:
-                    levels[depth] = open(plan.spool.with_name(f"{plan.spool.stem}.{depth}"), "w+",
-                                         encoding="utf-8", opener=private_opener)
+                    levels[depth] = open(plan.spool.with_name(f"{plan.spool.stem}.{depth}"), "w+b",
+                                         opener=private_opener)
                 levels[depth].write(line)
-        with open(plan.spool, "w", encoding="utf-8") as spool:
+        with open(plan.spool, "wb") as spool:
             for depth in sorted(levels):
                 levels[depth].seek(0)
                 shutil.copyfileobj(levels[depth], spool)
@@ -2118,7 +2122,19 @@ def read_ahead(items, depth=2):
         with ready:
             stop = True
             ready.notify_all()
-        thread.join()
+        # Done, or stopped early (an error, Ctrl-C): a request in flight may take its time, and
+        # the thread only reads, so it gets a moment, not a wait for the request's timeout.
+        thread.join(THREAD_GRACE)
+
+
+def at_most(batch, plan):
+    """A batch in parts of at most plan.batch_size rows, read as each part is taken: batches made
+    ahead (read_ahead) at a size a statement timeout has since halved are not sent whole."""
+    begin = 0
+    while begin < len(batch):
+        size = plan.batch_size
+        yield batch if begin == 0 and len(batch) <= size else batch.part(begin, begin + size)
+        begin += size
 
 
 def payload(plan, row):
@@ -2275,11 +2291,12 @@ def upsert_restore(api, plans, order, progress):
     for name in order:
         plan = plans[name]
         progress.start(name, plan.inserts + plan.updates)
-        for batch in read_ahead(spooled_batches(plan)):
-            try:
-                progress.advance(write(plan, batch))
-            except MissingParent as missing:
-                pending.append((plan, missing.batch))
+        for made in read_ahead(spooled_batches(plan)):
+            for batch in at_most(made, plan):
+                try:
+                    progress.advance(write(plan, batch))
+                except MissingParent as missing:
+                    pending.append((plan, missing.batch))
         progress.done(f"  {name}: {plan.written_inserts} inserted, {plan.written_updates} "
                       f"updated, {plan.unchanged} unchanged"
                       + (f", {sum(len(b) for p, b in pending if p is plan)} waiting for parent "
