@@ -332,51 +332,57 @@ def last_id(body):
     return int(body[at:end])
 
 
-def floor_read(path):
-    """Page the table by key, writing each response's raw bytes (length-prefixed) to gzip."""
-    after, pages, rows = None, 0, 0
-    with _floor_client() as client, gzip.open(path, "wb", compresslevel=GZIP_LEVEL) as out:
+def page_table(handle):
+    """Page the table by key through the API, one request at a time (1000 rows, the tool's
+    select list); handle(response) does a floor's work on each page and returns (rows in the
+    page, the page's last id). Stops after the first short page."""
+    after = None
+    with _floor_client() as client:
         while True:
             params = {"select": SELECT, "order": "id.asc", "limit": str(PAGE)}
             if after is not None:
                 params["id"] = f"gt.{after}"
             response = client.get(f"/{TABLE}", params=params)
             response.raise_for_status()
+            count, after = handle(response)
+            if count < PAGE:
+                return
+
+
+def floor_read(path):
+    """Page the table by key, writing each response's raw bytes (length-prefixed) to gzip."""
+    totals = {"pages": 0, "rows": 0}
+    with gzip.open(path, "wb", compresslevel=GZIP_LEVEL) as out:
+        def write_raw(response):
             body = response.content
             out.write(b"%d\n" % len(body))
             out.write(body)
-            pages += 1
             count = page_rows(response.headers.get("Content-Range", ""))
-            rows += count
-            if count < PAGE:
-                break
-            after = last_id(body)
-    print(json.dumps({"pages": pages, "rows": rows}))
+            totals["pages"] += 1
+            totals["rows"] += count
+            return count, (last_id(body) if count else None)
+
+        page_table(write_raw)
+    print(json.dumps(totals))
 
 
 def floor_format(path):
     """The read floor plus the least work the backup format asks for: parse each page, encode
     each row as compact JSON, checksum it, gzip it. No verification, no counts."""
     encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-    after, rows = None, 0
-    sha = hashlib.sha256()
-    with _floor_client() as client, gzip.open(path, "wb", compresslevel=GZIP_LEVEL) as out:
-        while True:
-            params = {"select": SELECT, "order": "id.asc", "limit": str(PAGE)}
-            if after is not None:
-                params["id"] = f"gt.{after}"
-            response = client.get(f"/{TABLE}", params=params)
-            response.raise_for_status()
+    totals, sha = {"rows": 0}, hashlib.sha256()
+    with gzip.open(path, "wb", compresslevel=GZIP_LEVEL) as out:
+        def write_rows(response):
             page = response.json()
             for row in page:
                 line = encode(row).encode()
                 sha.update(line + b"\n")
                 out.write(line + b",\n")
-            rows += len(page)
-            if len(page) < PAGE:
-                break
-            after = page[-1]["id"]
-    print(json.dumps({"rows": rows, "sha256": sha.hexdigest()}))
+            totals["rows"] += len(page)
+            return len(page), (page[-1]["id"] if page else None)
+
+        page_table(write_rows)
+    print(json.dumps({**totals, "sha256": sha.hexdigest()}))
 
 
 def floor_write(path):
