@@ -10,8 +10,11 @@ database through a path that is not the tool's.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import threading
 from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import psycopg
@@ -19,7 +22,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import FAST_RETRIES, SETTINGS  # noqa: E402
+from helpers import FAST_RETRIES, REPO_ROOT, isolated_work_dir  # noqa: E402
 from local_supabase import LocalSupabase  # noqa: E402
 
 import supabase_backup  # noqa: E402
@@ -71,18 +74,46 @@ def client(stack):
 @pytest.fixture
 def data(stack, tmp_path, monkeypatch):
     """A data folder, the stack's URL and service key in the environment, and no other settings."""
-    for name in SETTINGS:
-        monkeypatch.delenv(name, raising=False)
-    work = tmp_path / "work"
-    work.mkdir()
-    script_dir = tmp_path / "script"
-    script_dir.mkdir()
-    monkeypatch.chdir(work)
-    monkeypatch.setattr(supabase_backup, "SCRIPT_DIR", script_dir)
+    isolated_work_dir(tmp_path, monkeypatch)
     monkeypatch.setattr(supabase_backup, "RETRY_DELAYS", FAST_RETRIES)
     monkeypatch.setenv("SUPABASE_URL", stack.url)
     monkeypatch.setenv("SUPABASE_SERVICE_ROLE_KEY", stack.service_role_key)
     return tmp_path / "data"
+
+
+@pytest.fixture
+def script(tmp_path):
+    """A copy of the script in a folder of its own, so that no real .env next to it is read."""
+    app = tmp_path / "app"
+    app.mkdir()
+    shutil.copy(REPO_ROOT / "supabase_backup.py", app)
+    return app / "supabase_backup.py"
+
+
+@pytest.fixture
+def html_server_url():
+    """A web server that is not PostgREST: an HTML 404 page for everything."""
+
+    class NotFound(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b"<html><body><h1>404 Not Found</h1></body></html>"
+            self.send_response(404)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_HEAD = do_POST = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
 
 
 # --- The fault matrix (tests/test_faults.py) -------------------------------------------------

@@ -40,6 +40,21 @@ NO_UPDATED_AT = {"bookings": ["updated_at"]}
 OUTLASTS_RETRIES = len(FAST_RETRIES) + 1
 
 
+def isolated_work_dir(tmp_path, monkeypatch):
+    """No settings anywhere: none in the environment, an empty working directory tmp_path/work
+    (made current) and an empty folder as the script's own (no .env next to it); returns the
+    working directory."""
+    for name in SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    work = tmp_path / "work"
+    work.mkdir()
+    script_dir = tmp_path / "script"
+    script_dir.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(supabase_backup, "SCRIPT_DIR", script_dir)
+    return work
+
+
 def make_backup(capsys, data, *argv):
     """A completed backup (exit 0 asserted); returns its path."""
     folder = data / "backups"
@@ -107,11 +122,13 @@ def counts(state):
     return {table: len(rows) for table, rows in state.items()}
 
 
-def error_line(err):
-    """The last line of a failed run: one error line, no traceback."""
+def error_line(err, alone=False):
+    """The last line of a failed run: one error line, no traceback; with alone, also the only
+    line of err."""
     assert "Traceback" not in err
     errors = [line for line in err.splitlines() if line.startswith("supabase_backup: error: ")]
     assert len(errors) == 1 and err.splitlines()[-1] == errors[0], err
+    assert not alone or len(err.splitlines()) == 1, err
     return errors[0]
 
 

@@ -23,7 +23,6 @@ import threading
 import time
 import tracemalloc
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -33,7 +32,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import supabase_backup  # noqa: E402
-from helpers import SETTINGS, run  # noqa: E402
+from helpers import SETTINGS, error_line, make_backup, run, wait_for  # noqa: E402
 from local_supabase import make_jwt  # noqa: E402
 
 DEMO_TABLES = {"app_settings": 5, "audit_events": 1500, "bookings": 5000, "package_tags": 900,
@@ -98,33 +97,8 @@ def assert_same_rows(file_rows, expected_rows, table):
         f"extra {list(extra)[:2]}")
 
 
-def error_line(err):
-    """The single line a failing run prints; fails if there is more than one line."""
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("supabase_backup: error: ") and "Traceback" not in err
-    return lines[0]
-
-
 def reads_of(stack, table):
     return [r for r in stack.requests if r.table == table and r.method in ("GET", "HEAD")]
-
-
-def wait_for(condition, timeout=20.0, what="the condition"):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
-
-def make_backup(capsys, data, *argv):
-    """A completed backup (exit 0 asserted); returns its path."""
-    before = set(backups_in(data))
-    code, _, err = run(capsys, data, "backup", *argv)
-    assert code == 0, err
-    (name,) = set(backups_in(data)) - before
-    return data / "backups" / name
 
 
 def backup_with_name(capsys, data, moment):
@@ -361,15 +335,6 @@ def test_memory_does_not_grow_with_the_table(stack, db, data, capsys):
 
 # --- interrupted runs and the lock --------------------------------------------------------------
 
-@pytest.fixture
-def script(tmp_path):
-    """A copy of the script in a folder of its own, so that no .env next to it is read."""
-    app = tmp_path / "app"
-    app.mkdir()
-    shutil.copy(REPO_ROOT / "supabase_backup.py", app)
-    return app / "supabase_backup.py"
-
-
 def script_env(stack, data, **settings):
     env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
     env.update({"SUPABASE_URL": stack.url, "SUPABASE_SERVICE_ROLE_KEY": stack.service_role_key,
@@ -395,7 +360,8 @@ def test_kill_9_mid_backup_leaves_no_final_file_and_the_next_run_cleans_up(stack
         code, _, err = run(capsys, data, "backup", "--tables", "app_settings")
         assert code == 5
         assert time.monotonic() - started < 5
-        assert f"pid {process.pid}" in error_line(err) and "wait for it to finish" in err
+        line = error_line(err, alone=True)
+        assert f"pid {process.pid}" in line and "wait for it to finish" in err
 
         os.kill(process.pid, signal.SIGKILL)
         assert process.wait(timeout=10) == -signal.SIGKILL
@@ -429,7 +395,7 @@ def test_a_held_lock_makes_a_second_backup_exit_5_at_once(stack, data, capsys):
         assert time.monotonic() - started < 5
 
     assert code == 5 and out == ""
-    line = error_line(err)
+    line = error_line(err, alone=True)
     assert "pid 4242" in line and str(data) in line and "one backup or restore at a time" in line
     assert backups_in(data) == []
     assert not [r for r in stack.requests if r.method == "GET"], "nothing was read"
@@ -448,7 +414,7 @@ def test_a_key_that_is_not_the_service_role_is_refused(stack, data, capsys, monk
     code, out, err = run(capsys, data, "backup")
 
     assert code == 3 and out == ""
-    line = error_line(err)
+    line = error_line(err, alone=True)
     assert "not the service role" in line and "--allow-rls-limited" in line
     assert key not in err + (data / "logs" / "supabase_backup.log").read_text()
     assert backups_in(data) == []
@@ -515,33 +481,6 @@ def closed_port_url():
     return f"http://127.0.0.1:{port}"
 
 
-@pytest.fixture
-def html_server_url():
-    """A web server that is not PostgREST: an HTML 404 page for everything."""
-
-    class NotFound(BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = b"<html><body><h1>404 Not Found</h1></body></html>"
-            self.send_response(404)
-            self.send_header("Content-Type", "text/html")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
-
-        do_HEAD = do_GET
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-
-
 @pytest.mark.parametrize("case, exit_code, words", [
     ("missing url", 3, ["SUPABASE_URL is not set"]),
     ("invalid url", 3, ["SUPABASE_URL is not a valid URL"]),
@@ -581,7 +520,7 @@ def test_configuration_and_connection_failures_are_one_clear_line(
     assert time.monotonic() - started < 10
     assert code == exit_code, err
     assert out == ""
-    line = error_line(err)
+    line = error_line(err, alone=True)
     for word in words:
         assert word in line
     log_file = data / "logs" / "supabase_backup.log"
@@ -812,7 +751,7 @@ def test_check_refuses_a_damaged_file_with_exit_7_and_one_line(stack, data, caps
 
     assert code == 7, err
     assert out == ""
-    assert path.name in error_line(err)
+    assert path.name in error_line(err, alone=True)
 
 
 def test_check_refuses_a_flipped_bit_anywhere_in_the_middle(stack, data, capsys, tmp_path):
@@ -827,7 +766,7 @@ def test_check_refuses_a_flipped_bit_anywhere_in_the_middle(stack, data, capsys,
         code, out, err = run(capsys, data, "check", "--file", str(damaged))
 
         assert code == 7, f"a bit flipped at byte {offset} of {size}: {err}"
-        assert "damaged.json.gz" in error_line(err)
+        assert "damaged.json.gz" in error_line(err, alone=True)
 
 
 def test_list_shows_backups_newest_first_with_tables_and_rows(stack, data, capsys):
@@ -903,7 +842,7 @@ def test_output_path_writes_there_and_not_in_backups(stack, data, capsys, tmp_pa
     assert BACKUP_NAME.fullmatch(named), "a folder gets a timestamped name in it"
 
     code, _, err = run(capsys, data, "backup", "--output", str(tmp_path / "nowhere" / "x.json.gz"))
-    assert code == 3 and "does not exist" in error_line(err)
+    assert code == 3 and "does not exist" in error_line(err, alone=True)
 
 
 def test_quiet_prints_nothing_and_json_prints_a_summary(stack, data, capsys):

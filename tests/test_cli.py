@@ -5,7 +5,6 @@ tmp_path, and a few subprocess runs of `python supabase_backup.py ...`.
 """
 
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -19,7 +18,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import supabase_backup  # noqa: E402
-from helpers import SETTINGS  # noqa: E402
+from helpers import SETTINGS, isolated_work_dir  # noqa: E402
 
 URL = "https://abcdefghijklmnop.supabase.co"
 # Distinctive, so that any leak into output or files is found by a plain substring search.
@@ -35,15 +34,7 @@ CONFIGURED_EXIT = 7
 @pytest.fixture
 def home(tmp_path, monkeypatch):
     """A working directory with no settings anywhere: no environment, no .env, empty script dir."""
-    for name in SETTINGS:
-        monkeypatch.delenv(name, raising=False)
-    work = tmp_path / "work"
-    work.mkdir()
-    script_dir = tmp_path / "script"
-    script_dir.mkdir()
-    monkeypatch.chdir(work)
-    monkeypatch.setattr(supabase_backup, "SCRIPT_DIR", script_dir)
-    return work
+    return isolated_work_dir(tmp_path, monkeypatch)
 
 
 @pytest.fixture
@@ -278,15 +269,6 @@ def test_ctrl_c_exits_130(configured, capsys, monkeypatch):
 
 
 # --- subprocess: what cron and a person at a terminal see ---------------------------------------
-
-@pytest.fixture
-def script(tmp_path):
-    """A copy of the script in a folder of its own, so that no real .env next to it is read."""
-    app = tmp_path / "app"
-    app.mkdir()
-    shutil.copy(REPO_ROOT / "supabase_backup.py", app)
-    return app / "supabase_backup.py"
-
 
 def run_script(script, *argv, **settings):
     env = {k: v for k, v in os.environ.items() if k not in SETTINGS}

@@ -23,7 +23,6 @@ import sys
 import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -925,32 +924,6 @@ def test_a_huge_row_is_restored_exactly(fresh_stack, db, data, capsys, matrix_ro
 
 
 # --- configuration -------------------------------------------------------------------------------
-
-@pytest.fixture
-def html_server_url():
-    """A web server that is not PostgREST: an HTML 404 page for everything."""
-
-    class NotFound(BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = b"<html><body><h1>404 Not Found</h1></body></html>"
-            self.send_response(404)
-            self.send_header("Content-Type", "text/html")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
-
-        do_HEAD = do_POST = do_GET
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-
 
 # case: ({setting: value, None to unset it, or a function of (stack, request) making it}, exit
 # code, the words of the error line)
