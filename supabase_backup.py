@@ -641,17 +641,6 @@ class SupabaseApi:
 
         self.execute(f"deleting {len(keys)} row(s) of {table}", build, writes=True)
 
-    def rows_by_key(self, table, select, primary_key, keys):
-        """The live rows with these key value lists."""
-        found = []
-        for start in range(0, len(keys), DELETE_BATCH_SIZE):
-            part = keys[start:start + DELETE_BATCH_SIZE]
-            found.extend(self.execute(
-                f"reading {len(part)} row(s) of {table}",
-                lambda: key_filter(self.client.table(table).select(select), primary_key,
-                                   part)).data)
-        return found
-
 
 def filter_value(value):
     """A key value as PostgREST reads it in a filter (booleans lower-case, None as null)."""
@@ -2882,7 +2871,7 @@ class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
 
     def _open(self):
         stream = open(self.baseFilename, self.mode, encoding=self.encoding, errors=self.errors,
-                      opener=lambda path, flags: os.open(path, flags, 0o600))
+                      opener=private_opener)
         os.chmod(self.baseFilename, 0o600)
         return stream
 

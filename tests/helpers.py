@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -231,3 +232,25 @@ def kill_9_mid_write(stack, data, tmp_path, path, command=None):
     wait_for(lambda: stack.writes("users") - writes_before == slow.seen,
              what="the server to answer the last write")
     stack.faults.clear()
+
+
+def backup_while_a_table_is_dropped(capsys, db, data, when, what):
+    """`backup --tables app_settings,scratch_doomed` of a 100-row table scratch_doomed that a
+    thread drops as soon as when() holds (what names the moment); returns (code, out, err)."""
+    db.execute("CREATE TABLE public.scratch_doomed (id int PRIMARY KEY, body text)")
+    try:
+        db.execute("INSERT INTO public.scratch_doomed SELECT i, 'row ' || i "
+                   "FROM generate_series(1, 100) AS i")
+
+        def drop_it():
+            wait_for(when, what=what)
+            db.execute("DROP TABLE public.scratch_doomed")
+
+        dropper = threading.Thread(target=drop_it)
+        dropper.start()
+        try:
+            return run(capsys, data, "backup", "--tables", "app_settings,scratch_doomed")
+        finally:
+            dropper.join()
+    finally:
+        db.execute("DROP TABLE IF EXISTS public.scratch_doomed")

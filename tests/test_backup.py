@@ -32,7 +32,8 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import supabase_backup  # noqa: E402
-from helpers import SETTINGS, error_line, make_backup, run, wait_for  # noqa: E402
+from helpers import (  # noqa: E402
+    SETTINGS, backup_while_a_table_is_dropped, error_line, make_backup, run, wait_for)
 from local_supabase import make_jwt  # noqa: E402
 
 DEMO_TABLES = {"app_settings": 5, "audit_events": 1500, "bookings": 5000, "package_tags": 900,
@@ -561,26 +562,11 @@ def test_a_persistent_read_failure_exits_4_and_writes_no_file(stack, data, capsy
 
 
 def test_a_table_dropped_mid_backup_fails_the_run_with_no_file(stack, db, data, capsys):
-    db.execute("CREATE TABLE public.scratch_doomed (id int PRIMARY KEY, body text)")
-    try:
-        db.execute("INSERT INTO public.scratch_doomed SELECT i, 'row ' || i "
-                   "FROM generate_series(1, 100) AS i")
-        stack.max_rows = 7
-        stack.faults.add(kind="read", table="scratch_doomed", action="latency", delay=0.02)
-
-        def drop_it():
-            wait_for(lambda: len(reads_of(stack, "scratch_doomed")) >= 4,
-                     what="the backup to be reading scratch_doomed")
-            db.execute("DROP TABLE public.scratch_doomed")
-
-        dropper = threading.Thread(target=drop_it)
-        dropper.start()
-        try:
-            code, _, err = run(capsys, data, "backup", "--tables", "app_settings,scratch_doomed")
-        finally:
-            dropper.join()
-    finally:
-        db.execute("DROP TABLE IF EXISTS public.scratch_doomed")
+    stack.max_rows = 7
+    stack.faults.add(kind="read", table="scratch_doomed", action="latency", delay=0.02)
+    code, _, err = backup_while_a_table_is_dropped(
+        capsys, db, data, lambda: len(reads_of(stack, "scratch_doomed")) >= 4,
+        "the backup to be reading scratch_doomed")
 
     assert code == 6, err
     line = err.splitlines()[-1]
@@ -904,10 +890,10 @@ def test_the_compressing_thread_hands_every_byte_on_in_order_and_raises_its_erro
 def test_rows_are_encoded_exactly_as_compact_json():
     """The file and its checksums are over each row's compact JSON: the encoder made once for
     rows writes the same text as json's own, for every kind of value a row can hold."""
-    rows = [{"id": 1, "name": "é ü 中文 \U0001F600", "quote": 'a "b" \\ c', "ctrl": "\x00\x1f\n\t",
-             "sep": "\u2028\u2029", "f": 0.1, "neg": -0.0, "big": 10 ** 40, "e": 1e300,
-             "t": True, "n": None, "nested": {"a": [1, {"b": [None, False, 2.5]}], "": ""},
-             "list": [], "obj": {}},
+    rows = [{"id": 1, "name": "é ü 中文 \U0001F600", "quote": 'a "b" \\ c',
+             "ctrl": "\x00\x1f\n\t", "sep": "\u2028\u2029", "f": 0.1, "neg": -0.0,
+             "big": 10 ** 40, "e": 1e300, "t": True, "n": None,
+             "nested": {"a": [1, {"b": [None, False, 2.5]}], "": ""}, "list": [], "obj": {}},
             {}, {"only": "x"}]
     for row in rows:
         assert supabase_backup.row_json(row) == json.dumps(row, ensure_ascii=False,

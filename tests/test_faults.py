@@ -20,7 +20,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 
@@ -28,9 +27,9 @@ import pytest
 
 import supabase_backup
 from helpers import (
-    OUTLASTS_RETRIES, REPO_ROOT, SETTINGS, database_state, files_in, kill_9_mid_write,
-    make_backup, restore_log, rewrite_backup, rows_where, run, safety_backup, table_rows,
-    wait_for, write_requests)
+    OUTLASTS_RETRIES, REPO_ROOT, SETTINGS, backup_while_a_table_is_dropped, database_state,
+    files_in, kill_9_mid_write, make_backup, restore_log, rewrite_backup, rows_where, run,
+    safety_backup, table_rows, wait_for, write_requests)
 from local_supabase import make_jwt
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:supabase")
@@ -322,26 +321,11 @@ def test_a_table_dropped_between_discovery_and_its_first_read(stack, db, data, c
                                                               matrix_row):
     row = matrix_row("backup: table dropped between discovery and read", "backup fault",
                      "one error line naming the table; no file, no partial", 6)
-    db.execute("CREATE TABLE public.scratch_doomed (id int PRIMARY KEY, body text)")
-    try:
-        db.execute("INSERT INTO public.scratch_doomed SELECT i, 'row ' || i "
-                   "FROM generate_series(1, 100) AS i")
-        # The first request for the table (its count) waits in the server; the table goes then.
-        held = stack.faults.add(kind="read", table="scratch_doomed", action="latency", delay=0.5,
-                                times=1)
-
-        def drop_it():
-            wait_for(lambda: held.seen >= 1, what="the first read of scratch_doomed")
-            db.execute("DROP TABLE public.scratch_doomed")
-
-        dropper = threading.Thread(target=drop_it)
-        dropper.start()
-        try:
-            code, _, err = run(capsys, data, "backup", "--tables", "app_settings,scratch_doomed")
-        finally:
-            dropper.join()
-    finally:
-        db.execute("DROP TABLE IF EXISTS public.scratch_doomed")
+    # The first request for the table (its count) waits in the server; the table goes then.
+    held = stack.faults.add(kind="read", table="scratch_doomed", action="latency", delay=0.5,
+                            times=1)
+    code, _, err = backup_while_a_table_is_dropped(capsys, db, data, lambda: held.seen >= 1,
+                                                   "the first read of scratch_doomed")
 
     row.exited(code)
     row.saw(f"requests for the table: {reads_recorded(stack, 'scratch_doomed')} (the count)",
