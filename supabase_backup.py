@@ -86,6 +86,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,9 +94,10 @@ from typing import Mapping, NamedTuple
 
 from dotenv import dotenv_values
 
-TOOL_VERSION = "0.4.0"
+TOOL_VERSION = "0.5.0"
 FORMAT_NAME = "supabase_backup"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: values as PostgREST sent them (numeric as text)
 
 PROG = "supabase_backup.py"
 # The data folder defaults to the script's own folder, so that cron, which starts jobs in $HOME,
@@ -392,9 +394,30 @@ class StatementTimeout(Exception):
 class ApiRejected(Exception):
     """Control flow: the server refused a write for a reason retrying cannot cure."""
 
-    def __init__(self, code, message, details=None, hint=None):
+    def __init__(self, code, message, details=None, hint=None, status=None, not_json=False):
         super().__init__(f"{code} {message}")
         self.code, self.message, self.details, self.hint = code, message, details, hint
+        self.status, self.not_json = status, not_json
+
+    @classmethod
+    def from_response(cls, response):
+        """PostgREST's error body ({"code", "message", "details", "hint"}); a body that is not
+        one (a gateway's page) gives the HTTP status as the code."""
+        status = response.status_code
+        try:
+            body = json.loads(response.content)
+        except ValueError:
+            body = None
+        if isinstance(body, dict) and ("code" in body or "message" in body):
+            return cls(str(body.get("code") or status), str(body.get("message") or ""),
+                       body.get("details"), body.get("hint"), status)
+        # No PostgREST body (a HEAD request, a gateway's page): PostgREST also names the error
+        # in its Proxy-Status header ("PostgREST; error=57014").
+        match = re.search(r'(?i)(?:^|,)\s*"?postgrest"?\s*;[^,]*?\berror\s*=\s*"?([^";,\s]+)',
+                          response.headers.get("Proxy-Status", ""))
+        return cls(match.group(1) if match else str(status),
+                   response.reason_phrase or f"HTTP {status}", response.text[:300], None, status,
+                   not_json=not match)
 
 
 def key_role(key):
@@ -448,22 +471,32 @@ def is_http_status(code):
 
 
 class SupabaseApi:
-    """The project's REST API through the supabase client, with retries and request counting."""
+    """The project's REST API through the supabase client's HTTP session: the one place that
+    makes requests, with the one retry loop (request) and request counting.
+
+    Requests are built here rather than by the client's query builder, for two reasons the
+    builder cannot serve: the bodies and answers stay bytes, so that no value passes through a
+    JSON parse that loses digits (a json column's text is sent as it is), and every identifier
+    and filter value is quoted as PostgREST reads quotes (the builder leaves `k.1` or ` a7`
+    bare, and PostgREST then reads a path or trims the space).
+    """
 
     def __init__(self, config):
         # Imported here: the client takes a moment to import, and --help should not wait for it.
         from supabase import ClientOptions, create_client
 
         options = ClientOptions(postgrest_client_timeout=REQUEST_TIMEOUT,
-                                postgrest_client_retry=False)  # retries are ours, see execute()
+                                postgrest_client_retry=False)  # retries are ours, see request()
         try:
             self.client = create_client(config.url, config.key, options=options)
         except Exception as exc:  # the client validates the URL and key format
             raise ConfigError(f"the supabase client refused the settings: {one_line(exc)}; "
                               f"check SUPABASE_URL and {config.key_setting}") from None
+        self.session = self.client.postgrest.session
         self.url = config.url
         self.key_setting = config.key_setting
         self.requests = 0
+        self.answered = False  # whether the project has answered a request yet
         self._counting = threading.Lock()  # a key range's first page may be read by a thread
         # The ~100,000 objects importing the client made live for the whole run: keep them out
         # of the cyclic collector's way, so that collecting after each page costs next to
@@ -472,37 +505,31 @@ class SupabaseApi:
 
     def close(self):
         """Close the HTTP session."""
-        self.client.postgrest.session.close()
+        self.session.close()
 
-    def execute(self, what, build, writes=False):
-        """Run build().execute() with retries on transient failures; what names it in errors.
+    def request(self, what, method, table=None, params=(), prefer=None, body=None,
+                writes=False):
+        """One request, retried on transient failures; returns the httpx response (2xx).
 
         Statement timeouts raise StatementTimeout for the caller to ask for less. With writes,
         an error that retrying cannot cure (the server refused the data) raises ApiRejected with
         PostgREST's code, for the caller to split the batch or name the row. Only idempotent
-        writes (upserts by key, updates and deletes by key) come here, so retrying is safe.
+        writes (upserts by key, updates and deletes by key) are retried; a plain insert (a
+        table without a key) is sent once.
         """
         import httpx
-        from postgrest.exceptions import APIError
 
-        attempts = len(RETRY_DELAYS) + 1
+        headers = {"Prefer": prefer} if prefer else {}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        path = "/" + urllib.parse.quote(table, safe="") if table else "/"
+        attempts = len(RETRY_DELAYS) + 1 if not (writes == "once") else 1
         for attempt in range(1, attempts + 1):
             with self._counting:
                 self.requests += 1
             try:
-                return build().execute()
-            except APIError as exc:
-                code = str(exc.code or "")
-                if code == STATEMENT_TIMEOUT:
-                    raise StatementTimeout(what) from None
-                # A bare HTTP status (three digits) is the gateway's, not PostgREST's; SQLSTATEs
-                # such as 23503 are all digits too, but five of them.
-                if writes and not is_transient(code) and code not in AUTH_CODES and \
-                        code not in MISSING_TABLE_CODES and not is_http_status(code):
-                    raise ApiRejected(code, exc.message or "", exc.details, exc.hint) from None
-                if not is_transient(code) or attempt == attempts:
-                    raise self.api_failure(what, exc, attempt) from None
-                reason = f"{code} {one_line(exc.message or '', 120)}"
+                response = self.session.request(method, path, params=list(params),
+                                                headers=headers, content=body)
             except httpx.TransportError as exc:
                 if attempt == attempts:
                     raise ConnectionFailure(
@@ -510,185 +537,215 @@ class SupabaseApi:
                         f"{one_line(exc, 120)}) after {attempts} attempts; check SUPABASE_URL "
                         f"and the network, then run again") from None
                 reason = f"{type(exc).__name__}: {one_line(exc, 120)}"
+            else:
+                if response.status_code < 400:
+                    self.answered = True
+                    return response
+                error = ApiRejected.from_response(response)
+                code = error.code
+                if code == STATEMENT_TIMEOUT:
+                    raise StatementTimeout(what)
+                # A bare HTTP status (three digits) is the gateway's, not PostgREST's; SQLSTATEs
+                # such as 23503 are all digits too, but five of them.
+                if writes and not is_transient(code) and code not in AUTH_CODES and \
+                        code not in MISSING_TABLE_CODES and not is_http_status(code):
+                    raise error
+                if not is_transient(code) or attempt == attempts:
+                    raise self.api_failure(what, error, attempt)
+                reason = f"{code} {one_line(error.message, 120)}"
             delay = RETRY_DELAYS[attempt - 1]
+            # Until the project has answered once, a failure is most likely a wrong URL: the
+            # attempts go to the log file, and the person reads one line.
             log.warning("%s: %s; retrying in %gs (attempt %d of %d)", what, reason, delay,
-                        attempt + 1, attempts)
+                        attempt + 1, attempts, extra={FILE_ONLY: not self.answered})
             time.sleep(delay)
 
-    def api_failure(self, what, exc, attempts):
+    def api_failure(self, what, error, attempts):
         """The BackupError for an API error that retrying did not cure."""
-        code = str(exc.code or "")
-        message = one_line(exc.message or "", 200)
-        if code in AUTH_CODES:
+        code, message = error.code, one_line(error.message, 200)
+        if code in AUTH_CODES or error.status in (401, 403):
             return ConfigError(f"{what}: the API refused the key ({code} {message}); check "
-                               f"{self.key_setting} (Project Settings > API)")
+                               f"{self.key_setting}: it must be the service_role (secret) key "
+                               f"(Project Settings > API)")
         if code in MISSING_TABLE_CODES:
             return TableMissingError(f"{what}: {message}")
-        if code.isdigit() and not exc.message or (code.isdigit() and
-                                                  "<html" in str(exc.details or "").lower()):
-            return ConnectionFailure(f"{what}: {self.url} answered HTTP {code}, not like a "
-                                     f"Supabase project; check SUPABASE_URL")
+        if error.not_json and (error.status == 404 or "<html" in (error.details or "").lower()):
+            return ConnectionFailure(f"{what}: {self.url} answered HTTP {error.status}, not like "
+                                     f"a Supabase project; check SUPABASE_URL")
         tried = f" after {attempts} attempts" if attempts > 1 else ""
         return ConnectionFailure(f"{what}: the API answered {code} {message}{tried}")
 
     def openapi(self):
         """The PostgREST OpenAPI document at /rest/v1/ (service role only on hosted Supabase)."""
-        import httpx
-
         what = "reading the table list (GET /rest/v1/)"
-        for attempt in range(1, len(RETRY_DELAYS) + 2):
-            self.requests += 1
-            try:
-                response = self.client.postgrest.session.get("/")
-            except httpx.TransportError as exc:
-                if attempt > len(RETRY_DELAYS):
-                    raise ConnectionFailure(f"{what}: cannot reach {self.url} "
-                                            f"({type(exc).__name__}); check SUPABASE_URL and the "
-                                            f"network, then run again") from None
-                time.sleep(RETRY_DELAYS[attempt - 1])
-                continue
-            if is_transient(str(response.status_code)) and attempt <= len(RETRY_DELAYS):
-                time.sleep(RETRY_DELAYS[attempt - 1])
-                continue
-            break
-        status = response.status_code
-        if status in (401, 403):
-            raise ConfigError(f"{what}: the API refused the key (HTTP {status}); "
-                              f"{self.key_setting} must be the service_role (secret) key")
+        response = self.request(what, "GET")
         try:
-            document = response.json()
+            document = json.loads(response.content)
         except ValueError:
             document = None
-        if status != 200 or not isinstance(document, dict) or "definitions" not in document:
-            raise ConnectionFailure(f"{what}: {self.url} answered HTTP {status} without a "
-                                    f"PostgREST schema; check SUPABASE_URL (the project URL, "
-                                    f"e.g. https://abcd.supabase.co)")
+        if not isinstance(document, dict) or "definitions" not in document:
+            raise ConnectionFailure(f"{what}: {self.url} answered HTTP {response.status_code} "
+                                    f"without a PostgREST schema; check SUPABASE_URL (the project "
+                                    f"URL, e.g. https://abcd.supabase.co)")
         return document
 
     def count(self, table, method="exact"):
         """The number of rows of a table (a HEAD request with Prefer: count=...)."""
-        response = self.execute(f"counting {table}",
-                                lambda: self.client.table(table).select("*", count=method,
-                                                                        head=True))
-        if response.count is None:
+        response = self.request(f"counting {table}", "HEAD", table, [("select", "*")],
+                                prefer=f"count={method}")
+        total = content_range_total(response)
+        if total is None:
             raise ConnectionFailure(f"counting {table}: the API answered without a count")
-        return response.count
+        return total
 
     def page(self, table, select, order_by, after, limit, offset=0, until=None):
         """One page of rows in order_by order: rows after the key values `after` (keyset), or
-        from `offset` when the table has no key.
+        from `offset` when the table has no key. Rows come parsed from the answer's bytes: the
+        select list casts every value whose JSON number would lose digits to text.
 
         With `until`, only rows up to those key values (inclusive), and the answer is
         (rows, how many rows the range holds after `after`): Prefer: count=exact on a key range
         is an index range count, and it tells when the range is read without a further request.
         """
-
-        def build():
-            query = self.client.table(table).select(select, count="exact" if until else None)
-            if after is not None:
-                query = keyset_filter(query, order_by, after)
-            if until is not None:
-                query = upper_bound_filter(query, order_by, until)
-            for column in order_by:
-                query = query.order(column)
-            query = query.limit(limit)
-            return query.offset(offset) if offset else query
-
-        response = self.execute(f"reading {table} (rows after {after!r})" if after is not None
-                                else f"reading {table} (offset {offset})", build)
+        params = [("select", select)]
+        if after is not None:
+            params.append(keyset_filter(order_by, after))
         if until is not None:
-            if response.count is None:
+            params.append(upper_bound_filter(order_by, until))
+        if order_by:
+            params.append(("order", ",".join(quote_field(c) + ".asc" for c in order_by)))
+        params.append(("limit", str(limit)))
+        if offset:
+            params.append(("offset", str(offset)))
+        response = self.request(f"reading {table} (rows after {after!r})" if after is not None
+                                else f"reading {table} (offset {offset})", "GET", table, params,
+                                prefer="count=exact" if until is not None else None)
+        rows = json.loads(response.content)
+        if until is not None:
+            total = content_range_total(response)
+            if total is None:
                 raise ConnectionFailure(f"reading {table}: the API answered a range without a "
                                         f"count")
-            return response.data, response.count
-        return response.data
+            return rows, total
+        return rows
 
-    def upsert(self, table, rows, primary_key):
+    def upsert(self, table, body, columns, primary_key):
         """Insert or update rows by primary key in one request (Prefer: resolution=merge-
-        duplicates, return=minimal). Idempotent, so it is retried.
+        duplicates, return=minimal); body is the JSON array of the rows, as bytes. Idempotent,
+        so it is retried. A table without a key gets a plain insert, sent once: were it sent
+        again after an answer lost on the way, its rows would land twice.
 
         Without Prefer: missing=default, which makes the server take a slower path (about twice
         the time per row): every row of a backup holds every column of its table (scan_backup
         refuses a file where one does not), so no row lacks a value that would become NULL.
         """
-        from postgrest.types import ReturnMethod
+        params = [("columns", ",".join(quote_field(c) for c in columns))]
+        if primary_key:
+            params.append(("on_conflict", ",".join(quote_field(c) for c in primary_key)))
+        self.request(f"writing rows to {table}", "POST", table,
+                     params, prefer="return=minimal,resolution=merge-duplicates" if primary_key
+                     else "return=minimal", body=body, writes=True if primary_key else "once")
 
-        self.execute(f"writing {len(rows)} row(s) to {table}",
-                     lambda: self.client.table(table).upsert(
-                         rows, on_conflict=",".join(primary_key), returning=ReturnMethod.minimal,
-                         default_to_null=True),
-                     writes=True)
+    def update_row(self, table, primary_key, key_row, body, columns):
+        """Update one row, found by its key values, to the JSON object body (PATCH)."""
+        params = [("columns", ",".join(quote_field(c) for c in columns))]
+        params += [(quote_field(c), "eq." + filter_text(key_row[c])) for c in primary_key]
+        self.request(f"updating a row of {table}", "PATCH", table, params,
+                     prefer="return=minimal", body=body, writes=True)
 
-    def update_row(self, table, primary_key, key_row, values):
-        """Update one row, found by its key values, to values (PATCH with eq filters)."""
-        from postgrest.types import ReturnMethod
-
-        def build():
-            query = self.client.table(table).update(values, returning=ReturnMethod.minimal)
-            for column in primary_key:
-                query = query.eq(column, filter_value(key_row[column]))
-            return query
-
-        self.execute(f"updating a row of {table}", build, writes=True)
+    def update_keys(self, table, primary_key, keys, body, columns):
+        """Update the rows with these key value lists to the JSON object body (PATCH)."""
+        params = [("columns", ",".join(quote_field(c) for c in columns)),
+                  key_filter(primary_key, keys)]
+        self.request(f"updating {len(keys)} row(s) of {table}", "PATCH", table, params,
+                     prefer="return=minimal", body=body, writes=True)
 
     def delete_keys(self, table, primary_key, keys):
-        """Delete the rows with these key value lists (DELETE with in / or filters)."""
-        from postgrest.types import ReturnMethod
+        """Delete the rows with these key value lists (DELETE with an in or or filter)."""
+        self.request(f"deleting {len(keys)} row(s) of {table}", "DELETE", table,
+                     [key_filter(primary_key, keys)], prefer="return=minimal", writes=True)
 
-        def build():
-            query = self.client.table(table).delete(returning=ReturnMethod.minimal)
-            return key_filter(query, primary_key, keys)
+    def delete_matching(self, table, row, columns):
+        """Delete every row equal to row in the given columns (a table without a key: its
+        rows are told apart by their values only)."""
+        self.request(f"deleting rows of {table} by value", "DELETE", table,
+                     [equal_filter(columns, row)], prefer="return=minimal", writes=True)
 
-        self.execute(f"deleting {len(keys)} row(s) of {table}", build, writes=True)
+
+def content_range_total(response):
+    """The total of a Content-Range header ("0-999/5000" -> 5000), None when not counted."""
+    total = response.headers.get("Content-Range", "").rpartition("/")[2]
+    return int(total) if total.isdigit() else None
 
 
-def filter_value(value):
-    """A key value as PostgREST reads it in a filter (booleans lower-case, None as null)."""
+def quote_field(name):
+    """A column name as PostgREST reads it in select, order, filters, on_conflict and columns:
+    double-quoted unless it is a plain identifier (a `.` would start a JSON path, a `,` the next
+    item, a space be trimmed)."""
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        return name
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def filter_text(value):
+    """A value as PostgREST reads it on the right of a top-level filter (taken verbatim:
+    booleans lower-case, None as null, everything else its JSON text or string)."""
     if value is None:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, (dict, list)):
+        return compact_json(value)
     return str(value)
 
 
-def key_filter(query, primary_key, keys):
-    """Restrict a query to the rows with these key value lists."""
-    if len(primary_key) == 1:
-        return query.in_(primary_key[0], [filter_value(k[0]) for k in keys])
-    branches = ["and(" + ",".join(f"{c}.eq.{quote_filter_value(v)}" for c, v in zip(primary_key, k))
-                + ")" for k in keys]
-    return query.or_(",".join(branches))
-
-
-def quote_filter_value(value):
-    """A value inside a PostgREST logic tree, double-quoted so commas and dots stay in it."""
-    text = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+def quote_value(value):
+    """A value inside a PostgREST list or logic tree, always double-quoted, so that spaces at
+    its ends, commas, dots and parentheses stay in it."""
+    text = filter_text(value)
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def keyset_filter(query, columns, values):
+def key_filter(primary_key, keys):
+    """The filter (name, value) for the rows with these key value lists."""
+    if len(primary_key) == 1:
+        return (quote_field(primary_key[0]),
+                "in.(" + ",".join(quote_value(k[0]) for k in keys) + ")")
+    return ("or", "(" + ",".join(
+        "and(" + ",".join(f"{quote_field(c)}.eq.{quote_value(v)}" for c, v in zip(primary_key, k))
+        + ")" for k in keys) + ")")
+
+
+def equal_filter(columns, row):
+    """The filter (name, value) for rows equal to row in every given column (NULL by is.null)."""
+    return ("and", "(" + ",".join(
+        f"{quote_field(c)}.is.null" if row.get(c) is None else
+        f"{quote_field(c)}.eq.{quote_value(row[c])}" for c in columns) + ")")
+
+
+def keyset_filter(columns, values):
     """Rows strictly after `values` in the order of `columns` (the key): a > x, or a = x and b > y...
 
     One column is a plain gt filter, which PostgreSQL answers with an index range scan.
     """
     if len(columns) == 1:
-        return query.gt(columns[0], values[0])
-    return query.or_(after_branches(columns, values))
+        return (quote_field(columns[0]), "gt." + filter_text(values[0]))
+    return ("or", "(" + after_branches(columns, values) + ")")
 
 
-def upper_bound_filter(query, columns, values):
+def upper_bound_filter(columns, values):
     """Rows up to `values` (inclusive) in the order of `columns`: not (after values)."""
     if len(columns) == 1:
-        return query.lte(columns[0], values[0])
-    return query.not_.or_(after_branches(columns, values))
+        return (quote_field(columns[0]), "lte." + filter_text(values[0]))
+    return ("not.or", "(" + after_branches(columns, values) + ")")
 
 
 def after_branches(columns, values):
     """The PostgREST logic tree of "strictly after values": a.gt.x,and(a.eq.x,b.gt.y),..."""
     branches = []
     for i, column in enumerate(columns):
-        equal = [f"{c}.eq.{quote_filter_value(v)}" for c, v in zip(columns[:i], values[:i])]
-        greater = f"{column}.gt.{quote_filter_value(values[i])}"
+        equal = [f"{quote_field(c)}.eq.{quote_value(v)}" for c, v in zip(columns[:i], values[:i])]
+        greater = f"{quote_field(column)}.gt.{quote_value(values[i])}"
         branches.append(f"and({','.join(equal + [greater])})" if equal else greater)
     return ",".join(branches)
 
@@ -743,28 +800,59 @@ def select_tables(discovered, wanted=None, exclude=None):
             if discovered[name]["writable"] and name not in exclude]
 
 
+# How each column's values travel and are kept (backup format version 2). PostgREST sends a row as
+# PostgreSQL's to_json of it, which is exact for the types in NATIVE_FORMATS only: any JSON parser
+# turns a number into a binary float (numeric 1.50 -> 1.5, float8 -0 -> 0, jsonb 19.90 -> 19.9),
+# an array loses its lower bound, a json value its spacing and duplicate keys. Every other column
+# is read as `col::text`, PostgreSQL's own text of the value, and kept as a JSON string
+# ("stored_as": "text"); written back as that string, PostgreSQL reads it through the type's
+# input function, so the value round-trips exactly. json and jsonb are the exception: a JSON
+# string written to them stays a string, so their text ("stored_as": "json_text") is written back
+# as raw JSON (row_body).
+INTEGER_FORMATS = {"smallint", "integer", "bigint", "int32", "int64"}  # int32/64: PostgREST 14.8+
+NATIVE_FORMATS = INTEGER_FORMATS | {"boolean", "text", "character varying", "uuid"}
+JSON_FORMATS = {"json", "jsonb"}
+
+
+def stored_form(column):
+    """How a backup made now keeps a column: None (as PostgREST sends it), "text" or
+    "json_text". A column of unknown type (metadata guessed from the rows) is kept as sent."""
+    fmt = column.get("format")
+    if fmt is None or fmt in NATIVE_FORMATS:
+        return None
+    # PostgREST gives every type a swagger type but json and jsonb (toSwaggerType): a column
+    # without one is a JSON document whatever its format says.
+    return "json_text" if fmt in JSON_FORMATS or column.get("type") is None else "text"
+
+
+def with_stored_forms(meta, forms=None):
+    """meta with each column's stored_as: from forms ({column: form}, a file's) where it names
+    the column, else as a backup made now keeps it."""
+    forms = forms or {}
+    columns = []
+    for column in meta["columns"]:
+        plain = {k: v for k, v in column.items() if k != "stored_as"}
+        form = forms[column["name"]] if column["name"] in forms else stored_form(column)
+        columns.append({**plain, "stored_as": form} if form else plain)
+    return {**meta, "columns": columns}
+
+
+def file_forms(meta):
+    """{column: stored_as} of a table in a backup file."""
+    return {c["name"]: c.get("stored_as") for c in meta.get("columns") or []}
+
+
+def json_text_columns(meta):
+    """The columns whose values are a json/jsonb document's text, written back as raw JSON."""
+    return {c["name"] for c in meta.get("columns") or [] if c.get("stored_as") == "json_text"}
+
+
 def select_list(meta):
-    """The select parameter for a table: * unless a numeric column must come as exact text.
-
-    PostgREST sends numeric values as JSON numbers, and a JSON parser turns those into binary
-    floats, which cannot hold every numeric(p,s) exactly (e.g. 12345678901234567.89). Cast to
-    text, the exact decimal comes through; PostgreSQL casts it back on restore.
-    """
-    exact = [c["name"] for c in meta["columns"] if (c.get("format") or "") in EXACT_TEXT_FORMATS]
-    if not exact:
+    """The select parameter for a table: every column, cast to text where it is stored so."""
+    if not any(c.get("stored_as") for c in meta["columns"]):
         return "*"
-    return ",".join(quote_column(c["name"]) + ("::text" if c["name"] in exact else "")
+    return ",".join(quote_field(c["name"]) + ("::text" if c.get("stored_as") else "")
                     for c in meta["columns"])
-
-
-def quote_column(name):
-    """A column name in a select parameter, double-quoted when it holds special characters."""
-    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-        return name
-    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-EXACT_TEXT_FORMATS = {"numeric"}
 
 
 def read_order(meta):
@@ -772,7 +860,7 @@ def read_order(meta):
     if meta["primary_key"]:
         return list(meta["primary_key"]), "keyset"
     columns = [c["name"] for c in meta["columns"]
-               if (c.get("format") or "").lower() not in UNORDERABLE_FORMATS]
+               if (c.get("format") or "").lower().removesuffix("[]") not in UNORDERABLE_FORMATS]
     return columns, "offset"
 
 
@@ -1074,10 +1162,21 @@ def _check_header(path, header):
         raise ValidationError(f"{path.name} is not a supabase_backup file (no "
                               f"\"format\": \"{FORMAT_NAME}\"); give a file this tool wrote")
     version = header.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ValidationError(f"{path.name} has format version {version!r}; this tool "
-                              f"({TOOL_VERSION}) reads version {FORMAT_VERSION}; use a matching "
+                              f"({TOOL_VERSION}) reads versions "
+                              f"{', '.join(map(str, READABLE_VERSIONS))}; use a matching "
                               f"version of supabase_backup.py")
+
+
+def upgraded_meta(header, meta):
+    """A table's metadata as version 2 says it: a version-1 file kept numeric columns as text
+    (numeric_as_text) and every other column as PostgREST sent it."""
+    if header.get("format_version") != 1:
+        return meta
+    columns = [{**c, "stored_as": "text"} if meta.get("numeric_as_text") and
+               c.get("format") == "numeric" else c for c in meta.get("columns") or []]
+    return {**meta, "columns": columns}
 
 
 def _read_lines(path, first, stream, parse_rows=True, as_bytes=False):
@@ -1122,7 +1221,7 @@ def _read_lines(path, first, stream, parse_rows=True, as_bytes=False):
                 name = _parse_line(path, number, text[:name_end])
                 meta = _parse_line(path, number, text[name_end + 1:-len(b',"rows":[\n')] + b"}")
                 table, rows, sha = name, 0, hashlib.sha256()
-                yield ("table", name, meta)
+                yield ("table", name, upgraded_meta(header, meta))
             elif table is None and line.startswith(b"},"):
                 trailer = _parse_line(path, number, b"{" + line[2:])
                 if trailer.get("complete") is not True:
@@ -1161,7 +1260,7 @@ def _read_whole(path, data, as_bytes=False):
         meta = {k: v for k, v in table.items()
                 if k not in ("rows", "row_count", "sha256", "count_before", "count_after",
                              "count_method")}
-        yield ("table", name, meta)
+        yield ("table", name, upgraded_meta(header, meta))
         sha = hashlib.sha256()
         for row in rows:
             line = row_json(row).encode()
@@ -1334,11 +1433,11 @@ def read_table(api, name, meta, writer, progress):
 
     Any error fails the table: never a silently short table.
     """
+    meta = with_stored_forms(meta)
     pages = TablePages(api, name, meta)
     count_before, count_method = count_rows(api, name)
     progress.start(name, count_before)
-    writer.begin_table(name, {**meta, "order_by": pages.order_by, "paging": pages.paging,
-                              "numeric_as_text": pages.select != "*"})
+    writer.begin_table(name, {**meta, "order_by": pages.order_by, "paging": pages.paging})
     # The next page is asked for by a thread of its own while this one is encoded (one request
     # in flight; keyset paging learns the next key from the page before).
     for rows in read_ahead(pages):
@@ -1625,7 +1724,13 @@ def validate_backup(scan, live_tables, restore_tables, critical):
 
 
 class RestoreFailure(Exception):
-    """Control flow: a table could not be restored; the caller rolls back (or keeps going)."""
+    """Control flow: a table (or, table None, the run) could not be restored; the caller rolls
+    back (or keeps going)."""
+
+    def __init__(self, table, message, named=False):
+        # named: the message names the table itself
+        super().__init__(f"{table}: {message}" if table and not named else message)
+        self.table = table
 
 
 @dataclass
@@ -1640,6 +1745,10 @@ class TablePlan:
     updates: int = 0
     unchanged: int = 0
     skip_columns: set = field(default_factory=set)  # generated columns the server refuses
+    json_columns: set = field(default_factory=set)  # json/jsonb text, sent as raw JSON
+    # (side, column) -> [rows, first keys]: JSON nulls the API would write as SQL NULL, in rows
+    # of the file to write ("file") or live rows a rollback would write back ("live").
+    json_nulls: dict = field(default_factory=dict)
     identity_always: str | None = None  # a GENERATED ALWAYS identity column: patch, never insert
     written_inserts: int = 0
     written_updates: int = 0
@@ -1736,9 +1845,15 @@ class TableComparison:
     key and value.
     """
 
-    def __init__(self, api, name, live_meta, primary_key, columns, listed=DIFF_EXAMPLES,
-                 live_total=None):
-        self.api, self.name, self.live_meta = api, name, live_meta
+    def __init__(self, api, name, live_meta, primary_key, columns, forms, listed=DIFF_EXAMPLES,
+                 live_total=None, json_null_ok=False):
+        # Live rows are read in the form the file keeps each column in (forms: file_forms).
+        self.api, self.name = api, name
+        self.live_meta = with_stored_forms(live_meta, forms)
+        # With json_null_ok (--accept-json-null), a json column's JSON null in the file equals
+        # SQL NULL live: the one change the API makes to a value, and the user accepted it.
+        self.json_null_ok = {c for c, form in forms.items() if form == "json_text"} \
+            if json_null_ok else set()
         self.primary_key, self.columns, self.listed = primary_key, columns, listed
         self.chunk, self.after = [], None  # the file lines of the chunk being filled
         self.pending = None  # (lines, until, RangeRead or None): a chunk whose range is read
@@ -1749,6 +1864,7 @@ class TableComparison:
         self.file_rows = self.live_rows = self.changed = 0
         self.only_file, self.only_live = {}, {}  # key -> digest of the row
         self.changed_keys = {}  # key -> the columns that differ, for the first `listed` keys
+        self.changed_live = {}  # key -> {column: live value} of those, for the same keys
 
     def add(self, line):
         """The next row of the file (in the file's order), as its line's bytes."""
@@ -1820,6 +1936,8 @@ class TableComparison:
                     self.only_live[key] = row_digest(live, self.columns)
                 else:
                     line, row = found
+                    if self.json_null_ok:
+                        live = json_null_as_in_file(row, live, self.json_null_ok)
                     self.matched(key, line, row, live, self.same_values(row, live))
         self.unchanged_rows(same)
         if rest is None:
@@ -1842,8 +1960,13 @@ class TableComparison:
     def matched(self, key, line, row, live, equal):
         """A file row and the live row with its key, found in the same range."""
         if not equal:
-            self._changed(key, [c for c in self.columns
-                                if compact_json(row.get(c)) != compact_json(live.get(c))])
+            columns = [c for c in self.columns
+                       if compact_json(row.get(c)) != compact_json(live.get(c))]
+            self._changed(key, columns)
+            if key in self.changed_keys:
+                # Short values only (a time is): the log keeps them, and a value may be 5 MB.
+                self.changed_live[key] = {c: live.get(c) if len(compact_json(live.get(c))) <= 80
+                                          else "(long)" for c in columns}
 
     def file_only(self, line, row=None):
         """A file row whose key its range does not hold (yet: see reconcile)."""
@@ -1883,6 +2006,18 @@ class TableComparison:
                 self._changed(key, [])
 
 
+def json_null_as_in_file(row, live, columns):
+    """live, with SQL NULL in the given json columns taken as the file's JSON null there."""
+    fixed = {c: row[c] for c in columns
+             if live.get(c) is None and is_json_null(row.get(c))}
+    return {**live, **fixed} if fixed else live
+
+
+def is_json_null(value):
+    """Whether a json_text value is the JSON document null (SQL NULL is None)."""
+    return isinstance(value, str) and value.strip() == "null"
+
+
 class PlanComparison(TableComparison):
     """Step 3 for one table: the file against the live rows, in key ranges (TableComparison);
     the rows to write are spooled as they are found (their lines from the file, unparsed), and
@@ -1894,8 +2029,8 @@ class PlanComparison(TableComparison):
     again and makes such a row an update, or drops it when it is equal.
     """
 
-    def __init__(self, api, plan, spool_path):
-        super().__init__(api, plan.name, plan.live_meta, plan.primary_key, plan.columns)
+    def __init__(self, api, plan, spool_path, forms):
+        super().__init__(api, plan.name, plan.live_meta, plan.primary_key, plan.columns, forms)
         self.plan, self.spool_path = plan, spool_path
         self.spool = None
 
@@ -1912,13 +2047,27 @@ class PlanComparison(TableComparison):
         else:
             self.plan.updates += 1
             self.write(False, line)
+            # The rollback would write this live row back: its JSON nulls would become NULL.
+            self.note_json_nulls(live, "live")
 
     def file_only(self, line, row=None):
         self.plan.inserts += 1
         self.write(True, line)
 
+    def note_json_nulls(self, row, side):
+        """Count the JSON nulls of a json column in a row to write (side "file") or in a live
+        row a rollback would write back ("live"): the API writes either as SQL NULL."""
+        for column in self.plan.json_columns:
+            if is_json_null(row.get(column)):
+                found = self.plan.json_nulls.setdefault((side, column), [0, []])
+                found[0] += 1
+                if len(found[1]) < 3:
+                    found[1].append(row_key(row, self.plan.primary_key))
+
     def write(self, is_insert, line):
         """Spool one row to write: the line [is_insert,row] in JSON."""
+        if self.plan.json_columns and b"null" in line:
+            self.note_json_nulls(parse_row(line), "file")
         if self.spool is None:
             self.spool = open(self.spool_path, "wb", opener=private_opener)
             self.plan.spool = self.spool_path
@@ -1967,7 +2116,8 @@ def record_counts(api, scan, plans, spool_dir, extra_keys=False):
         for event in read_backup(scan.path, as_bytes=True):
             if event[0] == "table" and event[1] in plans:
                 plan = plans[event[1]]
-                comparison = PlanComparison(api, plan, spool_dir / f"{len(counts)}.jsonl")
+                comparison = PlanComparison(api, plan, spool_dir / f"{len(counts)}.jsonl",
+                                            file_forms(event[2]))
                 counts[plan.name] = None
             elif event[0] == "row" and comparison is not None:
                 comparison.add(event[2])
@@ -1989,6 +2139,57 @@ def record_counts(api, scan, plans, spool_dir, extra_keys=False):
         if columns and plan.spool is not None:
             spool_parents_first(plan, columns)
     return counts
+
+
+def unwritable_cycle(scan, plans):
+    """Rows to insert that refer to each other across tables through NOT NULL foreign keys:
+    each request is its own transaction, so none of them can be written first. Returns the
+    (table, key) of one such cycle, or []. Checked after the plan, before the first write."""
+    edges = {}  # table -> [(column, parent table)] of NOT NULL references to another table
+    for name in plans:
+        meta = scan.tables[name]["meta"]
+        required = {c["name"] for c in meta.get("columns") or [] if not c.get("nullable", True)}
+        for fk in meta.get("foreign_keys") or []:
+            parent = plans.get(fk["references_table"])
+            if fk["column"] in required and parent is not None and parent.name != name and \
+                    [fk["references_column"]] == parent.primary_key:
+                edges.setdefault(name, []).append((fk["column"], parent.name))
+    if not edges or not write_order(list(edges), {n: [{"references_table": p} for _, p in e]
+                                                  for n, e in edges.items()})[1]:
+        return []
+    graph = {}  # (table, key) of a row to insert -> the (table, key) of the rows it needs
+    for name in edges:
+        for is_insert, key, row in spooled_rows(plans[name]):
+            if is_insert:
+                graph[(name, key)] = [(parent, compact_json([row.get(column)]))
+                                      for column, parent in edges[name]]
+    state = {}  # 1: on the path, 2: done
+    for start in graph:
+        path = [(start, iter(graph[start]))]
+        state[start] = 1
+        while path:
+            node, parents = path[-1]
+            parent = next((p for p in parents if p in graph and state.get(p) != 2), None)
+            if parent is None:
+                state[node] = 2
+                path.pop()
+            elif state.get(parent) == 1:
+                nodes = [n for n, _ in path]
+                return nodes[nodes.index(parent):]
+            else:
+                state[parent] = 1
+                path.append((parent, iter(graph[parent])))
+    return []
+
+
+def spooled_rows(plan):
+    """(is_insert, key, row) of each row spooled to write."""
+    if plan.spool is None:
+        return
+    with open(plan.spool, "rb") as spool:
+        for line in spool:
+            is_insert, row = json.loads(line)
+            yield is_insert, row_key(row, plan.primary_key), row
 
 
 def private_opener(path, flags):
@@ -2047,15 +2248,16 @@ def spool_parents_first(plan, columns):
 
 class Batch(list):
     """Rows to write, (is_insert, row) pairs, that are consecutive lines of a table's spool
-    from line `start` on: what a rollback undoes is then found by line, not kept by key."""
+    from line `start` on: what a rollback undoes is then found by line, not kept by key.
+    lines holds each row's JSON as the file has it, which is what is sent where it can be."""
 
-    def __init__(self, items, start):
+    def __init__(self, items, start, lines):
         super().__init__(items)
-        self.start = start
+        self.start, self.lines = start, lines
 
     def part(self, begin, end=None):
         end = len(self) if end is None else end
-        return Batch(self[begin:end], self.start + begin)
+        return Batch(self[begin:end], self.start + begin, self.lines[begin:end])
 
 
 def spooled_batches(plan):
@@ -2076,8 +2278,10 @@ def spooled_batches(plan):
 
 
 def _spooled_batch(lines, start):
-    # One parse for the batch: a JSON array of the spool's [is_insert, row] lines.
-    return Batch([tuple(item) for item in json.loads(b"[" + b",".join(lines) + b"]")], start)
+    # One parse for the batch: a JSON array of the spool's [is_insert, row] lines; each row's
+    # own bytes are the line less its "[true," or "[false," and "]\n".
+    return Batch([tuple(item) for item in json.loads(b"[" + b",".join(lines) + b"]")], start,
+                 [line[6 if line.startswith(b"[true,") else 7:-2] for line in lines])
 
 
 class _Failed(NamedTuple):
@@ -2148,11 +2352,23 @@ def at_most(batch, plan):
         begin += size
 
 
-def payload(plan, row):
-    """The row as sent: the backup's columns less generated ones the server refuses."""
-    if not plan.skip_columns:
-        return row
-    return {k: v for k, v in row.items() if k not in plan.skip_columns}
+def row_body(plan, batch):
+    """(the JSON array of a batch's rows as sent, the columns sent): each row's bytes as the
+    file holds them; or, where a json column's text must go as raw JSON or a generated column
+    be left out, each row encoded again so."""
+    raw, skip = plan.json_columns, plan.skip_columns
+    columns = [c for c in plan.columns if c not in skip]
+    if not raw and not skip:
+        return b"[" + b",".join(batch.lines) + b"]", columns
+    return ("[" + ",".join(encode_row(row, raw, skip) for _, row in batch) + "]").encode(), columns
+
+
+def encode_row(row, raw=(), skip=()):
+    """A row as the JSON object sent: the columns in raw hold a json document's text, which
+    goes in as it is (a JSON string would be stored as a string); skip is left out."""
+    return "{" + ",".join(json.encoder.encode_basestring(k) + ":"
+                          + (v if k in raw and v is not None else row_json(v))
+                          for k, v in row.items() if k not in skip) + "}"
 
 
 def refused_column(exc):
@@ -2161,7 +2377,7 @@ def refused_column(exc):
     return match.group(1) if match else None
 
 
-def write_rows(api, plan, batch):
+def write_rows(api, plan, batch, count=True):
     """Write one batch of (is_insert, row) to a table, learning as it goes; returns rows written.
 
     A statement timeout splits the batch and keeps the smaller size; a refused batch is split to
@@ -2172,41 +2388,42 @@ def write_rows(api, plan, batch):
     if plan.identity_always:
         return patch_rows(api, plan, batch)
     try:
-        api.upsert(plan.name, [payload(plan, row) for _, row in batch], plan.primary_key)
+        api.upsert(plan.name, *row_body(plan, batch), plan.primary_key)
     except StatementTimeout:
         if len(batch) == 1:
-            raise RestoreFailure(f"{plan.name}: writing the row with key "
+            raise RestoreFailure(plan.name, f"writing the row with key "
                                  f"{row_key(batch[0][1], plan.primary_key)} hits the server's "
                                  f"statement timeout") from None
         plan.batch_size = max(1, len(batch) // 2)
         log.warning("%s: a batch hit the server's statement timeout; writing %d rows per "
                     "request from now on", plan.name, plan.batch_size)
-        return sum(write_rows(api, plan, part) for part in halves(batch))
+        return sum(write_rows(api, plan, part, count) for part in halves(batch))
     except ApiRejected as exc:
         if exc.code == GENERATED_COLUMN:
             column = refused_column(exc)
             if column is None or column in plan.skip_columns:
-                raise RestoreFailure(f"{plan.name}: {exc.message}") from None
+                raise RestoreFailure(plan.name, f"{exc.message}") from None
             if "identity" in (exc.details or "") or column in plan.primary_key:
                 plan.identity_always = column
                 log.warning("%s.%s is GENERATED ALWAYS AS IDENTITY: the API cannot write its "
                             "values, so rows are patched by key instead", plan.name, column)
                 return patch_rows(api, plan, batch)
             skip_generated_column(plan, column)
-            return write_rows(api, plan, batch)
+            return write_rows(api, plan, batch, count)
         if exc.code == FK_VIOLATION:
             raise MissingParent(plan, batch, exc) from None
         if len(batch) == 1:
             plan.errors += 1
-            raise RestoreFailure(f"{plan.name}: the row with key "
+            raise RestoreFailure(plan.name, f"the row with key "
                                  f"{row_key(batch[0][1], plan.primary_key)} was refused: "
                                  f"{exc.code} {exc.message}"
                                  f"{' (' + exc.details + ')' if exc.details else ''}") from None
         written = 0
         for part in halves(batch):
-            written += write_rows(api, plan, part)
+            written += write_rows(api, plan, part, count)
         return written
-    count_written(plan, batch)
+    if count:
+        count_written(plan, batch)
     return len(batch)
 
 
@@ -2239,17 +2456,19 @@ def patch_rows(api, plan, batch):
     if missing:
         column = plan.identity_always
         raise RestoreFailure(
-            f"{plan.name}.{column} is GENERATED ALWAYS AS IDENTITY, so the API cannot re-insert "
-            f"the {len(missing)} missing row(s) with their keys (first: "
+            plan.name, f"{plan.name}.{column} is GENERATED ALWAYS AS IDENTITY, so the API "
+            f"cannot re-insert the {len(missing)} missing row(s) with their keys (first: "
             f"{row_key(missing[0], plan.primary_key)}); run in the SQL editor "
-            f"`ALTER TABLE public.{plan.name} ALTER COLUMN {column} SET GENERATED BY DEFAULT;`, "
-            f"restore again, then `... SET GENERATED ALWAYS;`")
+            f"`ALTER TABLE public.{quote_sql_ident(plan.name)} ALTER COLUMN "
+            f"{quote_sql_ident(column)} SET GENERATED BY DEFAULT;`, restore again, then `... SET "
+            f"GENERATED ALWAYS;`", named=True)
     for index, (_, row) in enumerate(batch):
         while True:
             skip = plan.skip_columns | {plan.identity_always}
             try:
                 api.update_row(plan.name, plan.primary_key, row,
-                               {k: v for k, v in row.items() if k not in skip})
+                               encode_row(row, plan.json_columns, skip).encode(),
+                               [c for c in row if c not in skip])
                 break
             except ApiRejected as exc:
                 column = refused_column(exc) if exc.code == GENERATED_COLUMN else None
@@ -2260,12 +2479,12 @@ def patch_rows(api, plan, batch):
                     count_written(plan, batch[:index])
                     raise MissingParent(plan, batch.part(index), exc) from None
                 plan.errors += 1
-                raise RestoreFailure(f"{plan.name}: the row with key "
+                raise RestoreFailure(plan.name, f"the row with key "
                                      f"{row_key(row, plan.primary_key)} was refused: {exc.code} "
                                      f"{exc.message}"
                                      f"{' (' + exc.details + ')' if exc.details else ''}") from None
             except StatementTimeout:
-                raise RestoreFailure(f"{plan.name}: updating the row with key "
+                raise RestoreFailure(plan.name, f"updating the row with key "
                                      f"{row_key(row, plan.primary_key)} hits the server's "
                                      f"statement timeout") from None
     count_written(plan, batch)
@@ -2312,7 +2531,7 @@ def upsert_restore(api, plans, order, progress):
                       f"updated, {plan.unchanged} unchanged"
                       + (f", {sum(len(b) for p, b in pending if p is plan)} waiting for parent "
                          f"rows" if any(p is plan for p, _ in pending) else ""))
-    split = False
+    split = unlinked = False
     while pending:
         waiting = sum(len(batch) for _, batch in pending)
         still, errors = [], []
@@ -2324,15 +2543,39 @@ def upsert_restore(api, plans, order, progress):
                     still.append((plan, missing.batch))
                     errors.append(missing.error)
         if still and sum(len(batch) for _, batch in still) == waiting:
-            if all(len(batch) == 1 for _, batch in still):
+            if all(len(batch) == 1 for _, batch in still) and not unlinked and \
+                    write_unlinked(api, still):
+                # Rows that refer to each other (a cycle) went in without their nullable
+                # references; the next round writes them whole, which links them.
+                unlinked = True
+            elif all(len(batch) == 1 for _, batch in still):
                 (plan, batch), error = still[0], errors[0]
                 plan.failure = (f"the row with key {row_key(batch[0][1], plan.primary_key)} "
                                 f"refers to a row that is neither in the backup nor in the "
                                 f"project ({error.message}"
                                 f"{'; ' + error.details if error.details else ''})")
-                raise RestoreFailure(f"{plan.name}: {plan.failure}")
+                raise RestoreFailure(plan.name, f"{plan.failure}")
             split = True  # no progress by whole batches: narrow down the rows that cannot land
         pending = still
+
+
+def write_unlinked(api, pending):
+    """Write rows that wait for each other with their nullable foreign keys NULL (only the
+    rows of tables that have such keys); returns whether any went in. Their counts wait for
+    the write that links them."""
+    wrote = False
+    for plan, batch in pending:
+        columns = nullable_references(plan)
+        if not columns:
+            continue
+        rows = [(is_insert, {**row, **{c: None for c in columns}}) for is_insert, row in batch]
+        unlinked = Batch(rows, batch.start, [encode_row(row).encode() for _, row in rows])
+        try:
+            write_rows(api, plan, unlinked, count=False)
+            wrote = True
+        except MissingParent:
+            continue  # a NOT NULL reference still waits: the row stays pending as it was
+    return wrote
 
 
 def exact_count(api, name):
@@ -2350,7 +2593,8 @@ class Mismatches(list):
     total = 0
 
 
-def verify_restore(api, plans, reference_path, expected_counts, ignore_columns=()):
+def verify_restore(api, plans, reference_path, expected_counts, ignore_columns=(),
+                   json_null_ok=False):
     """Step 5: every row of the reference file is in the live table with equal values, and each
     table's count is as expected. Returns the Mismatches (dicts naming table and key).
 
@@ -2368,7 +2612,8 @@ def verify_restore(api, plans, reference_path, expected_counts, ignore_columns=(
                 plan = plans[event[1]]
                 comparison = TableComparison(api, plan.name, plan.live_meta, plan.primary_key,
                                              compared_columns(plan, ignore_columns),
-                                             listed=MISMATCHES_LISTED,
+                                             file_forms(event[2]), listed=MISMATCHES_LISTED,
+                                             json_null_ok=json_null_ok,
                                              live_total=(math.inf if counted[plan.name] is None
                                                          else counted[plan.name]))
             elif event[0] == "row" and comparison is not None:
@@ -2387,7 +2632,8 @@ def verify_restore(api, plans, reference_path, expected_counts, ignore_columns=(
                                   for key in itertools.islice(comparison.only_file,
                                                               MISMATCHES_LISTED))
                 mismatches.extend({"table": comparison.name, "key": key,
-                                   "problem": "different values", "columns": columns}
+                                   "problem": "different values", "columns": columns,
+                                   "live_values": comparison.changed_live.get(key, {})}
                                   for key, columns in comparison.changed_keys.items())
                 comparison = None
     finally:
@@ -2403,13 +2649,14 @@ def compared_columns(plan, ignore_columns):
             if c not in ignore_columns and f"{plan.name}.{c}" not in ignore_columns]
 
 
-def mismatch_message(mismatches, what):
-    """One line about verification mismatches, with the ignore-columns advice when it fits."""
+def mismatch_message(mismatches, what, since):
+    """One line about verification mismatches, with the ignore-columns advice when the evidence
+    says a trigger rewrote the values (see rewritten_columns)."""
     first = mismatches[:3]
     shown = "; ".join(f"{m['table']} key {m['key']}: {m['problem']}"
                       + (f" in {', '.join(m['columns'])}" if m.get("columns") else "")
                       if m["key"] else f"{m['table']}: {m['problem']}" for m in first)
-    rewritten = rewritten_columns(mismatches)
+    rewritten = rewritten_columns(mismatches, since)
     advice = ""
     if rewritten:
         names = ",".join(sorted({c for columns in rewritten.values() for c in columns}))
@@ -2420,19 +2667,39 @@ def mismatch_message(mismatches, what):
     return f"{what} verification found {total} mismatch(es): {shown}{advice}"
 
 
-def rewritten_columns(mismatches):
-    """{table: [columns]} when every mismatch is a row that differs only in the same column or
-    two, the mark of a trigger that rewrites them on every write (moddatetime); else {}."""
+def rewritten_columns(mismatches, since):
+    """{table: [columns]} when the evidence says a trigger rewrote them on every write
+    (moddatetime): every mismatch is a row that differs only in the same column or two, and
+    every live value there is a time taken during this run (since); else {}. Anything less is
+    no evidence, and advising to ignore the column could hide real corruption."""
     if not mismatches or any(m["problem"] != "different values" for m in mismatches):
         return {}
     sampled = [m for m in mismatches if "columns" in m]
     if not sampled or not all(m["columns"] for m in sampled) or \
             len({c for m in sampled for c in m["columns"]}) > 2:
         return {}
+    if not all(taken_since(value, since) for m in sampled
+               for value in (m.get("live_values") or {None: None}).values()):
+        return {}
     by_table = {}
     for m in sampled:
         by_table.setdefault(m["table"], set()).update(m["columns"])
     return {name: sorted(columns) for name, columns in by_table.items()}
+
+
+def taken_since(value, since):
+    """Whether a value is a timestamp (ISO or PostgreSQL's text) at or after since, less a
+    second for clocks that differ."""
+    if not isinstance(value, str) or since is None:
+        return False
+    text = re.sub(r"([+-]\d\d)$", r"\1:00", value.strip().replace("T", " ", 1))
+    try:
+        moment = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        return False
+    if moment.tzinfo is None:  # timestamp without time zone: taken as UTC, as Supabase runs
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return moment >= since - datetime.timedelta(seconds=1)
 
 
 def delete_rows(api, plans, order, which, record=False, defer=False):
@@ -2467,25 +2734,67 @@ def deleted_or_refused(api, plan, keys):
         return None
     except ApiRejected as exc:
         if exc.code != FK_VIOLATION:
-            raise RestoreFailure(f"{plan.name}: deleting rows was refused: {exc.code} "
+            raise RestoreFailure(plan.name, f"deleting rows was refused: {exc.code} "
                                  f"{exc.message}") from None
         return exc
 
 
 def retry_deletes(api, pending):
-    """Retry refused delete batches, round after round, while a round makes progress."""
+    """Retry refused delete batches, round after round, while a round makes progress. When one
+    does not, the batches are halved (one row still referred to holds back its whole batch),
+    and once single rows stop moving, the rows left refer to each other (a cycle, a chain
+    deeper than a batch): their nullable foreign keys are cleared, which loses nothing, since
+    they are being deleted. Only rows that others outside them still refer to stay: that is a
+    RestoreFailure naming the table."""
+    cleared_at = None
     while pending:
+        waiting = sum(len(keys) for _, keys in pending)
         still, error = [], None
         for plan, keys in pending:
             refusal = deleted_or_refused(api, plan, keys)
             if refusal is not None:
                 still.append((plan, keys))
                 error = refusal
-        if len(still) == len(pending):
-            raise RestoreFailure(f"{still[0][0].name}: rows cannot be deleted because other rows "
-                                 f"still refer to them ({error.message}"
-                                 f"{'; ' + error.details if error.details else ''})")
+        left = sum(len(keys) for _, keys in still)
+        if still and left == waiting:
+            if any(len(keys) > 1 for _, keys in still):
+                still = [(plan, part) for plan, keys in still for part in
+                         ([keys[:len(keys) // 2], keys[len(keys) // 2:]] if len(keys) > 1
+                          else [keys])]
+            elif cleared_at != left and clear_references(api, still):
+                cleared_at = left
+            else:
+                raise RestoreFailure(still[0][0].name, f"rows cannot be deleted because other "
+                                     f"rows still refer to them ({error.message}"
+                                     f"{'; ' + error.details if error.details else ''})")
         pending = still
+
+
+def nullable_references(plan):
+    """The columns of a table's foreign keys that may be NULL (single-column keys, as the API
+    describes them)."""
+    meta = plan.live_meta or {}
+    nullable = {c["name"] for c in meta.get("columns") or [] if c.get("nullable")}
+    return sorted({fk["column"] for fk in meta.get("foreign_keys") or []
+                   if fk["column"] in nullable})
+
+
+def clear_references(api, pending):
+    """Set the nullable foreign keys of rows about to be deleted to NULL, so that rows that
+    refer to each other can go; returns whether there was any to clear."""
+    cleared = False
+    for plan, keys in pending:
+        columns = nullable_references(plan)
+        if not columns:
+            continue
+        body = compact_json({column: None for column in columns}).encode()
+        try:
+            api.update_keys(plan.name, plan.primary_key, keys, body, columns)
+        except ApiRejected as exc:
+            raise RestoreFailure(plan.name, f"clearing the references of rows to delete was "
+                                 f"refused: {exc.code} {exc.message}") from None
+        cleared = True
+    return cleared
 
 
 def chunks(items, size):
@@ -2503,7 +2812,7 @@ def delete_extra(api, plans, order):
     delete_rows(api, plans, order, lambda plan: plan.extra_keys, record=True)
 
 
-def rollback(api, plans, order, safety_path, progress, ignore_columns=()):
+def rollback(api, plans, order, safety_path, progress, ignore_columns=(), json_null_ok=False):
     """Bring every touched table back to the safety backup: delete the rows the restore inserted,
     write back the safety rows of the rows it updated (or deleted), then verify the tables against
     the safety backup, leaving ignore_columns out (by name or as table.column).
@@ -2529,6 +2838,8 @@ def rollback(api, plans, order, safety_path, progress, ignore_columns=()):
         spools = {}
         try:
             for event in read_backup(safety_path):
+                if event[0] == "table" and event[1] in plans:
+                    rollback_plans[event[1]].json_columns = json_text_columns(event[2])
                 if event[0] != "row" or event[1] not in plans:
                     continue
                 plan, row = plans[event[1]], event[2]
@@ -2549,7 +2860,7 @@ def rollback(api, plans, order, safety_path, progress, ignore_columns=()):
         upsert_restore(api, rollback_plans, order, progress)
     retry_deletes(api, refused)
     expected = {name: plan.safety_count for name, plan in touched.items()}
-    return verify_restore(api, touched, safety_path, expected, ignore_columns)
+    return verify_restore(api, touched, safety_path, expected, ignore_columns, json_null_ok)
 
 
 def diff_tables(api, path, tables, live_tables):
@@ -2583,11 +2894,13 @@ def diff_tables(api, path, tables, live_tables):
                 columns = [c for c in file_columns if c in live_columns]
                 pk = list(meta.get("primary_key") or [])
                 if pk and pk == list(live_meta["primary_key"]):
-                    current = ("keyed", result, TableComparison(api, name, live_meta, pk, columns))
+                    current = ("keyed", result, TableComparison(api, name, live_meta, pk, columns,
+                                                                file_forms(meta)))
                 else:
                     result["compared_as"] = "whole rows (no primary key)"
                     live_rows = collections.Counter()
-                    for page in TablePages(api, name, live_meta):
+                    for page in TablePages(api, name, with_stored_forms(live_meta,
+                                                                        file_forms(meta))):
                         result["live_rows"] += len(page)
                         live_rows.update(row_digest(row, columns) for row in page)
                     current = ("whole", result, live_rows, columns)
@@ -3166,13 +3479,22 @@ def sequence_sql(plans, live):
             continue
         column = plan.primary_key[0]
         formats = {c["name"]: c.get("format") for c in live[name]["columns"]}
-        if formats.get(column) not in ("integer", "bigint", "smallint"):
+        if formats.get(column) not in INTEGER_FORMATS:
             continue
+        # The API does not show whether a key has a sequence (PostgREST's OpenAPI leaves a
+        # nextval() default out), so the statement finds out itself, and does nothing without
+        # one. pg_get_serial_sequence parses its first argument as SQL (quoted identifiers) and
+        # takes the second literally.
+        table = sql_literal(f"public.{quote_sql_ident(name)}")
         statements.append(
-            f"SELECT setval(pg_get_serial_sequence('public.{quote_sql_ident(name)}', "
-            f"'{column}'), (SELECT max({quote_sql_ident(column)}) FROM "
-            f"public.{quote_sql_ident(name)}));")
+            f"SELECT setval(s, m) FROM (SELECT pg_get_serial_sequence({table}, "
+            f"{sql_literal(column)}) AS s, (SELECT max({quote_sql_ident(column)}) FROM "
+            f"public.{quote_sql_ident(name)}) AS m) AS x WHERE s IS NOT NULL AND m IS NOT NULL;")
     return statements
+
+
+def sql_literal(text):
+    return "'" + text.replace("'", "''") + "'"
 
 
 def quote_sql_ident(name):
@@ -3191,6 +3513,7 @@ class RestoreRun:
         self.plans, self.order, self.safety_path = {}, [], None
         self.restore_log = None
         self.rewritten = {}  # table -> columns the failed verification found rewritten
+        self.started = None  # when the run began: a trigger's rewritten times come after it
         self._step, self.writing = None, False
 
     def say_step(self, number, tag, text):
@@ -3216,7 +3539,7 @@ class RestoreRun:
 
     def _run(self):
         args, api = self.args, self.api
-        started = utc_now()
+        started = self.started = utc_now()
         # Read now: a typo in a setting must not fail a restore half-way.
         critical, ignore_columns = self.critical(), self.ignore_columns()
         log.info("reading %s", self.file_path)
@@ -3238,7 +3561,7 @@ class RestoreRun:
             meta = scan.tables[name]["meta"]
             plan = self.plans[name] = TablePlan(name, list(meta["primary_key"]),
                                                 [c["name"] for c in meta["columns"]])
-            plan.live_meta = live.get(name)
+            plan.live_meta, plan.json_columns = live.get(name), json_text_columns(meta)
         present = [name for name in tables if name in live]
 
         # 1. Safety backup of the current state.
@@ -3285,13 +3608,18 @@ class RestoreRun:
             plan_summary = {name: {"insert": p.inserts, "update": p.updates,
                                    "delete": len(p.extra_keys), "unchanged": p.unchanged}
                             for name, p in self.plans.items()}
+            json_nulls = self.check_json_nulls()
+            self.check_cycles(scan)
             if self.dry_run:
                 self.done("dry run: nothing written")
                 if args.json:
                     print(json.dumps({"status": "dry_run", "file": str(self.file_path),
-                                      "before_counts": before, "plan": plan_summary}, indent=2))
+                                      "before_counts": before, "plan": plan_summary,
+                                      "json_null_as_sql_null": json_nulls}, indent=2))
                 return EXIT_OK
             self.restore_log.update(before_counts=before, plan=plan_summary)
+            if json_nulls:
+                self.restore_log.update(json_null_as_sql_null=json_nulls)
             self.done(f"{sum(p.inserts for p in self.plans.values())} to insert, "
                       f"{sum(p.updates for p in self.plans.values())} to update")
 
@@ -3316,11 +3644,12 @@ class RestoreRun:
                 expected = {name: (before.get(name, 0) + p.written_inserts
                                    - len(p.extra_keys)) for name, p in self.plans.items()}
                 mismatches = verify_restore(api, self.plans, self.file_path, expected,
-                                            ignore_columns)
+                                            ignore_columns, self.accept_json_null)
                 if mismatches:
                     self.restore_log.update(mismatches=mismatches[:100])
-                    self.rewritten = rewritten_columns(mismatches)
-                    raise RestoreFailure(mismatch_message(mismatches, self.mode))
+                    self.rewritten = rewritten_columns(mismatches, self.started)
+                    raise RestoreFailure(None, mismatch_message(mismatches, self.mode,
+                                                                self.started))
                 self.done("every row matches")
             except (RestoreFailure, BackupError) as exc:
                 return self.recover(exc)
@@ -3332,7 +3661,7 @@ class RestoreRun:
                 # A bug must not bypass the safety net: roll back as for any other failure.
                 log.error("unexpected error during the %s", self.mode, exc_info=True,
                           extra={FILE_ONLY: True})
-                return self.recover(RestoreFailure(f"unexpected internal error: "
+                return self.recover(RestoreFailure(None, f"unexpected internal error: "
                                                    f"{type(exc).__name__}: {exc} (a bug: the "
                                                    f"traceback is in {current_log_file()})"))
 
@@ -3357,9 +3686,9 @@ class RestoreRun:
     def recover(self, exc):
         """A step 4 or 5 failure: roll back to the safety backup, or say what is left."""
         reason = one_line(exc, 800)
-        for plan in self.plans.values():
-            if plan.failure is None and str(exc).startswith(f"{plan.name}"):
-                plan.failure = reason
+        failed = self.plans.get(getattr(exc, "table", None))
+        if failed is not None and failed.failure is None:
+            failed.failure = reason
         self.restore_log.tables(self.plans)
         self.fail_step("failed", reason)
         # A warning: the one error line is the outcome, printed last, after the rollback.
@@ -3387,7 +3716,7 @@ class RestoreRun:
                      failed_path, self.config.host, SERVICE_ROLE, self.progress,
                      note=f"state after a failed {self.mode} of {self.file_path.name}")
             mismatches = rollback(self.api, self.plans, self.order, self.safety_path,
-                                  self.progress, leave_out)
+                                  self.progress, leave_out, self.accept_json_null)
         except KeyboardInterrupt:
             write_restore_log(self.restore_log, status="interrupted",
                               error="interrupted during rollback")
@@ -3409,7 +3738,8 @@ class RestoreRun:
         if mismatches:
             write_restore_log(self.restore_log, status="rollback_failed", error=reason,
                               rollback=rollback_info)
-            problem = (mismatch_message(mismatches, "rollback") if mismatches[0]["table"]
+            problem = (mismatch_message(mismatches, "rollback", self.started)
+                       if mismatches[0]["table"]
                        else mismatches[0]["problem"])
             self.fail_step("failed", problem)
             raise RollbackFailedError(f"{self.mode} failed ({reason}) and so did the automatic "
@@ -3426,6 +3756,53 @@ class RestoreRun:
         raise RestoreError(f"{self.mode} failed ({reason}); every table it touched was rolled "
                            f"back to {self.safety_path.name} and verified: the database is as "
                            f"before{except_columns} (log: {self.restore_log.path})")
+
+    @property
+    def accept_json_null(self):
+        return bool(getattr(self.args, "accept_json_null", False))
+
+    def check_json_nulls(self):
+        """Before any write: the JSON nulls in json/jsonb columns that the API would store as
+        SQL NULL (in rows of the file to write, or in live rows the restore overwrites, which a
+        rollback would write back). Refused unless --accept-json-null; returns what was found,
+        for the plan and the log."""
+        found = [{"table": plan.name, "column": column, "rows": count, "first_keys": keys,
+                  "in": "the file" if side == "file" else "live rows the restore overwrites"}
+                 for plan in self.plans.values()
+                 for (side, column), (count, keys) in sorted(plan.json_nulls.items())]
+        if not found:
+            return []
+        text = "; ".join(f"{f['table']}.{f['column']}: {f['rows']} row(s) of {f['in']} (first "
+                         f"key(s) {', '.join(f['first_keys'])})" for f in found[:5])
+        if not self.accept_json_null and not self.dry_run:
+            self.fail_step("refused", text)
+            error = (f"JSON null (not SQL NULL) in a json/jsonb column, which the API can only "
+                     f"write as SQL NULL: {text}; the database was not touched; to restore them "
+                     f"as SQL NULL, run again with --accept-json-null")
+            if self.restore_log:
+                write_restore_log(self.restore_log, status="refused", error=error)
+            raise ValidationError(error)
+        log.warning("JSON null in a json/jsonb column will become SQL NULL%s: %s",
+                    "" if self.accept_json_null else " (refused without --accept-json-null)",
+                    text)
+        return found
+
+    def check_cycles(self, scan):
+        """Before any write: refuse rows that only a transaction could write (see
+        unwritable_cycle)."""
+        cycle = unwritable_cycle(scan, self.plans)
+        if not cycle:
+            return
+        rows = " -> ".join(f"{table} {key}" for table, key in cycle[:6])
+        error = (f"rows to insert refer to each other through NOT NULL foreign keys ({rows} -> "
+                 f"back to the first): the API writes each request in its own transaction, so "
+                 f"none of them can be written first; the database was not touched; insert "
+                 f"these rows in one transaction in the SQL editor, or make one of the foreign "
+                 f"keys nullable, then restore again")
+        self.fail_step("refused", error)
+        if self.restore_log:
+            write_restore_log(self.restore_log, status="refused", error=error)
+        raise ValidationError(error)
 
     def rollback_hint(self):
         if self.safety_path is None:
@@ -3741,6 +4118,14 @@ def add_write_guard_arguments(parser):
                              "(required when not on a terminal)")
 
 
+def add_accept_json_null_argument(parser):
+    """--accept-json-null, shared by restore and rollback."""
+    parser.add_argument("--accept-json-null", action="store_true",
+                        help="go on where a json/jsonb column holds JSON null (not SQL NULL) in "
+                             "a row to write: the API can only store SQL NULL there (refused "
+                             "without this option, naming table, column and rows)")
+
+
 def add_command(subparsers, name, handler, summary, examples):
     """A subcommand parser with its summary, an Examples epilog and the global options."""
     parser = subparsers.add_parser(
@@ -3824,6 +4209,7 @@ def build_parser():
     restore.add_argument("--no-rollback", action="store_true",
                          help="on failure keep what was restored instead of rolling back "
                               "(the safety backup stays available for rollback)")
+    add_accept_json_null_argument(restore)
     add_json_argument(restore)
 
     rollback = add_command(
@@ -3842,6 +4228,7 @@ def build_parser():
     rollback.add_argument("--ignore-columns", type=table_list, action="extend", metavar="C",
                           help="columns left out of verification, e.g. updated_at kept current "
                                "by a trigger (default: VERIFY_IGNORE_COLUMNS)")
+    add_accept_json_null_argument(rollback)
     add_json_argument(rollback)
 
     list_safety = add_command(

@@ -74,26 +74,37 @@ def database_state(db, omit=None):
 
 
 def row_texts(db, table, where="TRUE", params=(), omit=()):
-    """The rows of a table as text: to_jsonb (PostgreSQL's own text of every value), less omit.
-
-    One known loss is left out: a decimal inside a json/jsonb value passes through a binary float
-    on its way through the API, so a row the tool writes gets 518.0 back for 518.00 (equal as
-    jsonb, not as text; see test_numbers_inside_jsonb_keep_their_digits). Such values are compared
-    as the float a JSON parser reads.
-    """
-    json_columns = [name for (name,) in db.execute(
+    """The rows of a table as text, less omit: each row as the JSON array of PostgreSQL's own
+    text (col::text) of every column, so that a value is the same only when its ::text is."""
+    columns = [name for (name,) in db.execute(
         "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 "
-        "AND NOT attisdropped AND atttypid IN ('json'::regtype, 'jsonb'::regtype) "
-        "ORDER BY attnum", [f"public.{table}"])]
-    texts = "".join(f", t.{name}::text" for name in json_columns)
+        "AND NOT attisdropped ORDER BY attnum", [f"public.{table}"]) if name not in omit]
+    texts = ", ".join(f"'{name}', t.\"{name}\"::text" for name in columns)
+    return [text for (text,) in db.execute(
+        f"SELECT json_build_object({texts})::text FROM public.{table} AS t WHERE {where}",
+        params)]
+
+
+# The types whose JSON, as PostgREST sends it, is exact: a backup keeps every other column as
+# PostgreSQL's own text of it (format version 2).
+NATIVE_TYPES = ("smallint", "integer", "bigint", "boolean", "text", "character varying", "uuid")
+
+
+def file_form_rows(db, relation):
+    """The rows of a table or view as psycopg reads them, in the form a backup file keeps them:
+    PostgreSQL's own text (col::text) of every column whose type (a domain's base type) is not
+    in NATIVE_TYPES, the JSON value of the others. A list of dicts."""
+    as_text = [name for (name,) in db.execute(
+        "SELECT attname FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
+        "WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped "
+        "AND format_type(CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END, NULL) "
+        "<> ALL(%s) ORDER BY attnum", [f"public.{relation}", list(NATIVE_TYPES)])]
+    extra = "".join(f', t."{name}"::text' for name in as_text)
     rows = []
-    for record in db.execute(f"SELECT (to_jsonb(t) - %s::text[])::text{texts} "
-                             f"FROM public.{table} AS t WHERE {where}",
-                             [json_columns + list(omit), *params]):
-        values = [json.dumps(json.loads(value)) if value is not None else "null"
-                  for value in record[1:]]
-        rows.append(" ".join([record[0], *(f"{name}={value}" for name, value
-                                           in zip(json_columns, values))]))
+    for record in db.execute(f"SELECT to_jsonb(t){extra} FROM public.{relation} AS t"):
+        row = record[0]
+        row.update(zip(as_text, record[1:]))
+        rows.append(row)
     return rows
 
 

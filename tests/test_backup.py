@@ -33,7 +33,8 @@ if str(REPO_ROOT) not in sys.path:
 
 import supabase_backup  # noqa: E402
 from helpers import (  # noqa: E402
-    SETTINGS, backup_while_a_table_is_dropped, error_line, make_backup, run, wait_for)
+    SETTINGS, backup_while_a_table_is_dropped, error_line, file_form_rows, make_backup, run,
+    wait_for)
 from local_supabase import make_jwt  # noqa: E402
 
 DEMO_TABLES = {"app_settings": 5, "audit_events": 1500, "bookings": 5000, "package_tags": 900,
@@ -66,22 +67,8 @@ def load(path):
 
 
 def database_rows(db, relation):
-    """The rows of a table or view as psycopg reads them, in the JSON shape PostgREST sends.
-
-    numeric columns are compared as exact text (the file holds them so), from psycopg's Decimal.
-    """
-    numeric = [name for (name,) in db.execute(
-        "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 "
-        "AND NOT attisdropped AND atttypid = 'numeric'::regtype ORDER BY attnum",
-        [f"public.{relation}"])]
-    extra = "".join(f', t."{name}"' for name in numeric)
-    rows = []
-    for record in db.execute(f"SELECT to_jsonb(t){extra} FROM public.{relation} AS t"):
-        row = record[0]
-        for name, value in zip(numeric, record[1:]):
-            row[name] = None if value is None else str(value)
-        rows.append(row)
-    return rows
+    """The rows of a table or view as psycopg reads them, in the form the file keeps them."""
+    return file_form_rows(db, relation)
 
 
 def canonical(row):
@@ -153,7 +140,7 @@ def test_backup_of_every_demo_table_equals_the_database(stack, db, data, capsys)
     assert abs(datetime.datetime.now(datetime.timezone.utc) - stamp) < datetime.timedelta(
         minutes=1), "the file name carries the UTC time"
     document = load(path)
-    assert document["format"] == "supabase_backup" and document["format_version"] == 1
+    assert document["format"] == "supabase_backup" and document["format_version"] == 2
     assert document["complete"] is True and document["rls_limited"] is False
     assert document["project_host"] == stack.url.split("://")[1]
     assert set(document["tables"]) == set(DEMO_TABLES), "every table, and no view, by default"
@@ -190,24 +177,30 @@ def test_values_of_every_type_come_back_exactly(stack, db, data, capsys):
     bookings = {row["id"]: row for row in tables["bookings"]["rows"]}
 
     user_id, avatar, tags, profile, created_at = db.execute(
-        "SELECT id, avatar, tags, profile, created_at FROM users "
+        "SELECT id, avatar, tags::text, profile::text, created_at::text FROM users "
         "WHERE avatar IS NOT NULL AND tags IS NOT NULL AND profile IS NOT NULL LIMIT 1").fetchone()
     user = users[str(user_id)]
-    assert user["avatar"] == "\\x" + avatar.hex()  # bytea as PostgREST's hex text
+    assert user["avatar"] == "\\x" + avatar.hex()  # bytea as PostgreSQL's hex text
+    # Everything else as PostgreSQL's own text of it, which reads back as the same value.
     assert user["tags"] == tags and user["profile"] == profile
-    assert datetime.datetime.fromisoformat(user["created_at"]) == created_at
+    assert user["created_at"] == created_at
     assert any(row["full_name"] and not row["full_name"].isascii() for row in users.values())
     assert any(row["birth_date"] is None for row in users.values())
 
     package_id, price, available_from = db.execute(
-        "SELECT id, price, available_from FROM packages WHERE available_from IS NOT NULL "
-        "ORDER BY id LIMIT 1").fetchone()
-    assert packages[package_id]["price"] == str(price)  # numeric as exact text
-    assert packages[package_id]["available_from"] == available_from.isoformat()
+        "SELECT id, price::text, available_from::text FROM packages "
+        "WHERE available_from IS NOT NULL ORDER BY id LIMIT 1").fetchone()
+    assert packages[package_id]["price"] == price
+    assert packages[package_id]["available_from"] == available_from
     booking_id, status, total_price = db.execute(
-        "SELECT id, status::text, total_price FROM bookings ORDER BY id DESC LIMIT 1").fetchone()
+        "SELECT id, status::text, total_price::text FROM bookings ORDER BY id DESC LIMIT 1"
+    ).fetchone()
     assert bookings[booking_id]["status"] == status
-    assert bookings[booking_id]["total_price"] == str(total_price)
+    assert bookings[booking_id]["total_price"] == total_price
+    # The file says which columns it keeps as text, and which as a json document's text.
+    columns = {c["name"]: c for c in tables["users"]["columns"]}
+    assert columns["profile"]["stored_as"] == "json_text"
+    assert columns["tags"]["stored_as"] == "text" and "stored_as" not in columns["email"]
 
 
 def test_the_secret_key_backs_up_like_the_service_role_jwt(stack, db, data, capsys, monkeypatch):

@@ -28,7 +28,7 @@ import pytest
 import supabase_backup
 from helpers import (
     OUTLASTS_RETRIES, REPO_ROOT, SETTINGS, backup_while_a_table_is_dropped, database_state,
-    files_in, kill_9_mid_write, make_backup, restore_log, rewrite_backup, rows_where, run,
+    file_form_rows, files_in, kill_9_mid_write, make_backup, restore_log, rewrite_backup, rows_where, run,
     safety_backup, table_rows, wait_for, write_requests)
 from local_supabase import make_jwt
 
@@ -43,31 +43,14 @@ DISK_FULL = "File too large"  # strerror(EFBIG): what a write past RLIMIT_FSIZE 
 
 # --- observing -----------------------------------------------------------------------------------
 
-def numeric_columns(db, table):
-    return [name for (name,) in db.execute(
-        "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 "
-        "AND NOT attisdropped AND atttypid = 'numeric'::regtype ORDER BY attnum",
-        [f"public.{table}"])]
-
-
 def canonical(row):
     return json.dumps(row, sort_keys=True, ensure_ascii=False)
 
 
 def api_state(db, tables):
-    """The rows of tables as psycopg reads them, in the shape the API sends and a backup file
-    holds (numeric columns as exact text): {table: [canonical JSON]}."""
-    state = {}
-    for table in tables:
-        numeric = numeric_columns(db, table)
-        texts = "".join(f", t.{name}::text" for name in numeric)
-        rows = []
-        for record in db.execute(f"SELECT to_jsonb(t){texts} FROM public.{table} AS t"):
-            row = record[0]
-            row.update(zip(numeric, record[1:]))
-            rows.append(canonical(row))
-        state[table] = rows
-    return state
+    """The rows of tables as psycopg reads them, in the form a backup file holds them:
+    {table: [canonical JSON]}."""
+    return {table: [canonical(row) for row in file_form_rows(db, table)] for table in tables}
 
 
 def file_state(path):
@@ -832,8 +815,8 @@ BAD_FILES = {
     "flipped byte": (flip_a_byte, [], ["use another backup"]),
     "valid gzip of invalid JSON": (break_a_row_inside_valid_gzip, [],
                                    ["is not valid JSON", "use another backup"]),
-    "wrong format version": (lambda p: rewrite_backup(p, lambda d: d.update(format_version=2)),
-                             [], ["format version 2", "reads version 1"]),
+    "wrong format version": (lambda p: rewrite_backup(p, lambda d: d.update(format_version=3)),
+                             [], ["format version 3", "reads versions 1, 2"]),
     "--tables names a table not in the file": (None, ["--tables", "bookings,reviews"],
                                                ["reviews not in", "check --tables"]),
     "--critical names a table not in the file": (None, ["--critical", "bookings,users"],

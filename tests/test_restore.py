@@ -1,8 +1,8 @@
 """restore --safe (issue #4) against the local stack.
 
 The database is always checked through psycopg, never through the tool: every column of every
-demo table, as PostgreSQL's own text (to_jsonb), compared exactly before and after, with one known
-loss left out and shown by its own test (see row_texts). Layers (see STYLE.md): main([...])
+demo table, as PostgreSQL's own text (col::text), compared exactly before and after (see
+row_texts). Layers (see STYLE.md): main([...])
 in-process with tmp_path, and subprocess runs where a real process matters (kill -9, Ctrl-C, the
 lock).
 """
@@ -184,9 +184,6 @@ def test_identity_always_table_is_patched_and_generated_columns_are_never_writte
     assert "GENERATED ALWAYS AS IDENTITY" in err and "packages.nights is a generated column" in err
 
 
-@pytest.mark.xfail(strict=True, reason="known loss, outside the restore code: the supabase client "
-                   "parses JSON numbers into binary floats, so 518.00 inside a jsonb value is "
-                   "backed up as 518.0 and written back so")
 def test_numbers_inside_jsonb_keep_their_digits(fresh_stack, db, data, capsys):
     path = make_backup(capsys, data, "--tables", "users")
     user = "user1400@example.com"  # profile.score is 518.00
