@@ -598,7 +598,7 @@ class SupabaseApi:
             raise ConnectionFailure(f"counting {table}: the API answered without a count")
         return total
 
-    def page(self, table, select, order_by, after, limit, offset=0, until=None):
+    def page(self, table, select, order_by, after, limit, offset=0, until=None, where=()):
         """One page of rows in order_by order: rows after the key values `after` (keyset), or
         from `offset` when the table has no key. Rows come parsed from the answer's bytes: the
         select list casts every value whose JSON number would lose digits to text.
@@ -607,7 +607,7 @@ class SupabaseApi:
         (rows, how many rows the range holds after `after`): Prefer: count=exact on a key range
         is an index range count, and it tells when the range is read without a further request.
         """
-        params = [("select", select)]
+        params = [("select", select), *where]
         if after is not None:
             params.append(keyset_filter(order_by, after))
         if until is not None:
@@ -665,11 +665,12 @@ class SupabaseApi:
         self.request(f"deleting {len(keys)} row(s) of {table}", "DELETE", table,
                      [key_filter(primary_key, keys)], prefer="return=minimal", writes=True)
 
-    def delete_matching(self, table, row, columns):
-        """Delete every row equal to row in the given columns (a table without a key: its
-        rows are told apart by their values only)."""
-        self.request(f"deleting rows of {table} by value", "DELETE", table,
-                     [equal_filter(columns, row)], prefer="return=minimal", writes=True)
+    def delete_where(self, table, where):
+        """Delete the rows a filter matches; returns how many (Prefer: count=exact). Sent once:
+        the caller knows which rows it matched, and checks the count."""
+        response = self.request(f"deleting rows of {table} by value", "DELETE", table, where,
+                                prefer="return=minimal,count=exact", writes="once")
+        return content_range_total(response)
 
 
 def content_range_total(response):
@@ -717,7 +718,11 @@ def key_filter(primary_key, keys):
 
 
 def equal_filter(columns, row):
-    """The filter (name, value) for rows equal to row in every given column (NULL by is.null)."""
+    """The filter (name, value) for rows equal to row in every given column (NULL by is.null),
+    as PostgreSQL's = sees it; with no column, a filter every row passes (a DELETE needs one)."""
+    if not columns:
+        return ("or", "(" + ",".join(f"{quote_field(c)}.{test}" for c in row
+                                     for test in ("is.null", "not.is.null")) + ")")
     return ("and", "(" + ",".join(
         f"{quote_field(c)}.is.null" if row.get(c) is None else
         f"{quote_field(c)}.eq.{quote_value(row[c])}" for c in columns) + ")")
@@ -1378,14 +1383,16 @@ class TablePages:
     never silently.
     """
 
-    def __init__(self, api, name, meta, after=None, until=None):
-        self.api, self.name = api, name
+    def __init__(self, api, name, meta, after=None, until=None, where=()):
+        self.api, self.name, self.where = api, name, where
         self.order_by, self.paging = read_order(meta)
         self.select = select_list(meta)
         self.pages = 0
         # A range of keys: after (exclusive) and until (inclusive); keyset paging only.
         self.after, self.until = after, until
         self.largest_page = None  # the server's row cap, once a page has shown it
+        self.answered = 0  # rows in the last answer (before whole_groups cut it)
+        self.warned = False
         self.in_range = None  # with `until`: how many rows the range holds (its first answer)
 
     def __iter__(self):
@@ -1393,7 +1400,8 @@ class TablePages:
         while True:
             try:
                 rows = self.api.page(name, self.select, self.order_by, after, page_size,
-                                     offset if self.paging == "offset" else 0, self.until)
+                                     offset if self.paging == "offset" else 0, self.until,
+                                     self.where)
                 if self.until is not None:
                     rows, in_range = rows
                     if self.in_range is None:
@@ -1409,6 +1417,11 @@ class TablePages:
                             "per page from now on", name, page_size)
                 continue
             self.pages += 1
+            self.answered = len(rows)
+            last = not rows or (self.largest_page is not None and
+                                len(rows) < min(page_size, self.largest_page))
+            if self.paging == "offset" and not last:
+                rows = self.whole_groups(rows)
             if rows:
                 yield rows
                 # Each HTTP response sits in a reference cycle: without this its body (a page,
@@ -1422,10 +1435,29 @@ class TablePages:
             # The server returns min(asked, its row cap, rows left): a page shorter than both
             # what was asked and the largest page seen so far is the last one. The cap is
             # learned, not assumed.
-            if not rows or (self.largest_page is not None and
-                            len(rows) < min(page_size, self.largest_page)):
+            if last:
                 return
-            self.largest_page = max(self.largest_page or 0, len(rows))
+            self.largest_page = max(self.largest_page or 0, self.answered)
+
+    def whole_groups(self, rows):
+        """A page read by offset, less its last rows that tie with the page's last row in the
+        order (equal in every sorted column): PostgreSQL may order tied rows differently from
+        one query to the next, so a group of them split between two pages could lose a row to
+        one and double one in the other. The next page starts at the group instead. A group as
+        large as a page is kept whole, with a warning: then the order cannot be relied on."""
+        tail = [rows[-1].get(column) for column in self.order_by]
+        cut = len(rows)
+        while cut > 0 and [rows[cut - 1].get(column) for column in self.order_by] == tail:
+            cut -= 1
+        if cut == 0:
+            if not self.warned:
+                self.warned = True
+                log.warning("%s has no primary key and more rows that tie in its sortable "
+                            "columns than a page holds: PostgreSQL may order them differently "
+                            "from page to page, so rows may be missed or doubled; give the table "
+                            "a primary key", self.name)
+            return rows
+        return rows[:cut]
 
 
 def read_table(api, name, meta, writer, progress):
@@ -1746,9 +1778,11 @@ class TablePlan:
     unchanged: int = 0
     skip_columns: set = field(default_factory=set)  # generated columns the server refuses
     json_columns: set = field(default_factory=set)  # json/jsonb text, sent as raw JSON
-    # (side, column) -> [rows, first keys]: JSON nulls the API would write as SQL NULL, in rows
-    # of the file to write ("file") or live rows a rollback would write back ("live").
-    json_nulls: dict = field(default_factory=dict)
+    plain_json_columns: set = field(default_factory=set)  # of json_columns, the json (not jsonb)
+    # (side, column, change) -> [rows, first keys]: values the API would change on the way in
+    # (json_change), in rows of the file to write ("file") or live rows a rollback would write
+    # back ("live").
+    json_changes: dict = field(default_factory=dict)
     identity_always: str | None = None  # a GENERATED ALWAYS identity column: patch, never insert
     written_inserts: int = 0
     written_updates: int = 0
@@ -1765,6 +1799,7 @@ class TablePlan:
     sent_rows: bytearray = field(default_factory=bytearray, repr=False)
     deleted_keys: set = field(default_factory=set, repr=False)
     deleted: int = 0  # rows a rollback to a file deleted (their keys are not in the file)
+    reconciled: bool = False  # a keyless table a rollback to a file rewrote (reconcile_keyless)
 
     def mark_sent(self, batch):
         """Record that a write was sent for a batch: from then on its rows may have landed."""
@@ -1772,7 +1807,7 @@ class TablePlan:
 
     @property
     def touched(self):
-        return bool(self.deleted_keys) or 1 in self.sent_rows
+        return bool(self.deleted_keys) or self.reconciled or 1 in self.sent_rows
 
     def sent_spool_keys(self):
         """(is_insert, key) of every spooled row a write was sent for, read from the spool."""
@@ -2018,6 +2053,41 @@ def is_json_null(value):
     return isinstance(value, str) and value.strip() == "null"
 
 
+JSON_NULL = "JSON null, which it stores as SQL NULL"
+
+
+def note_json_changes(plan, row, side):
+    """Count the json values the API would change in a row to write (side "file") or in a live
+    row a rollback would write back ("live"), by column and change (json_change)."""
+    for column in plan.json_columns:
+        change = json_change(row.get(column), column in plan.plain_json_columns)
+        if change:
+            found = plan.json_changes.setdefault((side, column, change), [0, []])
+            found[0] += 1
+            if len(found[1]) < 3:
+                found[1].append(one_line(row_key(row, plan.primary_key or plan.columns), 120))
+
+
+def json_change(value, plain):
+    """How PostgREST would change a json_text value on the way in (its json_to_recordset), or
+    None: a JSON null becomes SQL NULL; and in a json (not jsonb) column, which keeps its text,
+    the spaces around the value are dropped, a top-level string comes back with its escapes
+    decoded ("\u00e9" as "é"), and \u0000 is refused (22P05). Measured on PostgreSQL 17."""
+    if not isinstance(value, str):
+        return None
+    if is_json_null(value):
+        return JSON_NULL
+    if not plain:
+        return None
+    if "\\u0000" in value:
+        return "\\u0000, which it refuses"
+    if value != value.strip():
+        return "spaces around the value, which it drops"
+    if value.startswith('"') and compact_json(json.loads(value)) != value:
+        return "escapes in a top-level string, which it decodes"
+    return None
+
+
 class PlanComparison(TableComparison):
     """Step 3 for one table: the file against the live rows, in key ranges (TableComparison);
     the rows to write are spooled as they are found (their lines from the file, unparsed), and
@@ -2047,27 +2117,18 @@ class PlanComparison(TableComparison):
         else:
             self.plan.updates += 1
             self.write(False, line)
-            # The rollback would write this live row back: its JSON nulls would become NULL.
-            self.note_json_nulls(live, "live")
+            # The rollback would write this live row back, through the same API.
+            note_json_changes(self.plan, live, "live")
 
     def file_only(self, line, row=None):
         self.plan.inserts += 1
         self.write(True, line)
 
-    def note_json_nulls(self, row, side):
-        """Count the JSON nulls of a json column in a row to write (side "file") or in a live
-        row a rollback would write back ("live"): the API writes either as SQL NULL."""
-        for column in self.plan.json_columns:
-            if is_json_null(row.get(column)):
-                found = self.plan.json_nulls.setdefault((side, column), [0, []])
-                found[0] += 1
-                if len(found[1]) < 3:
-                    found[1].append(row_key(row, self.plan.primary_key))
 
     def write(self, is_insert, line):
         """Spool one row to write: the line [is_insert,row] in JSON."""
-        if self.plan.json_columns and b"null" in line:
-            self.note_json_nulls(parse_row(line), "file")
+        if self.plan.plain_json_columns or (self.plan.json_columns and b"null" in line):
+            note_json_changes(self.plan, parse_row(line), "file")
         if self.spool is None:
             self.spool = open(self.spool_path, "wb", opener=private_opener)
             self.plan.spool = self.spool_path
@@ -2104,6 +2165,135 @@ class PlanComparison(TableComparison):
             os.unlink(fixed)
 
 
+# Tables without a primary key: their rows are told apart by their values only, so such a table
+# is compared as a multiset (each distinct row and how often it occurs), which holds the live
+# table's rows in memory (as the diff of such a table always has).
+
+def row_value(row, columns):
+    """A row's values over columns, as the text that tells rows of a keyless table apart."""
+    return compact_json([row.get(column) for column in columns])
+
+
+def live_multiset(api, plan, forms, where=()):
+    """Counter of the live rows of a keyless table (or those a filter matches), read in the
+    file's forms, by row_value over the plan's columns."""
+    meta = with_stored_forms(plan.live_meta, forms)
+    live = collections.Counter()
+    for page in TablePages(api, plan.name, meta, where=where):
+        live.update(row_value(row, plan.columns) for row in page)
+    return live
+
+
+class KeylessComparison:
+    """Steps 3 and 5 for a table without a primary key: each file row takes one live copy of
+    the same values, or is missing from the table (with spool_path: spooled as an insert). The
+    live copies left over are rows the file lacks (only_live: one entry per copy); a restore
+    leaves them, a rollback to the file deletes them (reconcile_keyless)."""
+
+    def __init__(self, api, plan, forms, spool_path=None):
+        self.api, self.plan, self.name, self.forms = api, plan, plan.name, forms
+        self.spool_path, self.spool = spool_path, None
+        self.live = live_multiset(api, plan, forms)
+        self.live_rows = sum(self.live.values())
+        if spool_path is not None and plan.json_columns:
+            # A failed restore's rollback may write any live row back (reconcile_keyless).
+            for value in self.live:
+                note_json_changes(plan, dict(zip(plan.columns, json.loads(value))), "live")
+        self.missing, self.only_file, self.only_live, self.changed = 0, {}, [], 0
+        self.changed_keys = {}
+
+    def add(self, line):
+        value = row_value(parse_row(line), self.plan.columns)
+        if self.spool_path is not None:
+            self.plan.backup_rows += 1
+        if self.live[value] > 0:
+            self.live[value] -= 1
+            if self.spool_path is not None:
+                self.plan.unchanged += 1
+            return
+        self.missing += 1
+        if len(self.only_file) < MISMATCHES_LISTED:
+            self.only_file[value] = None
+        if self.spool_path is not None:
+            self.plan.inserts += 1
+            if self.plan.json_columns:
+                note_json_changes(self.plan, parse_row(line), "file")
+            if self.spool is None:
+                self.spool = open(self.spool_path, "wb", opener=private_opener)
+                self.plan.spool = self.spool_path
+            self.spool.write(b"[true," + line + b"]\n")
+
+    def finish(self):
+        self.close()
+        self.only_live = list(self.live.elements())
+        return self
+
+    def close(self):
+        if self.spool is not None:
+            self.spool.close()
+
+
+def reconcile_keyless(api, plan, path):
+    """Make a keyless table hold exactly the rows of a file, each as often as the file holds
+    it; returns (rows deleted, rows inserted).
+
+    A row has no key to delete it by, so a surplus is deleted by its values: the rows the
+    filter matches (as PostgreSQL's = sees them, which may take in rows whose text differs,
+    such as '1 day' and '24 hours') are read first, deleted, and those that must stay are
+    written back exactly, so that every row ends up as often as the file says. Columns without
+    an = operator (json, xml, point, ranges of ...) are left out of the filter, which then takes
+    in more rows; nothing is lost by that, only more is written back."""
+    target, forms = collections.Counter(), {}
+    for event in read_backup(path):
+        if event[0] == "table" and event[1] == plan.name:
+            forms = file_forms(event[2])
+        elif event[0] == "row" and event[1] == plan.name:
+            target[row_value(event[2], plan.columns)] += 1
+    meta = with_stored_forms(plan.live_meta, forms)
+    formats = {c["name"]: (c.get("format") or "") for c in meta["columns"]}
+    comparable = [c for c in plan.columns
+                  if formats.get(c, "").removesuffix("[]") not in NO_EQUALITY_FORMATS]
+    writer = TablePlan(plan.name, [], plan.columns)
+    writer.json_columns = {c for c, form in forms.items() if form == "json_text"}
+    writer.skip_columns = set(plan.skip_columns)
+    live = live_multiset(api, plan, forms)
+    settled, deleted, inserted = set(), 0, 0
+    for value, count in list(live.items()):
+        if count <= target[value] or value in settled:
+            continue
+        where = [equal_filter(comparable, dict(zip(plan.columns, json.loads(value))))]
+        matched = live_multiset(api, plan, forms, where)
+        gone = api.delete_where(plan.name, where)
+        if gone != sum(matched.values()):
+            raise RestoreFailure(plan.name, f"{gone} row(s) deleted where {sum(matched.values())} "
+                                 f"were read a moment before: the table is changing while it is "
+                                 f"rolled back; stop the app's writes and run the rollback again")
+        deleted += gone
+        for other in matched:
+            settled.add(other)
+            inserted += insert_copies(api, writer, other, target[other])
+    for value, count in target.items():
+        if value not in settled and live[value] < count:
+            inserted += insert_copies(api, writer, value, count - live[value])
+    plan.skip_columns |= writer.skip_columns
+    return deleted, inserted
+
+
+def insert_copies(api, plan, value, count):
+    """Insert count copies of a keyless table's row (its row_value); returns count."""
+    row = dict(zip(plan.columns, json.loads(value)))
+    line = row_json(row).encode()
+    for part in chunks(range(count), WRITE_BATCH_SIZE):
+        write_rows(api, plan, Batch([(True, row)] * len(part), 0, [line] * len(part)),
+                   count=False)
+    return count
+
+
+# Types without an = operator (PostgreSQL 17, pg_catalog): a filter cannot compare them.
+NO_EQUALITY_FORMATS = {"json", "xml", "point", "polygon", "jsonpath", "txid_snapshot",
+                       "pg_snapshot", "refcursor"}
+
+
 def record_counts(api, scan, plans, spool_dir, extra_keys=False):
     """Step 3: which backup rows will be inserted, updated or left alone, by comparing the file
     with the live rows in key ranges; rows to write are spooled per table to spool_dir. Returns
@@ -2116,8 +2306,10 @@ def record_counts(api, scan, plans, spool_dir, extra_keys=False):
         for event in read_backup(scan.path, as_bytes=True):
             if event[0] == "table" and event[1] in plans:
                 plan = plans[event[1]]
-                comparison = PlanComparison(api, plan, spool_dir / f"{len(counts)}.jsonl",
-                                            file_forms(event[2]))
+                spool = spool_dir / f"{len(counts)}.jsonl"
+                comparison = (PlanComparison(api, plan, spool, file_forms(event[2]))
+                              if plan.primary_key else
+                              KeylessComparison(api, plan, file_forms(event[2]), spool))
                 counts[plan.name] = None
             elif event[0] == "row" and comparison is not None:
                 comparison.add(event[2])
@@ -2608,7 +2800,9 @@ def verify_restore(api, plans, reference_path, expected_counts, ignore_columns=(
     counted = {name: exact_count(api, name) for name in plans}
     try:
         for event in read_backup(reference_path, as_bytes=True):
-            if event[0] == "table" and event[1] in plans:
+            if event[0] == "table" and event[1] in plans and not plans[event[1]].primary_key:
+                comparison = KeylessComparison(api, plans[event[1]], file_forms(event[2]))
+            elif event[0] == "table" and event[1] in plans:
                 plan = plans[event[1]]
                 comparison = TableComparison(api, plan.name, plan.live_meta, plan.primary_key,
                                              compared_columns(plan, ignore_columns),
@@ -2627,8 +2821,11 @@ def verify_restore(api, plans, reference_path, expected_counts, ignore_columns=(
                     mismatches.append({"table": name, "key": None, "problem":
                                        f"{counted[name]} rows, expected {expected_counts[name]}"})
                     mismatches.total += 1
-                mismatches.total += len(comparison.only_file) + comparison.changed
-                mismatches.extend({"table": comparison.name, "key": key, "problem": "missing"}
+                mismatches.total += comparison.changed + (
+                    comparison.missing if isinstance(comparison, KeylessComparison)
+                    else len(comparison.only_file))
+                mismatches.extend({"table": comparison.name, "key": one_line(key, 200),
+                                   "problem": "missing"}
                                   for key in itertools.islice(comparison.only_file,
                                                               MISMATCHES_LISTED))
                 mismatches.extend({"table": comparison.name, "key": key,
@@ -2807,9 +3004,17 @@ def chunks(items, size):
         yield chunk
 
 
-def delete_extra(api, plans, order):
-    """A rollback's last write: delete the live rows whose keys the file does not hold."""
-    delete_rows(api, plans, order, lambda plan: plan.extra_keys, record=True)
+def delete_extra(api, plans, order, path):
+    """A rollback's last write: delete the live rows whose keys the file does not hold; a
+    table without a key is made to hold exactly the file's rows (reconcile_keyless)."""
+    keyed = {name: plan for name, plan in plans.items() if plan.primary_key}
+    delete_rows(api, keyed, [n for n in order if n in keyed], lambda plan: plan.extra_keys,
+                record=True)
+    for name in reversed(order):
+        plan = plans[name]
+        if not plan.primary_key and plan.extra_keys:
+            plan.reconciled = True
+            reconcile_keyless(api, plan, path)
 
 
 def rollback(api, plans, order, safety_path, progress, ignore_columns=(), json_null_ok=False):
@@ -2822,6 +3027,11 @@ def rollback(api, plans, order, safety_path, progress, ignore_columns=(), json_n
     mismatches of that verification (empty: the rollback is exact).
     """
     touched = {name: plan for name, plan in plans.items() if plan.touched}
+    # A table without a key has no key to delete or rewrite rows by: it is made to hold the
+    # safety backup's rows again, as a multiset.
+    keyless = [name for name in touched if not plans[name].primary_key]
+    plans = {name: plan for name, plan in plans.items() if plan.primary_key}
+    order = [name for name in order if name in plans]
     # Deleted first (a row written back may need a unique value an inserted row holds), but a
     # delete that rows still refer to waits for the write-back, which points them back.
     refused = delete_rows(api, plans, order, lambda plan: (key for is_insert, key
@@ -2859,6 +3069,8 @@ def rollback(api, plans, order, safety_path, progress, ignore_columns=(), json_n
             clone.sent_rows = bytearray(clone.updates)
         upsert_restore(api, rollback_plans, order, progress)
     retry_deletes(api, refused)
+    for name in keyless:
+        reconcile_keyless(api, touched[name], safety_path)
     expected = {name: plan.safety_count for name, plan in touched.items()}
     return verify_restore(api, touched, safety_path, expected, ignore_columns, json_null_ok)
 
@@ -3449,9 +3661,6 @@ def choose_restore_tables(scan, wanted):
         meta = scan.tables[name]["meta"]
         if meta.get("writable") is False:
             skipped[name] = "read-only relation (a view?): nothing to write back"
-        elif not meta.get("primary_key"):
-            skipped[name] = ("no primary key: an upsert cannot match its rows, so restoring "
-                             "would duplicate them; restore it by hand if needed")
         else:
             tables.append(name)
     return tables, skipped
@@ -3498,7 +3707,23 @@ def sql_literal(text):
 
 
 def quote_sql_ident(name):
-    return name if re.fullmatch(r"[a-z_][a-z0-9_]*", name) else '"' + name.replace('"', '""') + '"'
+    """An identifier as SQL: bare when it can be, double-quoted otherwise."""
+    if re.fullmatch(r"[a-z_][a-z0-9_]*", name) and name not in SQL_RESERVED:
+        return name
+    return '"' + name.replace('"', '""') + '"'
+
+
+# PostgreSQL's reserved key words (its documentation's appendix C, "reserved" and "reserved (can
+# be function or type)"): not an identifier unless quoted.
+SQL_RESERVED = set("""all analyse analyze and any array as asc asymmetric authorization binary both
+case cast check collate collation column concurrently constraint create cross current_catalog
+current_date current_role current_schema current_time current_timestamp current_user default
+deferrable desc distinct do else end except false fetch for foreign freeze from full grant group
+having ilike in initially inner intersect into is isnull join lateral leading left like limit
+localtime localtimestamp natural not notnull null offset on only or order outer overlaps placing
+primary references returning right select session_user similar some symmetric system_user table
+tablesample then to trailing true union unique user using variadic verbose when where window
+with""".split())
 
 
 class RestoreRun:
@@ -3562,6 +3787,8 @@ class RestoreRun:
             plan = self.plans[name] = TablePlan(name, list(meta["primary_key"]),
                                                 [c["name"] for c in meta["columns"]])
             plan.live_meta, plan.json_columns = live.get(name), json_text_columns(meta)
+            plan.plain_json_columns = {c["name"] for c in meta["columns"]
+                                       if c["name"] in plan.json_columns and c.get("format") == "json"}
         present = [name for name in tables if name in live]
 
         # 1. Safety backup of the current state.
@@ -3608,18 +3835,18 @@ class RestoreRun:
             plan_summary = {name: {"insert": p.inserts, "update": p.updates,
                                    "delete": len(p.extra_keys), "unchanged": p.unchanged}
                             for name, p in self.plans.items()}
-            json_nulls = self.check_json_nulls()
+            json_changes = self.check_json_changes()
             self.check_cycles(scan)
             if self.dry_run:
                 self.done("dry run: nothing written")
                 if args.json:
                     print(json.dumps({"status": "dry_run", "file": str(self.file_path),
                                       "before_counts": before, "plan": plan_summary,
-                                      "json_null_as_sql_null": json_nulls}, indent=2))
+                                      "json_changes": json_changes}, indent=2))
                 return EXIT_OK
             self.restore_log.update(before_counts=before, plan=plan_summary)
-            if json_nulls:
-                self.restore_log.update(json_null_as_sql_null=json_nulls)
+            if json_changes:
+                self.restore_log.update(json_changes=json_changes)
             self.done(f"{sum(p.inserts for p in self.plans.values())} to insert, "
                       f"{sum(p.updates for p in self.plans.values())} to update")
 
@@ -3631,7 +3858,7 @@ class RestoreRun:
                              if self.mode == "rollback" else ""))
                 upsert_restore(api, self.plans, self.order, self.progress)
                 if self.mode == "rollback":
-                    delete_extra(api, self.plans, self.order)
+                    delete_extra(api, self.plans, self.order, self.file_path)
                     for plan in self.plans.values():
                         plan.deleted = len(plan.extra_keys)
                 self.restore_log.tables(self.plans)
@@ -3761,30 +3988,36 @@ class RestoreRun:
     def accept_json_null(self):
         return bool(getattr(self.args, "accept_json_null", False))
 
-    def check_json_nulls(self):
-        """Before any write: the JSON nulls in json/jsonb columns that the API would store as
-        SQL NULL (in rows of the file to write, or in live rows the restore overwrites, which a
-        rollback would write back). Refused unless --accept-json-null; returns what was found,
-        for the plan and the log."""
-        found = [{"table": plan.name, "column": column, "rows": count, "first_keys": keys,
+    def check_json_changes(self):
+        """Before any write: the json values the API would change on the way in (json_change),
+        in rows of the file to write, or in live rows the restore overwrites (a rollback would
+        write them back). Refused; a JSON null only unless --accept-json-null. Returns what was
+        found, for the plan and the log."""
+        found = [{"table": plan.name, "column": column, "change": change, "rows": count,
+                  "first_keys": keys,
                   "in": "the file" if side == "file" else "live rows the restore overwrites"}
                  for plan in self.plans.values()
-                 for (side, column), (count, keys) in sorted(plan.json_nulls.items())]
+                 for (side, column, change), (count, keys) in sorted(plan.json_changes.items())]
         if not found:
             return []
-        text = "; ".join(f"{f['table']}.{f['column']}: {f['rows']} row(s) of {f['in']} (first "
-                         f"key(s) {', '.join(f['first_keys'])})" for f in found[:5])
-        if not self.accept_json_null and not self.dry_run:
+        refused = [f for f in found if f["change"] != JSON_NULL or not self.accept_json_null]
+        text = "; ".join(f"{f['table']}.{f['column']}: {f['change']}, in {f['rows']} row(s) of "
+                         f"{f['in']} (first key(s) {', '.join(f['first_keys'])})"
+                         for f in (refused or found)[:5])
+        if refused and not self.dry_run:
             self.fail_step("refused", text)
-            error = (f"JSON null (not SQL NULL) in a json/jsonb column, which the API can only "
-                     f"write as SQL NULL: {text}; the database was not touched; to restore them "
-                     f"as SQL NULL, run again with --accept-json-null")
+            nulls_only = all(f["change"] == JSON_NULL for f in refused)
+            error = (f"the API would change these json values on the way in: {text}; the "
+                     f"database was not touched; "
+                     + ("to restore them as SQL NULL, run again with --accept-json-null"
+                        if nulls_only else
+                        "restore the other tables (--tables) and put these rows back in the SQL "
+                        "editor"))
             if self.restore_log:
                 write_restore_log(self.restore_log, status="refused", error=error)
             raise ValidationError(error)
-        log.warning("JSON null in a json/jsonb column will become SQL NULL%s: %s",
-                    "" if self.accept_json_null else " (refused without --accept-json-null)",
-                    text)
+        log.warning("the API will change these json values on the way in%s: %s",
+                    " (refused without --accept-json-null)" if refused else "", text)
         return found
 
     def check_cycles(self, scan):
@@ -3794,8 +4027,12 @@ class RestoreRun:
         if not cycle:
             return
         rows = " -> ".join(f"{table} {key}" for table, key in cycle[:6])
-        error = (f"rows to insert refer to each other through NOT NULL foreign keys ({rows} -> "
-                 f"back to the first): the API writes each request in its own transaction, so "
+        columns = ", ".join(f"{table}.{fk['column']} -> {fk['references_table']}"
+                            for table in dict.fromkeys(t for t, _ in cycle)
+                            for fk in scan.tables[table]["meta"].get("foreign_keys") or []
+                            if fk["references_table"] in {t for t, _ in cycle})
+        error = (f"rows to insert refer to each other through NOT NULL foreign keys ({columns}: "
+                 f"{rows} -> back to the first): the API writes each request in its own transaction, so "
                  f"none of them can be written first; the database was not touched; insert "
                  f"these rows in one transaction in the SQL editor, or make one of the foreign "
                  f"keys nullable, then restore again")

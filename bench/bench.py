@@ -57,8 +57,10 @@ STACK = REPO / "tests" / "local_supabase.py"
 DEFAULT_OUT = BENCH_DIR / "RESULTS.md"
 
 TABLE = "bench_bookings"
-SELECT = ("id,user_id,package_id,status,travel_date,guests,total_price::text,notes,"
-          "created_at,updated_at")  # what the tool asks for: numeric as exact text
+# What the tool asks for (backup format 2): every column whose JSON is not exact as PostgreSQL's
+# text (an enum, a date, numeric, timestamptz), integers, uuid and text as they are.
+SELECT = ("id,user_id,package_id,status::text,travel_date::text,guests,total_price::text,notes,"
+          "created_at::text,updated_at::text")
 PAGE = 1000  # the server's row cap (Supabase's db-max-rows default), and the floors' page
 GZIP_LEVEL = 6  # the tool's level and gzip(1)'s default, so the floors compress alike
 DEFAULT_SIZES = [100_000, 1_000_000]

@@ -231,8 +231,12 @@ def test_small_row_cap_pages_composite_and_keyless_tables_completely(stack, db, 
     tables = load(path)["tables"]
     for table in ("package_tags", "audit_events"):
         assert_same_rows(tables[table]["rows"], database_rows(db, table), table)
+        # audit_events has no key: it is paged by offset, and each page is cut before the rows
+        # that tie with its last one (one row, or a duplicate pair), which start the next page.
+        fewest = 7 if table == "package_tags" else 7 - 2
         pages = math.ceil(DEMO_TABLES[table] / 7)
-        assert pages <= len(reads_of(stack, table)) <= pages + 4, "paging follows the cap"
+        assert pages <= len(reads_of(stack, table)) <= math.ceil(
+            DEMO_TABLES[table] / fewest) + 4, "paging follows the cap"
     # audit_events holds 50 exact duplicates: each one is in the file twice, not once or thrice.
     assert len(tables["audit_events"]["rows"]) == 1500
 
