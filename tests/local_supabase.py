@@ -311,8 +311,8 @@ def load_sql_file(dsn: str, path: Path, note=print) -> int:
 @dataclass
 class Column:
     name: str
-    type: str  # format_type() with typmod, as used in casts
-    nominal: str  # format_type() without typmod, as the OpenAPI format
+    type: str  # format_type() with typmod: the type written to (PostgREST's nominal_data_type)
+    data_type: str  # what the OpenAPI document shows (PostgREST's data_type, see SCHEMA_QUERY)
     nullable: bool
     default: str | None  # as PostgREST's column_default (see SCHEMA_QUERY)
     generated: bool  # GENERATED ALWAYS AS (expr)
@@ -345,8 +345,19 @@ SELECT c.relname, c.relkind, obj_description(c.oid, 'pg_class'),
        coalesce((SELECT json_agg(json_build_object(
            'name', a.attname,
            'type', format_type(a.atttypid, a.atttypmod),
-           'nominal', format_type(a.atttypid, NULL),
-           'nullable', NOT a.attnotnull,
+           -- SchemaCache.hs (tablesSqlQuery, data_type): a domain over a pg_catalog type is
+           -- shown as that base type without its typmod (a domain over numeric(20,2) is
+           -- "numeric"), a domain over any other type by its own name; a pg_catalog type
+           -- without typmod, any other type with it. Writes still cast to `type`.
+           'data_type', CASE WHEN t.typtype = 'd' THEN
+                               CASE WHEN bt.typnamespace = 'pg_catalog'::regnamespace
+                                    THEN format_type(t.typbasetype, NULL)
+                                    ELSE format_type(a.atttypid, a.atttypmod) END
+                             WHEN t.typnamespace = 'pg_catalog'::regnamespace
+                               THEN format_type(a.atttypid, NULL)
+                             ELSE format_type(a.atttypid, a.atttypmod) END,
+           -- is_nullable: a NOT NULL domain makes the column required too.
+           'nullable', NOT (a.attnotnull OR (t.typtype = 'd' AND t.typnotnull)),
            -- PostgREST's column_default: a domain's default, nextval() for an identity
            -- BY DEFAULT, none for GENERATED ALWAYS identities and generated columns.
            'default', CASE WHEN t.typbasetype <> 0 AND d.adbin IS NULL
@@ -359,13 +370,17 @@ SELECT c.relname, c.relkind, obj_description(c.oid, 'pg_class'),
            'generated', a.attgenerated <> '',
            'identity', a.attidentity,
            'comment', col_description(c.oid, a.attnum),
-           'max_length', CASE WHEN a.atttypid IN (1042, 1043) AND a.atttypmod > 4
-                              THEN a.atttypmod - 4 END,
+           -- character_maximum_length and the enum labels look through a domain to its
+           -- base type (_pg_truetypid/_pg_truetypmod; base_type), as SchemaCache.hs does.
+           'max_length', information_schema._pg_char_max_length(
+                            information_schema._pg_truetypid(a.*, t.*),
+                            information_schema._pg_truetypmod(a.*, t.*)),
            'enum', (SELECT json_agg(e.enumlabel ORDER BY e.enumsortorder)
-                      FROM pg_enum e WHERE e.enumtypid = a.atttypid)
+                      FROM pg_enum e WHERE e.enumtypid = coalesce(bt.oid, t.oid))
          ) ORDER BY a.attnum)
          FROM pg_attribute a
          JOIN pg_type t ON t.oid = a.atttypid
+         LEFT JOIN pg_type bt ON t.typtype = 'd' AND bt.oid = t.typbasetype
          LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
          WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped), '[]'),
        coalesce((SELECT json_agg(a.attname ORDER BY k.ord)
@@ -379,7 +394,9 @@ SELECT c.relname, c.relkind, obj_description(c.oid, 'pg_class'),
          JOIN pg_attribute fa ON fa.attrelid = f.confrelid AND fa.attnum = f.confkey[1]
          WHERE f.conrelid = c.oid AND f.contype = 'f' AND cardinality(f.conkey) = 1), '[]')
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE n.nspname = %s AND c.relkind IN ('r', 'v', 'm', 'p', 'f')
+-- A partition is not in PostgREST's schema cache (SchemaCache.hs: "AND not c.relispartition"):
+-- only its partitioned parent (relkind 'p', a table) is served.
+WHERE n.nspname = %s AND c.relkind IN ('r', 'v', 'm', 'p', 'f') AND NOT c.relispartition
 ORDER BY c.relname
 """
 
@@ -426,74 +443,608 @@ def parse_error(message: str, details: str | None = None) -> ApiError:
     return ApiError(400, "PGRST100", message, details)
 
 
+def unsupported(what: str) -> ApiError:
+    """What PostgREST can do and this server cannot: said plainly, never guessed at."""
+    return ApiError(400, "PGRST100", f"{what} not supported by the local server")
+
+
+def not_embedded(name: str) -> ApiError:
+    # Error.hs NotEmbedded: a filter, order, limit or logic tree under a path that is no
+    # embedding of the select (and this server embeds nothing).
+    return ApiError(400, "PGRST108", f"'{name}' is not an embedded resource in this request",
+                    hint=f"Verify that '{name}' is included in the 'select' query parameter.")
+
+
+def _trim_nul(text: str) -> str:
+    """SqlFragment.hs trimNullChars: everything from the first NUL on is dropped."""
+    return text.split("\x00", 1)[0]
+
+
 def quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
+    return '"' + _trim_nul(name).replace('"', '""') + '"'
 
 
-def _unquote_name(name: str) -> str:
-    name = name.strip()
-    if len(name) >= 2 and name[0] == name[-1] == '"':
-        return re.sub(r'\\(.)', r'\1', name[1:-1])
+# The query-string grammar is ported from PostgREST's ApiRequest/QueryParams.hs, Parsec
+# semantics included: an alternative is tried only when the one before failed without
+# consuming input (or was wrapped in `try`), and a parse that stops early is not an
+# error unless the grammar asks for the end of input (order and select items do;
+# filters, in-lists, logic trees, columns and on_conflict do not, so PostgREST ignores
+# what trails them).
+
+
+class _NoParse(Exception):
+    """A Parsec failure at a position (0-based), with what was expected there."""
+
+    def __init__(self, pos: int, expecting: str):
+        super().__init__(expecting)
+        self.pos, self.expecting = pos, expecting
+
+
+class _Cursor:
+    def __init__(self, text: str):
+        self.s, self.i = text, 0
+
+    def peek(self, ahead: int = 0) -> str:
+        j = self.i + ahead
+        return self.s[j] if j < len(self.s) else ""
+
+    def startswith(self, literal: str) -> bool:
+        return self.s.startswith(literal, self.i)
+
+    def expect(self, char: str) -> None:
+        if self.peek() != char:
+            raise _NoParse(self.i, f'"{char}"')
+        self.i += 1
+
+    def ws(self) -> None:
+        # QueryParams.hs ws: spaces and tabs only.
+        while self.peek() in (" ", "\t") and self.peek():
+            self.i += 1
+
+    def separator(self, char: str) -> bool:
+        """`lexeme (char c)` between the items of sepBy: blanks, c, blanks. Blanks
+        without the separator are consumed input, hence an error, as in Parsec."""
+        start = self.i
+        self.ws()
+        if self.peek() == char:
+            self.i += 1
+            self.ws()
+            return True
+        if self.i > start:
+            raise _NoParse(self.i, f'"{char}"')
+        return False
+
+
+def _run_parse(what: str, text: str, parser):
+    """Run a parser; a failure is PGRST100 worded as PostgREST words it (mapError)."""
+    cursor = _Cursor(text)
+    try:
+        return parser(cursor)
+    except _NoParse as exc:
+        shown = '"' + what.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        found = text[exc.pos:exc.pos + 1]
+        unexpected = f'unexpected "{found}"' if found else "unexpected end of input"
+        raise parse_error(f"{shown} (line 1, column {exc.pos + 1})",
+                          f"{unexpected} expecting {exc.expecting}") from None
+
+
+def _p_quoted(c: _Cursor) -> str:
+    """pQuotedValue: "...", where a backslash takes the next character as it is
+    (\\" is a quote, \\\\ a backslash, \\x is x); nothing else is special."""
+    c.expect('"')
+    out = []
+    while True:
+        ch = c.peek()
+        if not ch:
+            raise _NoParse(c.i, '"\\"" or any character')
+        c.i += 1
+        if ch == '"':
+            return "".join(out)
+        if ch == "\\":
+            ch = c.peek()
+            if not ch:
+                raise _NoParse(c.i, "any character")
+            c.i += 1
+        out.append(ch)
+
+
+def _is_identifier_char(ch: str) -> bool:
+    # pIdentifierChar: letter <|> digit <|> oneOf "_ $" (Parsec's digit is ASCII only).
+    return bool(ch) and (ch.isalpha() or ch in "0123456789_ $")
+
+
+def _p_identifier(c: _Cursor) -> str:
+    """pIdentifier: letters, digits, _, $ and spaces, stripped of outer spaces."""
+    start = c.i
+    while _is_identifier_char(c.peek()):
+        c.i += 1
+    if c.i == start:
+        raise _NoParse(c.i, "field name (* or [a..z0..9_$])")
+    return c.s[start:c.i].strip(" ")
+
+
+def _p_field_name(c: _Cursor) -> str:
+    """pFieldName: a quoted name (any character, see _p_quoted) or identifiers joined
+    by dashes (a dash not followed by '>', which would start a JSON path)."""
+    if c.peek() == '"':
+        return _p_quoted(c)
+    parts = [_p_identifier(c)]
+    while c.peek() == "-" and c.peek(1) != ">":
+        c.i += 1
+        parts.append(_p_identifier(c))
+    return "-".join(parts)
+
+
+def _no_json_path(c: _Cursor) -> None:
+    if c.startswith("->"):
+        raise unsupported("JSON paths (->, ->>) are")
+
+
+def _p_field(c: _Cursor) -> str:
+    """pField: lexeme (a field name and its JSON path)."""
+    c.ws()
+    name = _p_field_name(c)
+    _no_json_path(c)
+    c.ws()
     return name
 
 
-def _split_top(text: str, sep: str = ",") -> list[str]:
-    """Split on sep outside double quotes and parentheses."""
-    parts, buf, depth, quoted, escaped = [], [], 0, False, False
-    for ch in text:
-        if escaped:
-            escaped = False
-        elif quoted and ch == "\\":
-            escaped = True
-        elif ch == '"':
-            quoted = not quoted
-        elif not quoted and ch == "(":
-            depth += 1
-        elif not quoted and ch == ")":
-            depth -= 1
-        elif not quoted and depth == 0 and ch == sep:
-            parts.append("".join(buf))
-            buf = []
-            continue
-        buf.append(ch)
-    parts.append("".join(buf))
-    return parts
+def _p_dotted_names(c: _Cursor) -> list[str]:
+    """pFieldName `sepBy1` pDelimiter (pLogicPath)."""
+    names = [_p_field_name(c)]
+    while c.peek() == ".":
+        c.i += 1
+        names.append(_p_field_name(c))
+    return names
+
+
+def _p_tree_path(c: _Cursor) -> list[str]:
+    """pTreePath (a filter's key): names separated by dots, all but the last an
+    embedding path, then a JSON path."""
+    names = _p_dotted_names(c)
+    _no_json_path(c)
+    return names
+
+
+def _p_columns(c: _Cursor) -> list[str]:
+    """pColumns (columns= and on_conflict=): field names separated by commas."""
+    names = [_p_field_name(c)]
+    while c.separator(","):
+        names.append(_p_field_name(c))
+    return names
+
+
+def _p_list_element(c: _Cursor) -> str:
+    """pListElement: a quoted value directly followed by ',' or ')' (or the end), else
+    everything up to the next ',' or ')' taken as it is: blanks kept, quotes kept."""
+    start = c.i
+    if c.peek() == '"':
+        try:
+            value = _p_quoted(c)
+            if c.peek() in (",", ")", ""):
+                return value
+        except _NoParse:
+            pass
+        c.i = start
+    while c.peek() not in (",", ")", ""):
+        c.i += 1
+    return c.s[start:c.i]
+
+
+def _p_list_val(c: _Cursor) -> list[str]:
+    """pListVal: lexeme '(' , elements separated by a bare ',' , lexeme ')'. The blanks
+    after '(' are skipped, so only the first element loses its leading blanks."""
+    c.ws()
+    c.expect("(")
+    c.ws()
+    items = [_p_list_element(c)]
+    while c.peek() == ",":
+        c.i += 1
+        items.append(_p_list_element(c))
+    c.ws()
+    c.expect(")")
+    c.ws()
+    return items
+
+
+def _p_single_val(c: _Cursor) -> str:
+    """pSingleVal: the rest of a top-level filter value, as it is (blanks included)."""
+    value = c.s[c.i:]
+    c.i = len(c.s)
+    return value
+
+
+def _p_logic_single_val(c: _Cursor) -> str:
+    """pLogicSingleVal: inside and=/or=, a quoted value followed by ',' or ')', else a
+    {pg,array} literal, else everything up to the next ',' or ')'."""
+    start = c.i
+    if c.peek() == '"':
+        try:
+            value = _p_quoted(c)
+            if c.peek() in (",", ")", ""):
+                return value
+        except _NoParse:
+            pass
+        c.i = start
+    if c.peek() == "{":
+        j = c.i + 1
+        while j < len(c.s) and c.s[j] not in "{}":
+            j += 1
+        if j < len(c.s) and c.s[j] == "}":
+            c.i = j + 1
+            return c.s[start:c.i]
+    while c.peek() not in (",", ")", ""):
+        c.i += 1
+    return c.s[start:c.i]
+
+
+# QueryParams.hs simpleOperator / quantOperator / pFts, in the order they are tried, with
+# their SQL (SqlFragment.hs simpleOperator / quantOperator / ftsOperator).
+SIMPLE_OPERATORS = [("neq", "<>"), ("cs", "@>"), ("cd", "<@"), ("ov", "&&"), ("sl", "<<"),
+                    ("sr", ">>"), ("nxr", "&<"), ("nxl", "&>"), ("adj", "-|-")]
+QUANT_OPERATORS = [("eq", "="), ("gte", ">="), ("gt", ">"), ("lte", "<="), ("lt", "<"),
+                   ("like", "like"), ("ilike", "ilike"), ("match", "~"), ("imatch", "~*")]
+FTS_OPERATORS = [("fts", "to_tsquery"), ("plfts", "plainto_tsquery"),
+                 ("phfts", "phraseto_tsquery"), ("wfts", "websearch_to_tsquery")]
+TRILEAN = [("null", "NULL"), ("unknown", "UNKNOWN"), ("true", "TRUE"), ("false", "FALSE")]
+
+
+@dataclass
+class OpExpr:
+    negate: bool
+    kind: str  # in | is | isdistinct | fts | op
+    sql: str = ""  # the operator, the IS keyword or the tsquery function
+    value: str = ""
+    items: list[str] = field(default_factory=list)  # in
+    quant: str | None = None  # ANY | ALL
+    lang: str | None = None  # fts
+
+
+def _p_op_expr(c: _Cursor, single_val) -> OpExpr:
+    """pOpExpr: [not.] then in.(list) | is.trilean | isdistinct.v | fts | op[(any|all)].v"""
+    negate = c.startswith("not.")
+    if negate:
+        c.i += 4
+    start = c.i
+    if c.startswith("in."):
+        c.i += 3
+        return OpExpr(negate, "in", items=_p_list_val(c))
+    if c.startswith("is."):
+        c.i += 3
+        for word, sql in TRILEAN:
+            seg = c.s[c.i:c.i + len(word)]
+            # ciString: each letter as written or upper-cased.
+            if len(seg) == len(word) and all(a in (b, b.upper()) for a, b in zip(seg, word)):
+                c.i += len(word)
+                return OpExpr(negate, "is", sql)
+        raise _NoParse(c.i, "null or trilean value (unknown, true, false)")
+    if c.startswith("isdistinct."):
+        c.i += len("isdistinct.")
+        return OpExpr(negate, "isdistinct", "IS DISTINCT FROM", single_val(c))
+    for name, func in FTS_OPERATORS:
+        if c.startswith(name):
+            c.i += len(name)
+            lang = None
+            if c.peek() == "(":
+                save = c.i
+                try:
+                    c.i += 1
+                    lang = _p_identifier(c)
+                    c.expect(")")
+                except _NoParse:
+                    c.i, lang = save, None
+            if c.peek() == ".":
+                c.i += 1
+                return OpExpr(negate, "fts", func, single_val(c), lang=lang)
+            c.i = start
+            break
+    for name, sql in SIMPLE_OPERATORS:
+        if c.startswith(name + "."):
+            c.i += len(name) + 1
+            return OpExpr(negate, "op", sql, single_val(c))
+    for name, sql in QUANT_OPERATORS:
+        if c.startswith(name):
+            c.i += len(name)
+            quant = None
+            for q in ("any", "all"):
+                if c.startswith(f"({q})"):
+                    c.i += len(q) + 2
+                    quant = q.upper()
+                    break
+            if c.peek() == ".":
+                c.i += 1
+                return OpExpr(negate, "op", sql, single_val(c), quant=quant)
+            c.i = start
+            break  # try (string "gte") <|> ... : the first name that matches is the one
+    raise _NoParse(start, ('"not" or ' if not negate else "") + "operator (eq, gt, ...)")
+
+
+@dataclass
+class LogicTree:
+    negate: bool = False
+    op: str = ""  # AND | OR; "" for a single filter
+    items: list = field(default_factory=list)
+    column: str = ""
+    expr: OpExpr | None = None
+
+
+def _p_logic_tree(c: _Cursor) -> LogicTree:
+    """pLogicTree: a filter `field.op.value`, else [not.]and|or( tree, tree, ... )."""
+    start = c.i
+    try:
+        column = _p_field(c)
+        c.expect(".")
+        return LogicTree(column=column, expr=_p_op_expr(c, _p_logic_single_val))
+    except _NoParse:
+        c.i = start
+    negate = c.startswith("not.")
+    if negate:
+        c.i += 4
+    if c.startswith("and"):
+        c.i, op = c.i + 3, "AND"
+    elif c.startswith("or"):
+        c.i, op = c.i + 2, "OR"
+    else:
+        raise _NoParse(c.i, "logic operator (and, or)")
+    c.ws()
+    c.expect("(")
+    c.ws()
+    items = [_p_logic_tree(c)]
+    while c.separator(","):
+        items.append(_p_logic_tree(c))
+    c.ws()
+    c.expect(")")
+    c.ws()
+    return LogicTree(negate, op, items)
+
+
+@dataclass
+class OrderTerm:
+    column: str
+    direction: str | None  # ASC | DESC
+    nulls: str | None  # NULLS FIRST | NULLS LAST
+
+
+def _p_order(c: _Cursor) -> list[OrderTerm]:
+    """pOrder: terms `field[.asc|.desc][.nullsfirst|.nullslast]` separated by commas,
+    each ending at a ',' or the end of input."""
+    terms = []
+    while True:
+        c.ws()
+        column = _p_field(c)
+        if c.peek() == "(":
+            raise unsupported("ordering by an embedded resource is")
+        direction = nulls = None
+        for word in ("asc", "desc"):
+            if c.startswith("." + word):
+                c.i += len(word) + 1
+                direction = word.upper()
+                break
+        for word in ("nullsfirst", "nullslast"):
+            if c.startswith("." + word):
+                c.i += len(word) + 1
+                nulls = "NULLS " + word[5:].upper()
+                break
+        if c.peek() not in (",", ""):
+            expecting = ('"asc", "desc", "nullsfirst" or "nullslast"' if direction is None
+                         and nulls is None else '"nullsfirst" or "nullslast"' if nulls is None
+                         else '"," or end of input')
+            raise _NoParse(c.i + (1 if c.peek() == "." else 0), expecting)
+        terms.append(OrderTerm(column, direction, nulls))
+        c.ws()
+        if c.peek() != ",":
+            return terms
+        c.i += 1
+
+
+@dataclass
+class SelectItem:
+    column: str  # "*" for all columns
+    alias: str | None = None
+    cast: str | None = None
+
+
+AGGREGATES = ("sum", "avg", "count", "max", "min")
+
+
+def _p_select(c: _Cursor) -> list[SelectItem]:
+    """pFieldForest: select items separated by commas (none at all is an empty select)."""
+    items: list[SelectItem] = []
+    start = c.i
+    try:
+        items.append(_p_select_item(c))
+    except _NoParse as exc:
+        if exc.pos > start or c.i > start:
+            raise
+        return items
+    while c.separator(","):
+        items.append(_p_select_item(c))
+    return items
+
+
+def _p_select_item(c: _Cursor) -> SelectItem:
+    """pFieldSelect (lexeme): `*`, or [alias:]field[::cast], ending at ',', ')' or the end."""
+    c.ws()
+    if c.startswith("..."):
+        raise unsupported("spread embedding (...) is")
+    if c.peek() == "*" and c.peek(1) in (",", ")", ""):
+        c.i += 1
+        c.ws()
+        return SelectItem("*")
+    alias = None
+    save = c.i
+    try:
+        name = _p_field_name(c)
+        if c.peek() == ":" and c.peek(1) != ":":
+            c.i += 1
+            alias = name
+        else:
+            c.i = save
+    except _NoParse:
+        c.i = save
+    if c.startswith("count()"):
+        raise unsupported("aggregate functions are")
+    column = _p_field(c)
+    if c.peek() in ("(", "!"):
+        raise unsupported("resource embedding is")
+    cast = None
+    if c.startswith("::"):
+        c.i += 2
+        cast = _p_identifier(c)
+    if c.peek() == "." and any(c.startswith(f".{a}()") for a in AGGREGATES):
+        raise unsupported("aggregate functions are")
+    if c.peek() not in (",", ")", ""):
+        raise _NoParse(c.i, '"::", ".", ")", "," or end of input')
+    c.ws()
+    return SelectItem(column, alias, cast)
+
+
+def _read_integer(text: str) -> int | None:
+    """Haskell's readMaybe for an Integer (how RangeQuery reads limit and offset):
+    blanks and parentheses around it are allowed, so are 0x../0o.. literals; anything
+    else is no number at all (and then the parameter is ignored)."""
+    t = text.strip()
+    while t.startswith("(") and t.endswith(")"):
+        t = t[1:-1].strip()
+    sign = 1
+    if t.startswith("-"):
+        sign, t = -1, t[1:].lstrip()
+    if re.fullmatch(r"[0-9]+", t):
+        return sign * int(t)
+    if re.fullmatch(r"0[xX][0-9a-fA-F]+", t):
+        return sign * int(t[2:], 16)
+    if re.fullmatch(r"0[oO][0-7]+", t):
+        return sign * int(t[2:], 8)
+    return None
+
+
+def _last_word(key: str) -> str:
+    # QueryParams.hs endingIn: the key's last dot-separated word, quotes or not.
+    return key.split(".")[-1]
+
+
+@dataclass
+class QueryParams:
+    """The query string as QueryParams.parse sorts it (top level only: this server has no
+    resource embedding, so anything under an embedding path is PGRST108)."""
+
+    select: list[SelectItem]
+    order: list[OrderTerm]
+    has_order: bool  # an order= at any level (getRanges asks this)
+    logic: list[LogicTree]
+    filters: list[tuple[str, OpExpr]]
+    columns: list[str] | None
+    on_conflict: list[str] | None
+    range: tuple[int, int | None]  # (first row, last row or None), RangeQuery-style
+    has_range: bool  # a limit= or offset= at any level
+    limit_zero: bool
+
+
+ALL_RANGE = (0, None)
+
+
+def parse_query(params: list[tuple[str, str]]) -> QueryParams:
+    def first(name: str) -> str | None:
+        # lookupParam uses L.lookup: the first of repeated parameters counts.
+        return next((v for k, v in params if k == name), None)
+
+    orders = [(k, v) for k, v in params if _last_word(k) == "order"]
+    logics = [(k, v) for k, v in params if _last_word(k) in ("and", "or")]
+    ranges = [(k, v) for k, v in params if _last_word(k) in ("limit", "offset")]
+    filters = [(k, v) for k, v in params if k not in ("select", "columns", "on_conflict")
+               and _last_word(k) not in ("order", "limit", "offset", "and", "or")]
+
+    # QueryParams.parse: order, logic, columns, select, filters, on_conflict, in that order.
+    order: list[OrderTerm] = []
+    for key, value in orders:
+        path = _run_parse(f"failed to parse tree path ({key})", key, _p_tree_path)
+        terms = _run_parse(f"failed to parse order ({value})", value, _p_order)
+        if path[:-1]:
+            raise not_embedded(path[0])
+        if not order:
+            order = terms  # addOrders: the first order= of a level is the one applied
+    logic = []
+    for key, value in logics:
+        path = _run_parse(f"failed to parse logic path ({key})", key, _p_dotted_names)
+        op = ("not." if "not" in path else "") + path[-1]
+        embed = [p for p in path[:-1] if p != "not"]
+        tree = _run_parse(f"failed to parse logic tree ({value})", op + value, _p_logic_tree)
+        if embed:
+            raise not_embedded(embed[0])
+        logic.append(tree)
+    columns_raw = first("columns")
+    columns = (None if columns_raw is None else
+               _run_parse(f"failed to parse columns parameter ({columns_raw})", columns_raw,
+                          _p_columns))
+    select_raw = first("select")
+    select_raw = "*" if select_raw is None else select_raw
+    select = _run_parse(f"failed to parse select parameter ({select_raw})", select_raw, _p_select)
+    parsed_filters = []
+    for key, value in filters:
+        path = _run_parse(f"failed to parse tree path ({key})", key, _p_tree_path)
+        expr = _run_parse(f"failed to parse filter ({value})", value,
+                          lambda c: _p_op_expr(c, _p_single_val))
+        if path[:-1]:
+            raise not_embedded(path[0])
+        parsed_filters.append((path[-1], expr))
+    on_conflict_raw = first("on_conflict")
+    on_conflict = (None if on_conflict_raw is None else
+                   _run_parse(f"failed to parse on_conflict parameter ({on_conflict_raw})",
+                              on_conflict_raw, _p_columns))
+    for key, _ in ranges:
+        path = key.split(".")
+        if path[:-1]:
+            raise not_embedded(path[0])
+    rng, limit_zero = _top_level_range(ranges)
+    return QueryParams(select, order, bool(orders), logic, parsed_filters, columns, on_conflict,
+                       rng, bool(ranges), limit_zero)
+
+
+def _top_level_range(ranges: list[tuple[str, str]]) -> tuple[tuple[int, int | None], bool]:
+    """limit= and offset= as QueryParams.parse (ranges) and ApiRequest.getRanges combine
+    them, with RangeQuery's rules: a parameter that is no integer is ignored, a negative
+    offset counts as 0, limit=0 is allowed (LIMIT 0) and any other empty range is 416."""
+    # HM.fromList: the last of repeated parameters counts.
+    values = {k: v for k, v in ranges}
+    limit_range = offset_range = None
+    if "limit" in values:
+        n = _read_integer(values["limit"])
+        limit_range = ALL_RANGE if n is None else (0, n - 1)  # restrictRange n allRange
+    if "offset" in values:
+        n = _read_integer(values["offset"])
+        offset_range = ALL_RANGE if n is None else (n, None)  # rangeGeq n
+    if limit_range and offset_range:
+        lower, upper = limit_range
+        count = 0 if upper is None else upper - lower + 1  # fromMaybe 0 (rangeLimit rl)
+        o = offset_range[0]
+        rng = (o, o + count - 1)
+    else:
+        rng = limit_range or offset_range or ALL_RANGE
+    if rng[1] == -1:  # hasLimitZero: limit=0 alone is LIMIT 0, not an empty range
+        return (0, -1), True
+    # rangeIntersection with allRange (rows 0..): a negative offset counts as 0; what is
+    # then empty is InvalidRange (416), e.g. a negative limit or offset=-3&limit=2.
+    lower, upper = max(rng[0], 0), rng[1]
+    if upper is not None and upper < lower:
+        raise ApiError(416, "PGRST103", "Requested range not satisfiable",
+                       "Limit should be greater than or equal to zero.")
+    return (lower, upper), False
+
+
+def limit_offset_sql(rng: tuple[int, int | None]) -> str:
+    """SqlFragment.hs limitOffsetF: nothing for the whole range, else LIMIT n|ALL OFFSET m."""
+    lower, upper = rng
+    if rng == ALL_RANGE:
+        return ""
+    return f" LIMIT {'ALL' if upper is None else upper - lower + 1} OFFSET {lower}"
 
 
 def _array_literal(items: list[str]) -> str:
     """A PostgreSQL array literal, every element quoted (pgBuildArrayLiteral), sent
     as an untyped value so PostgreSQL casts it."""
-    out = ['"' + item.replace("\x00", "").replace("\\", "\\\\").replace('"', '\\"') + '"'
+    out = ['"' + _trim_nul(item).replace("\\", "\\\\").replace('"', '\\"') + '"'
            for item in items]
     return "{" + ",".join(out) + "}"
-
-
-def _parse_list_value(raw: str) -> list[str]:
-    """The elements of `in.(...)`, as PostgREST's pListVal reads them.
-
-    Every element is a string that PostgreSQL casts: an unquoted `null` is the
-    text "null" (not SQL NULL) and unquoted elements keep their spaces.
-    """
-    raw = raw.strip()
-    if not (raw.startswith("(") and raw.endswith(")")):
-        raise parse_error(f'"failed to parse filter (in.{raw})" (line 1, column 4)')
-    inner = raw[1:-1].lstrip()
-    if inner == "":
-        return []
-    items: list[str] = []
-    for part in _split_top(inner):
-        if len(part) >= 2 and part[0] == part[-1] == '"':
-            items.append(re.sub(r'\\(.)', r'\1', part[1:-1]))
-        else:
-            items.append(part)
-    return items
-
-
-SIMPLE_OPS = {"eq": "=", "neq": "<>", "gt": ">", "gte": ">=", "lt": "<", "lte": "<=",
-              "like": "LIKE", "ilike": "ILIKE", "match": "~", "imatch": "~*",
-              "cs": "@>", "cd": "<@", "ov": "&&"}
-IS_VALUES = {"null": "NULL", "not_null": "NOT NULL", "true": "TRUE",
-             "false": "FALSE", "unknown": "UNKNOWN"}
 
 
 class Query:
@@ -507,141 +1058,102 @@ class Query:
         return "%s"
 
 
-def _check_column(rel: Relation, name: str) -> str:
-    if name not in rel.columns:
+# System columns: not in the schema cache, yet PostgREST lets PostgreSQL resolve any name
+# in a filter or order (Plan.hs resolveTypeOrUnknown), which is how `order=ctid` limits a
+# DELETE or PATCH on a table without unique columns (docs: Limited Update/Delete).
+SYSTEM_COLUMNS = {"ctid", "xmin", "xmax", "cmin", "cmax", "tableoid"}
+
+
+def _check_column(rel: Relation, name: str, table_ref: str | None = None,
+                  system: bool = False) -> str:
+    """A column reference, qualified by table_ref. PostgREST qualifies every column with
+    its table, so an unknown one fails in PostgreSQL as `column t.c does not exist`."""
+    if name not in rel.columns and not (system and name in SYSTEM_COLUMNS
+                                        and rel.kind in ("r", "p", "m")):
         raise ApiError(400, "42703", f"column {rel.name}.{name} does not exist")
-    return quote_ident(name)
+    return f"{table_ref}.{quote_ident(name)}" if table_ref else quote_ident(name)
 
 
-def build_condition(rel: Relation, column: str, expr: str, q: Query,
-                    in_logic: bool = False) -> str:
-    """One filter `op.value` (optionally `not.op.value`) on a column, as SQL."""
-    col = _check_column(rel, _unquote_name(column))
-    negate = False
-    if expr.startswith("not."):
-        negate, expr = True, expr[4:]
-    op, dot, value = expr.partition(".")
-    if in_logic and len(value) >= 2 and value[0] == value[-1] == '"':
-        # Inside or=(...)/and=(...) PostgREST reads a double-quoted value as a string literal
-        # (so it may hold commas, dots and parentheses); a top-level value is taken verbatim.
-        value = re.sub(r'\\(.)', r'\1', value[1:-1])
-    if not dot and op not in ("is",):
-        raise parse_error(f'"failed to parse filter ({expr})" (line 1, column {len(op) + 1})',
-                          "unexpected end of input expecting operator")
-    if op in SIMPLE_OPS:
-        if op in ("like", "ilike"):
+def build_condition(rel: Relation, column: str, expr: OpExpr, q: Query, table_ref: str) -> str:
+    """One filter as SQL (SqlFragment.hs pgFmtFilter); values go as untyped parameters."""
+    col = _check_column(rel, column, table_ref, system=True)
+    if expr.kind == "op":
+        value = expr.value
+        if expr.sql in ("like", "ilike"):
             value = value.replace("*", "%")
-        cond = f"{col} {SIMPLE_OPS[op]} {q.param(value)}"
-    elif op == "in":
-        cond = f"{col} = ANY ({q.param(_array_literal(_parse_list_value(value)))})"
-    elif op == "is":
-        if value.lower() not in IS_VALUES:
-            raise parse_error(f'"failed to parse filter (is.{value})" (line 1, column 4)',
-                              'unexpected "' + value[:1] + '" expecting null or trilean value '
-                              "(unknown, true, false)")
-        cond = f"{col} IS {IS_VALUES[value.lower()]}"
-    else:
-        raise parse_error(f'"failed to parse filter ({expr})" (line 1, column 1)',
-                          f'unexpected "{op[:1]}" expecting "not" or operator '
-                          "(eq, gt, ...)")
-    return f"NOT ({cond})" if negate else cond
-
-
-def build_logic(rel: Relation, op: str, raw: str, q: Query) -> str:
-    """`or=(a.eq.1,and(b.gt.2,c.is.null))` and friends, as SQL."""
-    negate = op.startswith("not.")
-    op = op[4:] if negate else op
-    raw = raw.strip()
-    if op not in ("and", "or") or not (raw.startswith("(") and raw.endswith(")")):
-        raise parse_error(f'"failed to parse logic tree ({raw})" (line 1, column 1)')
-    conds = []
-    for item in _split_top(raw[1:-1]):
-        item = item.strip()
-        m = re.match(r"^(not\.)?(and|or)(\(.*\))$", item, re.S)
-        if m:
-            conds.append(build_logic(rel, (m.group(1) or "") + m.group(2), m.group(3), q))
-            continue
-        column, dot, expr = item.partition(".")
-        if not dot:
-            raise parse_error(f'"failed to parse logic tree ({raw})" (line 1, column 1)')
-        conds.append(build_condition(rel, column, expr, q, in_logic=True))
-    if not conds:
-        raise parse_error(f'"failed to parse logic tree ({raw})" (line 1, column 1)')
-    joined = "(" + f" {op.upper()} ".join(conds) + ")"
-    return f"NOT {joined}" if negate else joined
-
-
-RESERVED_PARAMS = {"select", "order", "limit", "offset", "on_conflict", "columns"}
-
-
-def build_where(rel: Relation, params: list[tuple[str, str]], q: Query) -> str:
-    conds = []
-    for key, value in params:
-        if key in RESERVED_PARAMS:
-            continue
-        if key in ("and", "or", "not.and", "not.or"):
-            conds.append(build_logic(rel, key, value, q))
-        elif "." in key and not key.startswith('"'):
-            raise parse_error(f"embedded filters are not supported by the local server: {key}")
+        operand = q.param(value)
+        if expr.quant:
+            operand = f"{expr.quant}({operand})"
+        cond = f"{col} {expr.sql} {operand}"
+    elif expr.kind == "in":
+        # in.() (and in.("")) is the one-empty-element list: `= ANY('{}')`, matching nothing.
+        if expr.items == [""]:
+            cond = f"{col} = ANY('{{}}')"
         else:
-            conds.append(build_condition(rel, key, value, q))
+            cond = f"{col} = ANY ({q.param(_array_literal(expr.items))})"
+    elif expr.kind == "is":
+        cond = f"{col} IS {expr.sql}"
+    elif expr.kind == "isdistinct":
+        cond = f"{col} IS DISTINCT FROM {q.param(expr.value)}"
+    else:  # fts
+        lang = f"{q.param(expr.lang)}, " if expr.lang is not None else ""
+        cond = f"{col} @@ {expr.sql}({lang}{q.param(expr.value)})"
+    return f"NOT ({cond})" if expr.negate else cond
+
+
+def build_logic(rel: Relation, tree: LogicTree, q: Query, table_ref: str) -> str:
+    """`or=(a.eq.1,and(b.gt.2,c.is.null))` and friends, as SQL (pgFmtLogicTree)."""
+    if not tree.op:
+        return build_condition(rel, tree.column, tree.expr, q, table_ref)
+    joined = "(" + f" {tree.op} ".join(build_logic(rel, t, q, table_ref)
+                                       for t in tree.items) + ")"
+    return f"NOT {joined}" if tree.negate else joined
+
+
+def build_where(rel: Relation, qp: QueryParams, q: Query, table_ref: str) -> str:
+    conds = [build_logic(rel, tree, q, table_ref) for tree in qp.logic]
+    conds += [build_condition(rel, column, expr, q, table_ref) for column, expr in qp.filters]
     return " AND ".join(conds)
 
 
-def build_order(rel: Relation, raw: str | None) -> str:
-    if not raw:
+def build_order(rel: Relation, terms: list[OrderTerm], table_ref: str) -> str:
+    if not terms:
         return ""
-    terms = []
-    for term in _split_top(raw):
-        parts = term.strip().split(".")
-        col = _check_column(rel, _unquote_name(parts[0]))
-        sql = col
-        mods = parts[1:]
-        # pOrder: an optional direction, then an optional nulls order, nothing else.
-        if mods and mods[0] in ("asc", "desc"):
-            sql += " " + mods.pop(0).upper()
-        if mods and mods[0] in ("nullsfirst", "nullslast"):
-            sql += " NULLS " + mods.pop(0)[5:].upper()
-        if mods:
-            raise parse_error(f'"failed to parse order ({raw})" (line 1, column 1)',
-                              f'unexpected "{mods[0][:1]}" expecting "asc", "desc", '
-                              '"nullsfirst" or "nullslast"')
-        terms.append(sql)
-    return " ORDER BY " + ", ".join(terms)
+    sql = []
+    for term in terms:
+        item = _check_column(rel, term.column, table_ref, system=True)
+        if term.direction:
+            item += " " + term.direction
+        if term.nulls:
+            item += " " + term.nulls
+        sql.append(item)
+    return " ORDER BY " + ", ".join(sql)
 
 
-def build_select(rel: Relation, raw: str | None, row: str | None = None) -> str:
-    """The select list; with `row`, expressions over a composite value named row."""
-    raw = (raw or "*").strip()
-    if raw == "*":
-        return "*" if row is None else None  # caller aggregates the whole row
-    items = []
-    for item in _split_top(raw):
-        item = item.strip()
-        if not item:
+def build_select(rel: Relation, items: list[SelectItem], row: str | None = None) -> str | None:
+    """The select list; with `row`, expressions over a composite value named row.
+
+    A lone `*` gives "*" (or None with row: the caller aggregates the whole row), and so
+    does an empty select= (QueryBuilder.hs readPlanToQuery: defSelect).
+    """
+    if not items:
+        items = [SelectItem("*")]
+    if [i.column for i in items] == ["*"] and not items[0].alias and not items[0].cast:
+        return "*" if row is None else None
+    out = []
+    for item in items:
+        if item.column == "*":
+            out.extend(quote_ident(c) if row is None else f"({row}).{quote_ident(c)}"
+                       for c in rel.columns)
             continue
-        if "(" in item or "->" in item:
-            raise parse_error(f"resource embedding and JSON paths are not supported by the "
-                              f"local server: {item}")
-        if item == "*":
-            items.extend(quote_ident(c) if row is None else f"({row}).{quote_ident(c)}"
-                         for c in rel.columns)
-            continue
-        alias, colon, rest = item.partition(":")
-        if colon and not rest.startswith(":"):
-            name = rest
-        else:
-            alias, name = None, item
-        name, _, cast = name.partition("::")
-        col = _check_column(rel, _unquote_name(name))
+        col = _check_column(rel, item.column)
         expr = col if row is None else f"({row}).{col}"
-        if cast:
-            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_ ]*(\[\])?", cast):
-                raise parse_error(f"invalid cast: {cast}")
-            expr = f"{expr}::{cast}"
-        label = quote_ident(_unquote_name(alias) if alias else _unquote_name(name))
-        items.append(f"{expr} AS {label}")
-    return ", ".join(items)
+        if item.cast:
+            # pgFmtApplyCast: the type name goes in as written (the grammar only lets
+            # letters, digits, _, $ and spaces through).
+            expr = f"CAST( {expr} AS {item.cast} )"
+        out.append(f"{expr} AS {quote_ident(item.alias or item.column)}")
+    return ", ".join(out)
 
 
 def parse_prefer(headers) -> dict[str, str]:
@@ -652,6 +1164,179 @@ def parse_prefer(headers) -> dict[str, str]:
             if k:
                 prefs[k] = v
     return prefs
+
+
+# --- Request bodies -----------------------------------------------------------
+
+_JSON_TOKEN = re.compile(r"""[ \t\n\r]*(?:
+    (?P<str>"(?:[^"\\\x00-\x1f]|\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4}))*")
+  | (?P<num>-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)
+  | (?P<lit>true|false|null)
+  | (?P<punct>[{}\[\]:,]))""", re.X)
+
+
+def _json_outline(text: str) -> tuple[str, list]:
+    """Check a JSON document without recursion (any depth) and say what PostgREST's
+    payloadAttributes needs: ("object", [keys]), ("array", [keys or None per element])
+    or ("scalar", []). ValueError if it is not JSON."""
+    stack: list[str] = []
+    expect = "value"
+    root, keys = "", []
+    pos = 0
+    while True:
+        m = _JSON_TOKEN.match(text, pos)
+        if m is None:
+            break
+        pos, kind = m.end(), m.lastgroup
+        tok = m.group(kind)
+        if expect in ("value", "value_or_close"):
+            if expect == "value_or_close" and tok == "]":
+                stack.pop()
+                expect = "after"
+                continue
+            if kind == "punct" and tok not in "{[":
+                raise ValueError(f"unexpected {tok}")
+            if not stack:
+                root = {"{": "object", "[": "array"}.get(tok, "scalar")
+                if root == "object":
+                    keys.append(set())
+            elif stack == ["a"]:
+                keys.append(set() if tok == "{" else None)
+            if tok in ("{", "["):
+                stack.append("o" if tok == "{" else "a")
+                expect = "key_or_close" if tok == "{" else "value_or_close"
+            else:
+                expect = "after"
+        elif expect in ("key", "key_or_close"):
+            if kind == "str":
+                if (root == "object" and len(stack) == 1) or (root == "array" and len(stack) == 2):
+                    keys[-1].add(json.loads(tok))
+                expect = "colon"
+            elif expect == "key_or_close" and tok == "}":
+                stack.pop()
+                expect = "after"
+            else:
+                raise ValueError(f"unexpected {tok}")
+        elif expect == "colon":
+            if tok != ":":
+                raise ValueError(f"unexpected {tok}")
+            expect = "value"
+        else:  # after a value
+            if not stack:
+                raise ValueError("data after the document")
+            if tok == ",":
+                expect = "key" if stack[-1] == "o" else "value"
+            elif (tok, stack[-1]) in (("}", "o"), ("]", "a")):
+                stack.pop()
+            else:
+                raise ValueError(f"unexpected {tok}")
+    if stack or expect != "after" or text[pos:].strip(" \t\n\r"):
+        raise ValueError("incomplete or invalid JSON")
+    return root, keys
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not JSON")  # Python reads NaN/Infinity; aeson does not
+
+
+def json_outline(body: bytes) -> tuple[str, list]:
+    """_json_outline, through the fast C decoder when the document is not too deep."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8") from None
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        return _json_outline(text)
+    if isinstance(value, dict):
+        return "object", [set(value)]
+    if isinstance(value, list):
+        return "array", [set(v) if isinstance(v, dict) else None for v in value]
+    return "scalar", []
+
+
+@dataclass
+class Payload:
+    body: str  # the text handed to PostgreSQL as json (or jsonb)
+    columns: list[str]
+    is_object: bool  # fromJsonBodyF isJsonObject: json_to_record rather than _recordset
+
+
+def read_payload(body: bytes, qp: QueryParams) -> Payload:
+    """ApiRequest.hs getPayload for a JSON body of POST or PATCH.
+
+    With columns= the body is not decoded at all (RawJSON): it goes to PostgreSQL as it
+    came, whose json parser judges it, and the columns are those named. Without, it is
+    decoded (aeson, no depth limit) only to learn its keys: an object's keys, or those of
+    an array whose objects all have the same keys; an array holding anything else is
+    "All object keys must match"; any other JSON value counts as an empty array.
+    """
+    if qp.columns is not None:
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as exc:  # what PostgreSQL's json input says of it
+            raise ApiError(400, "22021", 'invalid byte sequence for encoding "UTF8": '
+                           f"0x{body[exc.start]:02x}") from None
+        # iColumns is a set: each name once, in sorted order (which PGRST204 reports first).
+        return Payload(text, sorted(set(qp.columns)), _looks_like_object(text))
+    try:
+        root, keys = json_outline(body)
+    except ValueError:
+        raise ApiError(400, "PGRST102", "Empty or invalid json") from None
+    if root == "object":
+        return Payload(body.decode("utf-8"), sorted(keys[0]), True)
+    if root == "array" and keys:
+        if keys[0] is None or any(k != keys[0] for k in keys):
+            raise ApiError(400, "PGRST102", "All object keys must match")
+        return Payload(body.decode("utf-8"), sorted(keys[0]), False)
+    return Payload("[]", [], False)
+
+
+def _looks_like_object(text: str) -> bool:
+    # fromJsonBodyF isJsonObject: the first byte after JSON blanks is '{'.
+    return text.lstrip(" \t\n\r").startswith("{")
+
+
+def json_body_sql(rel: Relation, payload: Payload, defaults: bool,
+                  include_select: bool, limit_one: bool = False) -> str:
+    """SqlFragment.hs fromJsonBodyF: the body as the rows pgrst_body, one %s placeholder.
+
+    The body is a `json` value and json_to_record(set) reads it, so a json column keeps
+    the text as sent (blanks, key order, repeated keys). With Prefer: missing=default it
+    is `jsonb`: merged over jsonb_build_object(column, default, ...) and read by
+    jsonb_to_record(set), so a json column gets jsonb's normalised text.
+    """
+    cols = payload.columns
+    typed = ", ".join(f"{quote_ident(c)} {rel.columns[c].type}" for c in cols)
+    if defaults:
+        placeholder, final = "%s::jsonb", "pgrst_json_defs.val"
+        elements = "jsonb_array_elements"
+        to_record = "jsonb_to_record" if payload.is_object else "jsonb_to_recordset"
+        defs = "jsonb_build_object(" + ", ".join(
+            f"{_lit(c)}, {rel.columns[c].default}" for c in cols
+            if rel.columns[c].default is not None) + ")"
+        merge = (f"LATERAL (SELECT {defs} || pgrst_payload.json_data AS val) pgrst_json_defs, "
+                 if payload.is_object else
+                 f"LATERAL (SELECT jsonb_agg({defs} || elem) AS val "
+                 f"FROM jsonb_array_elements(pgrst_payload.json_data) elem) pgrst_json_defs, ")
+    else:
+        placeholder, final, merge = "%s::json", "pgrst_payload.json_data", ""
+        elements = "json_array_elements"
+        to_record = "json_to_record" if payload.is_object else "json_to_recordset"
+    if not cols:
+        # `{}` is one row of defaults, `[{}, {}]` two, `[]` none.
+        source = "(values(1)) _" if payload.is_object else f"{elements}({final}) _"
+    else:
+        source = f"{to_record}({final}) AS _({typed})" + (" LIMIT 1" if limit_one else "")
+    named = ", ".join(f"pgrst_body.{quote_ident(c)}" for c in cols)
+    return ((f"SELECT {named} " if include_select else "") +
+            f"FROM (SELECT {placeholder} AS json_data) pgrst_payload, {merge}"
+            f"LATERAL (SELECT {', '.join(quote_ident(c) for c in cols)} FROM {source}) pgrst_body")
+
+
+def _lit(text: str) -> str:
+    return "'" + _trim_nul(text).replace("'", "''") + "'"
 
 
 # --- Faults -------------------------------------------------------------------
@@ -957,7 +1642,7 @@ class ApiHandler(BaseHTTPRequestHandler):
     def _serve(self, method: str, table: str | None, query: str, body: bytes):
         stack = self.server.stack
         role, claims, authed = self._role_and_claims()
-        params = urllib.parse.parse_qsl(query, keep_blank_values=True)
+        params = query_pairs(query)
         prefer = parse_prefer(self.headers)
         profile = self.headers.get("Accept-Profile" if method in ("GET", "HEAD")
                                    else "Content-Profile")
@@ -977,6 +1662,16 @@ class ApiHandler(BaseHTTPRequestHandler):
         if table.startswith("rpc/"):
             raise ApiError(404, "PGRST202", f"Could not find the function public.{table[4:]} "
                            "in the schema cache (the local server has no RPC)")
+        if method not in ("GET", "HEAD", "POST", "PATCH", "DELETE"):
+            raise ApiError(405, "PGRST117", f"Unsupported HTTP method: {method}")
+        # ApiRequest.hs userApiRequest: the query string, then the ranges, then the body,
+        # all before the database is asked anything.
+        qp = parse_query(params)
+        if method in ("PATCH", "DELETE") and qp.has_range and not qp.has_order:
+            # getRanges: a limited update/delete needs an explicit order (Error.hs).
+            raise ApiError(400, "PGRST109", "A 'limit' was applied without an explicit 'order'",
+                           hint="Apply an 'order' using unique column(s)")
+        payload = read_payload(body, qp) if method in ("POST", "PATCH") else None
         with stack.pool.connection() as conn:
             try:
                 with conn.transaction():
@@ -992,37 +1687,29 @@ class ApiHandler(BaseHTTPRequestHandler):
                     if rel is None:
                         raise missing_table(table, relations)
                     if method in ("GET", "HEAD"):
-                        return self._read(conn, rel, params, prefer, method)
+                        return self._read(conn, rel, qp, prefer)
                     if method == "POST":
-                        return self._insert(conn, rel, params, prefer, body)
+                        return self._insert(conn, rel, qp, prefer, payload)
                     if method == "PATCH":
-                        return self._update(conn, rel, params, prefer, body)
-                    if method == "DELETE":
-                        return self._delete(conn, rel, params, prefer)
-                    raise ApiError(405, "PGRST117", f"Unsupported HTTP method: {method}")
+                        return self._update(conn, rel, qp, prefer, payload)
+                    return self._delete(conn, rel, qp, prefer)
             except psycopg.Error as exc:
                 raise pg_error(exc, authed) from None
 
-    def _read(self, conn, rel: Relation, params, prefer, method):
+    def _read(self, conn, rel: Relation, qp: QueryParams, prefer):
         stack = self.server.stack
         q = Query()
-        pmap = dict(params)
-        select = build_select(rel, pmap.get("select"))
-        where = build_where(rel, params, q)
+        select = build_select(rel, qp.select)
+        where = build_where(rel, qp, q, rel.qualified)
         where_sql = f" WHERE {where}" if where else ""
-        order = build_order(rel, pmap.get("order"))
-        try:
-            offset = int(pmap.get("offset") or 0)
-            limit = int(pmap["limit"]) if pmap.get("limit") not in (None, "") else None
-        except ValueError:
-            raise parse_error('"failed to parse limit/offset"') from None
-        if offset < 0 or (limit is not None and limit < 0):
-            raise parse_error('"failed to parse limit/offset"')
+        order = build_order(rel, qp.order, rel.qualified)
+        offset, upper = qp.range
         max_rows = stack.max_rows
-        if max_rows is not None:
-            limit = max_rows if limit is None else min(limit, max_rows)
-        limit_sql = f" LIMIT {limit}" if limit is not None else ""
-        offset_sql = f" OFFSET {offset}" if offset else ""
+        if max_rows is not None and not qp.limit_zero:
+            # Plan.hs treeRestrictRange: db-max-rows caps the range (not the count).
+            cap = offset + max_rows - 1
+            upper = cap if upper is None else min(upper, cap)
+        limit_sql = limit_offset_sql((offset, upper))
         count = prefer.get("count")
         count_params = list(q.params)
         if count in ("exact", "estimated"):
@@ -1040,7 +1727,7 @@ class ApiHandler(BaseHTTPRequestHandler):
         sql = (f"SELECT {total_sql} AS total_result_set, pg_catalog.count(_postgrest_t) AS page_total, "
                f"coalesce(json_agg(_postgrest_t), '[]')::text AS body "
                f"FROM (SELECT {select} FROM {rel.qualified}{where_sql}{order}"
-               f"{limit_sql}{offset_sql}) _postgrest_t")
+               f"{limit_sql}) _postgrest_t")
         total, n, out = conn.execute(sql, params_all, prepare=False).fetchone()
         lower, upper = offset, offset + n - 1
         headers = {}
@@ -1055,130 +1742,145 @@ class ApiHandler(BaseHTTPRequestHandler):
             status = 200
         return status, out.encode(), headers
 
-    def _payload(self, rel: Relation, params, body: bytes):
-        try:
-            payload = json.loads(body) if body else None
-        except ValueError:
-            raise ApiError(400, "PGRST102", "Empty or invalid json") from None
-        if isinstance(payload, dict):
-            rows = [payload]
-        elif isinstance(payload, list) and all(isinstance(r, dict) for r in payload):
-            rows = payload
-        else:
-            raise ApiError(400, "PGRST102", "Empty or invalid json")
-        columns_param = dict(params).get("columns")
-        if columns_param:
-            cols = [_unquote_name(c) for c in _split_top(columns_param) if c.strip()]
-        else:
-            cols = list(rows[0].keys()) if rows else []
-            keyset = set(cols)
-            if any(set(r.keys()) != keyset for r in rows):
-                raise ApiError(400, "PGRST102", "All object keys must match")
-        for c in cols:
+    @staticmethod
+    def _check_payload_columns(rel: Relation, payload: Payload) -> None:
+        for c in payload.columns:
             if c not in rel.columns:
+                # Plan.hs resolveOrError: ColumnNotFound.
                 raise ApiError(400, "PGRST204",
                                f"Could not find the '{c}' column of '{rel.name}' in the schema cache")
-        return payload, rows, cols
 
-    def _returning(self, rel: Relation, pmap, prefer):
+    def _returning(self, rel: Relation, qp: QueryParams) -> str:
         """SQL for the response body of a mutation from the CTE pgrst_mut(_row)."""
-        select = build_select(rel, pmap.get("select"), row="_row")
+        select = build_select(rel, qp.select, row="_row")
         if select is None:
             return "coalesce(json_agg(_row), '[]')::text"
         return f"coalesce(json_agg((SELECT _r FROM (SELECT {select}) _r)), '[]')::text"
 
-    def _insert(self, conn, rel: Relation, params, prefer, body):
-        payload, rows, cols = self._payload(rel, params, body)
-        pmap = dict(params)
+    def _insert(self, conn, rel: Relation, qp: QueryParams, prefer, payload: Payload):
+        self._check_payload_columns(rel, payload)
         resolution = prefer.get("resolution")
-        if not cols:
-            if not rows:
-                # Nothing to insert: a merge that inserted nothing is a 200 (isInsertIfGTZero).
-                status = 200 if resolution == "merge-duplicates" else 201
-                out = b"[]" if prefer.get("return") == "representation" else b""
-                return status, out, {"Content-Range": "*/0" if prefer.get("count") else "*/*"}
-            raise ApiError(400, "PGRST102", "Empty or invalid json")
-        col_list = ", ".join(quote_ident(c) for c in cols)
-        typed = ", ".join(f"{quote_ident(c)} {rel.columns[c].type}" for c in cols)
-        if prefer.get("missing") == "default":
-            exprs = []
-            for c in cols:
-                default = rel.columns[c].default or "NULL"
-                exprs.append(f"CASE WHEN _e.val::jsonb ? {self._lit(c)} THEN _.{quote_ident(c)} "
-                             f"ELSE {default} END")
-            source = (f"SELECT {', '.join(exprs)} FROM json_array_elements("
-                      f"(SELECT CASE WHEN json_typeof(b) = 'array' THEN b ELSE json_build_array(b) END "
-                      f"FROM (SELECT %s::json AS b) _b)) WITH ORDINALITY AS _e(val, ord), "
-                      f"LATERAL json_to_record(_e.val) AS _({typed}) ORDER BY _e.ord")
-        else:
-            source = (f"SELECT {col_list} FROM json_to_recordset("
-                      f"(SELECT CASE WHEN json_typeof(b) = 'array' THEN b ELSE json_build_array(b) END "
-                      f"FROM (SELECT %s::json AS b) _b)) AS _({typed})")
+        merge = resolution == "merge-duplicates"
+        cols = payload.columns
+        target = f" ({', '.join(quote_ident(c) for c in cols)})" if cols else ""
+        source = json_body_sql(rel, payload, prefer.get("missing") == "default",
+                               include_select=True)
+        # QueryBuilder.hs (Insert): with merge-duplicates every source row counts up
+        # pgrst.inserted and every row that is updated instead counts it down; the status
+        # is 200 when nothing was inserted (Response.hs isInsertIfGTZero). Unlike xmax this
+        # also works on partitioned tables and views.
+        counter = "nullif(current_setting('pgrst.inserted', true), '')::int"
+        if merge:
+            source += (f" WHERE set_config('pgrst.inserted', (coalesce({counter}, 0) + 1)::text, "
+                       "true) <> '0'")
         conflict = ""
-        target_cols = ([_unquote_name(c) for c in pmap["on_conflict"].split(",")]
-                       if pmap.get("on_conflict") else rel.pk)
+        target_cols = qp.on_conflict if qp.on_conflict is not None else rel.pk
         # Without conflict columns (no primary key, no on_conflict) PostgREST writes no
         # ON CONFLICT clause at all: the upsert is a plain insert.
         if resolution in ("merge-duplicates", "ignore-duplicates") and target_cols:
-            target = f"({', '.join(quote_ident(c) for c in target_cols)})"
-            if resolution == "ignore-duplicates":
-                conflict = f" ON CONFLICT {target} DO NOTHING"
+            conflict_target = f"({', '.join(quote_ident(c) for c in target_cols)})"
+            if resolution == "ignore-duplicates" or not cols:
+                conflict = f" ON CONFLICT{conflict_target} DO NOTHING"
             else:
                 sets = ", ".join(f"{quote_ident(c)} = EXCLUDED.{quote_ident(c)}" for c in cols)
-                conflict = f" ON CONFLICT {target} DO UPDATE SET {sets}"
-        # Views have no xmax; what is inserted through one counts as inserted.
-        inserted = "(pgrst_t.xmax = 0)" if rel.kind in ("r", "p") else "TRUE"
-        sql = (f"WITH pgrst_mut AS (INSERT INTO {rel.qualified} AS pgrst_t ({col_list}) {source}{conflict} "
-               f"RETURNING pgrst_t AS _row, {inserted} AS _inserted) "
-               f"SELECT pg_catalog.count(*), pg_catalog.count(*) FILTER (WHERE _inserted), "
-               f"{self._returning(rel, pmap, prefer)} FROM pgrst_mut")
-        n, inserted, out = conn.execute(sql, [body.decode()], prepare=False).fetchone()
+                conflict = (f" ON CONFLICT{conflict_target} DO UPDATE SET {sets} WHERE "
+                            f"set_config('pgrst.inserted', (coalesce({counter}, 0) - 1)::text, "
+                            "true) <> '-1'")
+        sql = (f"WITH pgrst_mut AS (INSERT INTO {rel.qualified} AS pgrst_t{target} {source}"
+               f"{conflict} RETURNING pgrst_t AS _row) "
+               f"SELECT pg_catalog.count(*), {counter if merge else 'NULL::int'}, "
+               f"{self._returning(rel, qp)} FROM pgrst_mut")
+        n, inserted, out = conn.execute(sql, [payload.body], prepare=False).fetchone()
         headers = {"Content-Range": f"*/{n}" if prefer.get("count") else "*/*"}
-        status = 200 if (resolution == "merge-duplicates" and inserted == 0) else 201
+        status = 200 if (merge and not inserted) else 201
         if prefer.get("return") != "representation":
             return status, b"", headers
         return status, out.encode(), headers
 
-    @staticmethod
-    def _lit(text: str) -> str:
-        return "'" + text.replace("'", "''") + "'"
+    def _mutation_range(self, rel: Relation, qp: QueryParams, q: Query, where: str):
+        """QueryBuilder.hs limited update/delete: the CTE pgrst_affected_rows picks the rows
+        by WHERE, ORDER BY and LIMIT/OFFSET, and the statement joins it back on the
+        *ordered columns* (SqlFragment.hs mutRangeF), so an order on non-unique columns
+        reaches every row sharing the picked values; order=ctid picks exactly n rows."""
+        columns = [_check_column(rel, t.column, "pgrst_t", system=True) for t in qp.order]
+        where_sql = f" WHERE {where}" if where else ""
+        cte = (f"pgrst_affected_rows AS (SELECT {', '.join(columns)} FROM {rel.qualified} "
+               f"AS pgrst_t{where_sql}{build_order(rel, qp.order, 'pgrst_t')}"
+               f"{limit_offset_sql(qp.range)})")
+        join = " AND ".join(f"pgrst_t.{quote_ident(t.column)} = "
+                            f"pgrst_affected_rows.{quote_ident(t.column)}" for t in qp.order)
+        return cte, join
 
-    def _update(self, conn, rel: Relation, params, prefer, body):
-        payload, rows, cols = self._payload(rel, params, body)
-        if not isinstance(payload, dict):
-            raise ApiError(400, "PGRST102", "Empty or invalid json")
-        q = Query()
-        q.param(body.decode())
-        where = build_where(rel, params, q)
-        if not where:
-            raise ApiError(400, "21000", "UPDATE requires a WHERE clause")
+    def _update(self, conn, rel: Relation, qp: QueryParams, prefer, payload: Payload):
+        self._check_payload_columns(rel, payload)
+        cols = payload.columns
+        returning = self._returning(rel, qp)
         if not cols:
-            return 204, b"", {}
-        typed = ", ".join(f"{quote_ident(c)} {rel.columns[c].type}" for c in cols)
-        sets = ", ".join(f"{quote_ident(c)} = _.{quote_ident(c)}" for c in cols)
-        sql = (f"WITH pgrst_mut AS (UPDATE {rel.qualified} AS pgrst_t SET {sets} "
-               f"FROM (SELECT * FROM json_to_record(%s::json) AS _({typed})) _ WHERE {where} "
-               f"RETURNING pgrst_t AS _row) "
-               f"SELECT pg_catalog.count(*), {self._returning(rel, dict(params), prefer)} FROM pgrst_mut")
+            # QueryBuilder.hs: no columns, no UPDATE (SET needs one): nothing is changed,
+            # filters or not.
+            n, out = 0, "[]"
+        else:
+            q = Query()
+            q.param(payload.body)
+            where = build_where(rel, qp, q, "pgrst_t")
+            defaults = prefer.get("missing") == "default"
+            if qp.range == ALL_RANGE and not qp.limit_zero:
+                if not where:  # Supabase's pg-safeupdate
+                    raise ApiError(400, "21000", "UPDATE requires a WHERE clause")
+                sets = ", ".join(f"{quote_ident(c)} = pgrst_body.{quote_ident(c)}" for c in cols)
+                mutation = (f"UPDATE {rel.qualified} AS pgrst_t SET {sets} "
+                            f"{json_body_sql(rel, payload, defaults, include_select=False)} "
+                            f"WHERE {where}")
+                ctes = ""
+            else:
+                body_cte = (f"pgrst_update_body AS ("
+                            f"{json_body_sql(rel, payload, defaults, True, limit_one=True)})")
+                range_cte, join = self._mutation_range(rel, qp, q, where)
+                sets = ", ".join(f"{quote_ident(c)} = (SELECT {quote_ident(c)} "
+                                 f"FROM pgrst_update_body)" for c in cols)
+                mutation = (f"UPDATE {rel.qualified} AS pgrst_t SET {sets} "
+                            f"FROM pgrst_affected_rows WHERE {join}")
+                ctes = f"{body_cte}, {range_cte}, "
+            sql = (f"WITH {ctes}pgrst_mut AS ({mutation} RETURNING pgrst_t AS _row) "
+                   f"SELECT pg_catalog.count(*), {returning} FROM pgrst_mut")
+            n, out = conn.execute(sql, q.params, prepare=False).fetchone()
+        headers = {"Content-Range": content_range(0, n - 1, n if prefer.get("count") else None)}
+        if prefer.get("return") != "representation":
+            return 204, b"", headers
+        return 200, out.encode(), headers
+
+    def _delete(self, conn, rel: Relation, qp: QueryParams, prefer):
+        # The body of a DELETE is never read (ApiRequest.hs shouldParsePayload).
+        q = Query()
+        where = build_where(rel, qp, q, "pgrst_t")
+        if qp.range == ALL_RANGE and not qp.limit_zero:
+            if not where:  # Supabase's pg-safeupdate
+                raise ApiError(400, "21000", "DELETE requires a WHERE clause")
+            ctes, mutation = "", f"DELETE FROM {rel.qualified} AS pgrst_t WHERE {where}"
+        else:
+            range_cte, join = self._mutation_range(rel, qp, q, where)
+            ctes = f"{range_cte}, "
+            mutation = (f"DELETE FROM {rel.qualified} AS pgrst_t USING pgrst_affected_rows "
+                        f"WHERE {join}")
+        sql = (f"WITH {ctes}pgrst_mut AS ({mutation} RETURNING pgrst_t AS _row) "
+               f"SELECT pg_catalog.count(*), {self._returning(rel, qp)} FROM pgrst_mut")
         n, out = conn.execute(sql, q.params, prepare=False).fetchone()
         headers = {"Content-Range": content_range(0, n - 1, n if prefer.get("count") else None)}
         if prefer.get("return") != "representation":
             return 204, b"", headers
         return 200, out.encode(), headers
 
-    def _delete(self, conn, rel: Relation, params, prefer):
-        q = Query()
-        where = build_where(rel, params, q)
-        if not where:
-            raise ApiError(400, "21000", "DELETE requires a WHERE clause")
-        sql = (f"WITH pgrst_mut AS (DELETE FROM {rel.qualified} AS pgrst_t WHERE {where} "
-               f"RETURNING pgrst_t AS _row) "
-               f"SELECT pg_catalog.count(*), {self._returning(rel, dict(params), prefer)} FROM pgrst_mut")
-        n, out = conn.execute(sql, q.params, prepare=False).fetchone()
-        headers = {"Content-Range": content_range(0, n - 1, n if prefer.get("count") else None)}
-        if prefer.get("return") != "representation":
-            return 204, b"", headers
-        return 200, out.encode(), headers
+
+def query_pairs(query: str) -> list[tuple[str, str]]:
+    """The query string as PostgREST reads it (parseQueryReplacePlus True): '+' is a
+    space; a parameter without '=' has no value and counts for nothing."""
+    pairs = []
+    for piece in query.split("&"):
+        if "=" not in piece:
+            continue
+        key, _, value = piece.partition("=")
+        pairs.append((urllib.parse.unquote_plus(key), urllib.parse.unquote_plus(value)))
+    return pairs
 
 
 def content_range(lower: int, upper: int, total: int | None) -> str:
@@ -1250,8 +1952,8 @@ def swagger_default(col: Column):
     if col.default is None:
         return None
     text = col.default
-    if swagger_type(col.nominal) == "string":
-        suffix = "::" + col.nominal
+    if swagger_type(col.data_type) == "string":
+        suffix = "::" + col.data_type
         if text.endswith(suffix):
             text = text[:-len(suffix)].strip("'")
         text = '"' + text + '"'
@@ -1288,14 +1990,15 @@ def openapi_document(relations: dict[str, Relation], host: str) -> dict:
                 prop["default"] = default
             if col.enum:
                 prop["enum"] = col.enum
-            prop["format"] = col.nominal
+            # OpenAPI.hs makeProperty: format, type and items all come from colType (data_type).
+            prop["format"] = col.data_type
             if col.max_length:
                 prop["maxLength"] = col.max_length
-            stype = swagger_type(col.nominal)
+            stype = swagger_type(col.data_type)
             if stype:
                 prop["type"] = stype
             if stype == "array":
-                item_type = swagger_type(col.nominal[:-2])
+                item_type = swagger_type(col.data_type[:-2])
                 prop["items"] = {"type": item_type} if item_type else {}
             props[col.name] = prop
         definition = {"properties": props, "type": "object"}

@@ -357,7 +357,10 @@ def test_missing_default_fills_defaults_and_without_it_a_missing_key_is_null(
         [booking_row(db, 7001, status="confirmed"),
          {k: v for k, v in booking_row(db, 0).items() if k not in ("id", "status")}],
         default_to_null=False).execute()
-    assert [(r["id"], r["status"]) for r in res.data] == [(7001, "confirmed"), (5001, "pending")]
+    # PostgREST merges each row over jsonb_build_object(column, default, ...), evaluated for
+    # every row (SqlFragment.hs fromJsonBodyF): the row that brings its own id (7001) still
+    # draws nextval, so the row without one gets 5002.
+    assert [(r["id"], r["status"]) for r in res.data] == [(7001, "confirmed"), (5002, "pending")]
     with pytest.raises(APIError) as err:
         client.table("bookings").insert(
             [booking_row(db, 7002, status="confirmed"),
@@ -530,6 +533,307 @@ def test_delete_and_patch_without_a_filter_are_refused(fresh_stack, api, client,
     assert scalar(db, "SELECT count(*) FROM payments WHERE method = 'cash'") == 0
 
 
+# --- PostgREST v12's grammar, bodies and schema cache -------------------------
+
+
+def test_a_partition_is_not_served_and_its_parent_is_a_table(fresh_stack, db, api):
+    """SchemaCache.hs leaves out partitions (relispartition); the partitioned parent is a
+    table like any other, and PostgreSQL routes what is written to it."""
+    db.execute("""
+        CREATE TABLE public.events_log (id int, region text, note text,
+                                        PRIMARY KEY (id, region)) PARTITION BY LIST (region);
+        CREATE TABLE public.events_log_eu PARTITION OF public.events_log FOR VALUES IN ('eu');
+        CREATE TABLE public.events_log_us PARTITION OF public.events_log FOR VALUES IN ('us');
+    """)
+    doc = api.get("/").json()
+    assert "events_log" in doc["definitions"]
+    assert set(doc["paths"]["/events_log"]) == {"get", "post", "patch", "delete"}
+    assert "<pk/>" in doc["definitions"]["events_log"]["properties"]["region"]["description"]
+    assert not {"events_log_eu", "events_log_us", "/events_log_eu"} & (
+        set(doc["definitions"]) | set(doc["paths"]))
+    assert_error(api.get("/events_log_eu"), 404, "PGRST205")
+    rows = [{"id": 1, "region": "eu", "note": "a"}, {"id": 2, "region": "us", "note": "b"}]
+    prefer = {"Prefer": "return=representation,resolution=merge-duplicates"}
+    r = api.post("/events_log", json=rows, params={"columns": '"id","region","note"'},
+                 headers=prefer)
+    assert (r.status_code, r.json()) == (201, rows)
+    assert db.execute("SELECT tableoid::regclass::text, id FROM public.events_log "
+                      "ORDER BY id").fetchall() == [("events_log_eu", 1), ("events_log_us", 2)]
+    # The same rows again: all merged, none inserted, so 200.
+    r = api.post("/events_log", json=rows, params={"columns": '"id","region","note"'},
+                 headers=prefer)
+    assert r.status_code == 200
+    r = api.patch("/events_log", params={"region": "eq.us"}, json={"note": "patched"},
+                  headers={"Prefer": "return=representation"})
+    assert (r.status_code, r.json()) == (200, [{"id": 2, "region": "us", "note": "patched"}])
+    assert api.delete("/events_log", params={"id": "eq.1"}).status_code == 204
+    assert column(db, "SELECT id FROM public.events_log_eu") == []
+
+
+def test_domain_columns_show_their_base_type_and_are_written_as_the_domain(fresh_stack, db, api):
+    """SchemaCache.hs data_type: a domain over a pg_catalog type shows that type without
+    its typmod, a domain over another type its own name; maxLength, enum and required
+    look through the domain. Writes still cast to the domain, checks and all."""
+    db.execute("""
+        CREATE DOMAIN public.amount AS numeric(20,2) CHECK (VALUE >= 0);
+        CREATE DOMAIN public.short_code AS varchar(5) NOT NULL;
+        CREATE DOMAIN public.status_d AS public.booking_status;
+        CREATE TABLE public.ledger (id int PRIMARY KEY, total public.amount,
+                                    code public.short_code, state public.status_d,
+                                    totals public.amount[]);
+    """)
+    props = api.get("/").json()["definitions"]["ledger"]
+    total, code, state = (props["properties"][c] for c in ("total", "code", "state"))
+    assert (total["format"], total["type"]) == ("numeric", "number")
+    assert (code["format"], code["type"], code["maxLength"]) == ("character varying", "string", 5)
+    assert (state["format"], state["type"]) == ("status_d", "string")
+    assert state["enum"] == ["pending", "confirmed", "cancelled", "completed"]
+    assert props["properties"]["totals"]["format"] == "amount[]"
+    assert props["required"] == ["id", "code"]
+    r = api.post("/ledger", json={"id": 1, "total": "12.345", "code": "ab", "state": "pending",
+                                  "totals": ["1.005"]}, headers={"Prefer": "return=representation"})
+    assert (r.status_code, r.json()[0]["total"], r.json()[0]["totals"]) == (201, 12.35, [1.01])
+    assert_error(api.post("/ledger", json={"id": 2, "total": -1, "code": "ab"}), 400, "23514")
+    assert_error(api.post("/ledger", json={"id": 3, "code": "toolong"}), 400, "22001")
+    assert scalar(db, "SELECT total::text FROM public.ledger WHERE id = 1") == "12.35"
+
+
+QUOTED_TABLE = """
+    CREATE TABLE public.odd_names (id int PRIMARY KEY, "a,b" int, "k.1" text UNIQUE,
+                                   "c d" text, "q""x" text);
+    INSERT INTO public.odd_names VALUES (1, 3, 'x', 'm', 'p'), (2, 7, 'x2', 'z', 'q'),
+                                        (3, 9, 'x3', 'a', 'r'), (4, 1, 'y', 'b', 's');
+"""
+
+
+def test_quoted_column_names_in_select_order_and_filters(fresh_stack, db, api):
+    """QueryParams.hs pFieldName: a double-quoted name may hold , . : ( ) and blanks; in it
+    a backslash takes the next character as it is (\\" is a quote)."""
+    db.execute(QUOTED_TABLE)
+    r = api.get("/odd_names", params={"select": '"a,b",alias:"k.1","c d","q\\"x"',
+                                      "order": '"k.1".asc,"c d".desc', "id": "lte.3"})
+    assert r.status_code == 200, r.text
+    assert r.json() == [{"a,b": 3, "alias": "x", "c d": "m", 'q"x': "p"},
+                        {"a,b": 7, "alias": "x2", "c d": "z", 'q"x': "q"},
+                        {"a,b": 9, "alias": "x3", "c d": "a", 'q"x': "r"}]
+    r = api.get("/odd_names", params={"select": "id", "order": '"c d".desc', '"a,b"': "gt.5"})
+    assert r.json() == [{"id": 2}, {"id": 3}]
+    r = api.get("/odd_names", params={"select": "id", "order": "id",
+                                      "or": '("a,b".gt.8,and("k.1".eq.x,"c d".gt.a))'})
+    assert r.json() == [{"id": 1}, {"id": 3}]
+    r = api.get("/odd_names", params={"select": "id", "order": "id",
+                                      "not.or": '("a,b".gt.8,"q\\"x".eq.p)'})
+    assert r.json() == [{"id": 2}, {"id": 4}]
+    # Unquoted, a dot ends the name: "k.1" would be the embedding k and its column 1.
+    assert_error(api.get("/odd_names", params={"k.1": "eq.x"}), 400, "PGRST108")
+    assert_error(api.get("/odd_names", params={"order": "k.1.asc"}), 400, "PGRST100")
+
+
+def test_quoted_column_names_in_columns_and_on_conflict(fresh_stack, db, api):
+    db.execute(QUOTED_TABLE)
+    rows = [{"id": 5, "a,b": 50, "k.1": "x", "c d": "upserted"},
+            {"id": 6, "a,b": 60, "k.1": "new", "c d": "inserted"}]
+    r = api.post("/odd_names", json=rows,
+                 params={"on_conflict": '"k.1"', "columns": '"id","a,b","k.1","c d"'},
+                 headers={"Prefer": "return=representation,resolution=merge-duplicates"})
+    assert r.status_code == 201, r.text
+    assert db.execute('SELECT id, "a,b", "c d", "q""x" FROM public.odd_names '
+                      """WHERE "k.1" IN ('x', 'new') ORDER BY id""").fetchall() == [
+        (5, 50, "upserted", "p"), (6, 60, "inserted", None)]
+    body = assert_error(api.post("/odd_names", json=rows, params={"columns": '"a,b","nope"'}),
+                        400, "PGRST204")
+    assert body["message"] == "Could not find the 'nope' column of 'odd_names' in the schema cache"
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("in.( a , b )", ["a ", " b "]),  # blanks kept, except before the first element
+    ('in.("a ", b)', ["a ", " b"]),
+    ('in.("say \\"hi\\"","back\\\\slash")', ['say "hi"', "back\\slash"]),
+    ('in.("a" ,c)', ['"a" ']),  # a quote not followed by , or ) is an ordinary character
+    ('in.(c,"\\"a\\" ")', ['"a" ']),
+    ("in.()", []),
+    ('in.("")', []),  # both are the one-empty-string list: = ANY('{}')
+    ("in.(f(x),b)", ["f(x"]),  # ')' ends the list; what follows it is ignored
+    ("eq. b ", [" b "]),  # a top-level value is taken as it is
+    ("eq.a ", ["a "]),
+    ("not.in.(a,b)", ['say "hi"', "back\\slash", '"a" ', "a ", " b ", " b", "f(x"]),
+], ids=["blanks", "quoted-blank", "escapes", "quote-then-blank", "escaped-quotes", "empty",
+        "empty-quoted", "paren", "eq-blanks", "eq-trailing-blank", "not-in"])
+def test_list_and_filter_values_are_read_as_postgrest_reads_them(stack, db, api,
+                                                                  value, expected):
+    """QueryParams.hs pListVal/pListElement/pQuotedValue and pSingleVal."""
+    db.execute("CREATE TABLE public.words (w text PRIMARY KEY)")
+    try:
+        db.execute("INSERT INTO public.words SELECT unnest(%s::text[])",
+                   [['say "hi"', "back\\slash", '"a" ', "a ", " b ", " b", "f(x", "a", "b"]])
+        r = api.get("/words", params={"w": value, "select": "w"})
+        assert r.status_code == 200, r.text
+        assert sorted(x["w"] for x in r.json()) == sorted(expected)
+    finally:
+        db.execute("DROP TABLE public.words")
+
+
+def test_a_number_filter_with_blanks_is_left_to_postgresql(api):
+    r = api.get("/bookings", params={"select": "id", "id": "eq.  5"})
+    assert r.json() == [{"id": 5}]  # int4in allows the blanks
+    r = api.get("/bookings", params={"select": "id", "id": "in.( 5, 6 )", "order": "id"})
+    assert r.json() == [{"id": 5}, {"id": 6}]
+
+
+DEEP = 2000
+
+
+def deep_json(depth: int = DEEP) -> str:
+    return '{"k": ' * depth + "1" + "}" * depth
+
+
+def test_deeply_nested_bodies_are_left_to_postgresql(fresh_stack, db, api):
+    """ApiRequest.hs getPayload: with columns= the body is not decoded (RawJSON) and goes
+    to PostgreSQL as it came; without, only its keys are needed. Neither may trip over
+    Python's recursion limit."""
+    db.execute("CREATE TABLE public.docs (id int PRIMARY KEY, doc jsonb)")
+    headers = {"Content-Type": "application/json"}
+    deep = deep_json()
+    r = api.post("/docs", params={"columns": '"id","doc"'}, headers=headers,
+                 content=f'[{{"id": 1, "doc": {deep}}}]')
+    assert r.status_code == 201, r.text[:300]
+    r = api.post("/docs", headers=headers, content=f'{{"id": 2, "doc": {deep}}}')
+    assert r.status_code == 201, r.text[:300]
+    r = api.patch("/docs", params={"id": "eq.1", "columns": '"doc"'}, headers=headers,
+                  content=f'{{"doc": [{deep}]}}')
+    assert r.status_code == 204, r.text[:300]
+    r = api.patch("/docs", params={"id": "eq.2"}, headers=headers,
+                  content=f'{{"doc": [{deep}], "id": 2}}')
+    assert r.status_code == 204, r.text[:300]
+    assert column(db, "SELECT doc = %s::jsonb FROM public.docs ORDER BY id",
+                  [f"[{deep}]"]) == [True, True]
+    # Broken deep JSON: PostgREST's own check without columns=, PostgreSQL's with.
+    broken = f'{{"id": 3, "doc": {deep[:-1]}}}'
+    body = assert_error(api.post("/docs", headers=headers, content=broken), 400, "PGRST102")
+    assert body["message"] == "Empty or invalid json"
+    assert_error(api.post("/docs", params={"columns": '"id","doc"'}, headers=headers,
+                          content=broken), 400, "22P02")
+    assert scalar(db, "SELECT count(*) FROM public.docs") == 2
+
+
+@pytest.mark.parametrize("body, status, code, added", [
+    (b"{}", 201, None, 1),  # one row of defaults
+    (b"[{}, {}]", 201, None, 2),
+    (b"[]", 201, None, 0),
+    (b"5", 201, None, 0),  # any other JSON value counts as an empty array
+    (b"null", 201, None, 0),
+    (b"[1, 2]", 400, "PGRST102", 0),  # All object keys must match
+    (b'[{"value": 1}, 2]', 400, "PGRST102", 0),
+    (b"", 400, "PGRST102", 0),  # Empty or invalid json
+    (b'{"value": NaN}', 400, "PGRST102", 0),
+], ids=["object", "objects", "empty-array", "number", "null", "array-of-numbers", "mixed",
+        "empty", "nan"])
+def test_bodies_are_read_as_postgrest_reads_them(fresh_stack, db, api, body, status, code,
+                                                 added):
+    db.execute("CREATE TABLE public.counters (id int GENERATED BY DEFAULT AS IDENTITY, "
+               "value int DEFAULT 7)")
+    r = api.post("/counters", content=body, headers={"Content-Type": "application/json"})
+    if code:
+        assert_error(r, status, code)
+    else:
+        assert (r.status_code, r.content) == (status, b"")
+    assert column(db, "SELECT value FROM public.counters") == [7] * added
+
+
+def test_a_patch_without_columns_changes_nothing_even_without_a_filter(fresh_stack, db, api):
+    """QueryBuilder.hs: an update with no columns is `SELECT ... WHERE false`, so
+    pg-safeupdate never sees it."""
+    r = api.patch("/payments", json={}, headers={"Prefer": "return=representation"})
+    assert (r.status_code, r.json()) == (200, [])
+    assert api.patch("/payments", content=b"[]").status_code == 204
+
+
+def test_json_keeps_its_text_unless_missing_default_makes_it_jsonb(fresh_stack, db, api):
+    """fromJsonBodyF: the body is a json parameter read by json_to_recordset, so a json
+    column keeps the text as sent; with Prefer: missing=default it is jsonb (merged over
+    the defaults, read by jsonb_to_recordset) and the text is jsonb's."""
+    db.execute("CREATE TABLE public.raw_docs (id int PRIMARY KEY, doc json, tag text "
+               "DEFAULT 'dflt')")
+    sent = '{"b": 1,  "a": [1 , 2], "a": "last"}'
+    headers = {"Content-Type": "application/json"}
+    for row_id, params, prefer in ((1, {}, "return=minimal"),
+                                   (2, {"columns": '"id","doc"'}, "return=minimal"),
+                                   (3, {"columns": '"id","doc","tag"'}, "missing=default"),
+                                   (4, {}, "missing=default")):
+        r = api.post("/raw_docs", params=params, content=f'[{{"id": {row_id}, "doc": {sent}}}]',
+                     headers={**headers, "Prefer": prefer})
+        assert r.status_code == 201, r.text
+    assert db.execute("SELECT id, doc::text, tag FROM public.raw_docs ORDER BY id").fetchall() == [
+        (1, sent, "dflt"), (2, sent, "dflt"), (3, '{"a": "last", "b": 1}', "dflt"),
+        (4, '{"a": "last", "b": 1}', "dflt")]
+
+
+# --- Limited DELETE and PATCH (v12: limit= with order=) -----------------------
+
+
+@pytest.fixture
+def dupes(fresh_stack, db):
+    """A table without any unique column: five identical rows and two others."""
+    db.execute("CREATE TABLE public.dupes (v int, label text)")
+    db.execute("INSERT INTO public.dupes SELECT 1, 'same' FROM generate_series(1, 5)")
+    db.execute("INSERT INTO public.dupes VALUES (2, 'other'), (3, 'other')")
+    return db
+
+
+def test_a_limit_on_delete_or_patch_needs_an_order(dupes, api):
+    for method, kwargs in (("DELETE", {}), ("PATCH", {"json": {"label": "x"}})):
+        for params in ({"v": "eq.1", "limit": "2"}, {"v": "eq.1", "offset": "1"},
+                       {"v": "eq.1", "limit": "many"}):
+            body = assert_error(api.request(method, "/dupes", params=params, **kwargs),
+                                400, "PGRST109")
+            assert body["message"] == "A 'limit' was applied without an explicit 'order'"
+            assert body["hint"] == "Apply an 'order' using unique column(s)"
+    assert scalar(dupes, "SELECT count(*) FROM public.dupes WHERE label = 'same'") == 5
+
+
+def test_order_by_ctid_deletes_and_patches_exactly_n_identical_rows(dupes, api):
+    r = api.delete("/dupes", params={"v": "eq.1", "limit": "2", "order": "ctid"},
+                   headers={"Prefer": "return=representation"})
+    assert (r.status_code, r.json()) == (200, [{"v": 1, "label": "same"}] * 2)
+    assert scalar(dupes, "SELECT count(*) FROM public.dupes WHERE v = 1") == 3
+    r = api.patch("/dupes", params={"v": "eq.1", "limit": "1", "order": "ctid.desc"},
+                  json={"label": "changed"})
+    assert r.status_code == 204
+    assert dupes.execute("SELECT label, count(*) FROM public.dupes WHERE v = 1 GROUP BY 1 "
+                         "ORDER BY 1").fetchall() == [("changed", 1), ("same", 2)]
+    # No filter at all is fine: the limited statement has its own WHERE (the join).
+    assert api.delete("/dupes", params={"limit": "1", "order": "ctid"}).status_code == 204
+    assert scalar(dupes, "SELECT count(*) FROM public.dupes") == 4
+    assert api.delete("/dupes", params={"limit": "0", "order": "ctid"}).status_code == 204
+    assert scalar(dupes, "SELECT count(*) FROM public.dupes") == 4
+    assert_error(api.delete("/dupes", params={"limit": "-1", "order": "ctid"}), 416, "PGRST103")
+
+
+def test_a_limited_delete_reaches_every_row_sharing_the_ordered_values(dupes, api):
+    """mutRangeF joins the picked rows back on the ordered columns: with limit=2 and an
+    order on a non-unique column, every row with a picked value goes."""
+    r = api.delete("/dupes", params={"v": "lte.2", "limit": "2", "order": "v"},
+                   headers={"Prefer": "count=exact"})
+    assert (r.status_code, r.headers["Content-Range"]) == (204, "0-4/5")
+    assert column(dupes, "SELECT v FROM public.dupes ORDER BY v") == [2, 3]
+
+
+def test_limited_delete_and_patch_with_offset_on_a_key(fresh_stack, db, api):
+    booking = scalar(db, "SELECT booking_id FROM payments GROUP BY 1 HAVING count(*) >= 2 "
+                         "ORDER BY 1 LIMIT 1")
+    ids = column(db, "SELECT id FROM payments WHERE booking_id = %s ORDER BY id DESC", [booking])
+    r = api.delete("/payments", params={"booking_id": f"eq.{booking}", "order": "id.desc",
+                                        "limit": "1", "offset": "1"},
+                   headers={"Prefer": "return=representation"})
+    assert (r.status_code, [p["id"] for p in r.json()]) == (200, [ids[1]])
+    assert column(db, "SELECT id FROM payments WHERE booking_id = %s ORDER BY id DESC",
+                  [booking]) == [ids[0]] + ids[2:]
+    r = api.patch("/payments", params={"order": "id", "limit": "3"}, json={"method": "cash"},
+                  headers={"Prefer": "return=representation"})
+    assert sorted(p["id"] for p in r.json()) == [1, 2, 3]
+    assert column(db, "SELECT id FROM payments WHERE method = 'cash' ORDER BY id") == [1, 2, 3]
+
+
 # --- Auth and RLS -------------------------------------------------------------
 
 
@@ -693,11 +997,28 @@ def test_openapi_is_for_the_service_role_only(stack, who):
     ("/bookings", {"order": "id.sideways"}, 400, "PGRST100"),
     ("/bookings", {"order": "id.nullsfirst.asc"}, 400, "PGRST100"),
     ("/bookings", {"id": "equals.1"}, 400, "PGRST100"),
-    ("/bookings", {"limit": "many"}, 400, "PGRST100"),
+    ("/bookings", {"limit": "-1"}, 416, "PGRST103"),
+    ("/bookings", {"limit": "0", "offset": "5"}, 416, "PGRST103"),
 ], ids=["missing-table", "bad-value", "unknown-filter-column", "unknown-select-column",
-        "bad-order", "nulls-before-direction", "bad-operator", "bad-limit"])
+        "bad-order", "nulls-before-direction", "bad-operator", "negative-limit",
+        "limit-0-with-offset"])
 def test_error_bodies_and_statuses(api, path, params, status, code):
     assert_error(api.get(path, params=params), status, code)
+
+
+def test_limit_and_offset_are_read_as_postgrest_reads_them(api):
+    """RangeQuery.hs/getRanges: a limit that is no integer is ignored (the cap applies),
+    limit=0 is an empty page, a negative offset counts as 0."""
+    r = api.get("/bookings", params={"select": "id", "limit": "many"})
+    assert (r.status_code, len(r.json())) == (200, CAP)
+    r = api.get("/bookings", params={"select": "id", "limit": "0"},
+                headers={"Prefer": "count=exact"})
+    assert (r.status_code, r.headers["Content-Range"], r.json()) == (206, f"*/{BOOKINGS}", [])
+    r = api.get("/bookings", params={"select": "id", "order": "id", "offset": "-3"})
+    assert (r.status_code, r.json()[:2]) == (200, [{"id": 1}, {"id": 2}])
+    # The range is cut to rows 0.. before it is judged: offset=-3&limit=2 is rows -3..-2,
+    # which is nothing, so 416.
+    assert_error(api.get("/bookings", params={"offset": "-3", "limit": "2"}), 416, "PGRST103")
 
 
 def test_a_missing_table_through_the_client(client):
