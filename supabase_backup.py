@@ -709,9 +709,11 @@ def quote_value(value):
 
 def key_filter(primary_key, keys):
     """The filter (name, value) for the rows with these key value lists."""
-    if len(primary_key) == 1:
+    if len(primary_key) == 1 and all(k[0] != "" for k in keys):
         return (quote_field(primary_key[0]),
                 "in.(" + ",".join(quote_value(k[0]) for k in keys) + ")")
+    # PostgREST reads in.("") as an empty list, which matches nothing (SqlFragment.hs): a key
+    # that is the empty string goes in the or= form.
     return ("or", "(" + ",".join(
         "and(" + ",".join(f"{quote_field(c)}.eq.{quote_value(v)}" for c, v in zip(primary_key, k))
         + ")" for k in keys) + ")")
@@ -1392,7 +1394,7 @@ class TablePages:
         self.after, self.until = after, until
         self.largest_page = None  # the server's row cap, once a page has shown it
         self.answered = 0  # rows in the last answer (before whole_groups cut it)
-        self.warned = False
+        self.whole_tail, self.warned = None, False  # see whole_groups
         self.in_range = None  # with `until`: how many rows the range holds (its first answer)
 
     def __iter__(self):
@@ -1420,8 +1422,8 @@ class TablePages:
             self.answered = len(rows)
             last = not rows or (self.largest_page is not None and
                                 len(rows) < min(page_size, self.largest_page))
-            if self.paging == "offset" and not last:
-                rows = self.whole_groups(rows)
+            if self.paging == "offset" and rows:
+                rows = self.whole_groups(rows, last)
             if rows:
                 yield rows
                 # Each HTTP response sits in a reference cycle: without this its body (a page,
@@ -1439,25 +1441,28 @@ class TablePages:
                 return
             self.largest_page = max(self.largest_page or 0, self.answered)
 
-    def whole_groups(self, rows):
+    def whole_groups(self, rows, last):
         """A page read by offset, less its last rows that tie with the page's last row in the
         order (equal in every sorted column): PostgreSQL may order tied rows differently from
         one query to the next, so a group of them split between two pages could lose a row to
         one and double one in the other. The next page starts at the group instead. A group as
-        large as a page is kept whole, with a warning: then the order cannot be relied on."""
+        large as a page is kept whole; if the next page goes on with it, the order cannot be
+        relied on, and a warning says so."""
         tail = [rows[-1].get(column) for column in self.order_by]
+        if self.whole_tail is not None and not self.warned and \
+                [rows[0].get(column) for column in self.order_by] == self.whole_tail:
+            self.warned = True
+            log.warning("%s has no primary key and more rows that tie in its sortable columns "
+                        "than a page holds: PostgreSQL may order them differently from page to "
+                        "page, so rows may be missed or doubled; give the table a primary key",
+                        self.name)
+        if last:
+            return rows
         cut = len(rows)
         while cut > 0 and [rows[cut - 1].get(column) for column in self.order_by] == tail:
             cut -= 1
-        if cut == 0:
-            if not self.warned:
-                self.warned = True
-                log.warning("%s has no primary key and more rows that tie in its sortable "
-                            "columns than a page holds: PostgreSQL may order them differently "
-                            "from page to page, so rows may be missed or doubled; give the table "
-                            "a primary key", self.name)
-            return rows
-        return rows[:cut]
+        self.whole_tail = tail if cut == 0 else None
+        return rows if cut == 0 else rows[:cut]
 
 
 def read_table(api, name, meta, writer, progress):
@@ -1472,7 +1477,11 @@ def read_table(api, name, meta, writer, progress):
     writer.begin_table(name, {**meta, "order_by": pages.order_by, "paging": pages.paging})
     # The next page is asked for by a thread of its own while this one is encoded (one request
     # in flight; keyset paging learns the next key from the page before).
+    iso_checked = False
     for rows in read_ahead(pages):
+        if not iso_checked:
+            check_iso_dates(name, meta, rows)
+            iso_checked = True
         writer.write_rows(rows)
         progress.advance(len(rows))
     paging, pages = pages.paging, pages.pages
@@ -1492,6 +1501,31 @@ def read_table(api, name, meta, writer, progress):
     else:
         progress.done(f"  {name}: {rows_read} rows in {pages} page(s), {rate:,.0f} rows/s")
     return trailer
+
+
+# PostgreSQL writes dates and times as text in the session's DateStyle, and reads them back in
+# the restoring session's: only ISO is read the same whatever the DateStyle. Supabase runs with
+# ISO; a database set otherwise would make "01/02/2026" ambiguous, so the backup refuses it.
+ISO_DATE_TIME = {
+    "date": re.compile(r"-?infinity|\d{4,}-\d\d-\d\d( BC)?"),
+    "timestamp without time zone": re.compile(
+        r"-?infinity|\d{4,}-\d\d-\d\d \d\d:\d\d:\d\d(\.\d+)?( BC)?"),
+    "timestamp with time zone": re.compile(
+        r"-?infinity|\d{4,}-\d\d-\d\d \d\d:\d\d:\d\d(\.\d+)?[+-]\d\d(:\d\d){0,2}( BC)?"),
+}
+
+
+def check_iso_dates(name, meta, rows):
+    """Refuse dates and times a page holds in another DateStyle than ISO (see ISO_DATE_TIME)."""
+    for column in meta["columns"]:
+        pattern = ISO_DATE_TIME.get(column.get("format")) if column.get("stored_as") else None
+        value = next((row.get(column["name"]) for row in rows
+                      if row.get(column["name"]) is not None), None) if pattern else None
+        if isinstance(value, str) and not pattern.fullmatch(value):
+            raise IncompleteBackupError(
+                f"{name}.{column['name']} comes as {value!r}, not in PostgreSQL's ISO DateStyle, "
+                f"so it could be read back differently; run `ALTER DATABASE postgres SET "
+                f"DateStyle = 'ISO, MDY';` in the SQL editor, then back up again")
 
 
 def snapshot(api, tables, discovered, path, project_host, role, progress, note=None):
@@ -1799,7 +1833,7 @@ class TablePlan:
     sent_rows: bytearray = field(default_factory=bytearray, repr=False)
     deleted_keys: set = field(default_factory=set, repr=False)
     deleted: int = 0  # rows a rollback to a file deleted (their keys are not in the file)
-    reconciled: bool = False  # a keyless table a rollback to a file rewrote (reconcile_keyless)
+    reconciled: bool = False  # a keyless table a rollback to a file rewrote (KeylessReconcile)
 
     def mark_sent(self, batch):
         """Record that a write was sent for a batch: from then on its rows may have landed."""
@@ -2169,41 +2203,52 @@ class PlanComparison(TableComparison):
 # is compared as a multiset (each distinct row and how often it occurs), which holds the live
 # table's rows in memory (as the diff of such a table always has).
 
-def row_value(row, columns):
-    """A row's values over columns, as the text that tells rows of a keyless table apart."""
-    return compact_json([row.get(column) for column in columns])
-
-
-def live_multiset(api, plan, forms, where=()):
+def live_multiset(api, plan, forms, columns, where=(), json_null_ok=False):
     """Counter of the live rows of a keyless table (or those a filter matches), read in the
-    file's forms, by row_value over the plan's columns."""
+    file's forms, by row_value over columns (the file's)."""
     meta = with_stored_forms(plan.live_meta, forms)
+    nulls = json_null_columns(forms) if json_null_ok else ()
     live = collections.Counter()
     for page in TablePages(api, plan.name, meta, where=where):
-        live.update(row_value(row, plan.columns) for row in page)
+        live.update(row_value(row, columns, nulls) for row in page)
     return live
+
+
+def row_value(row, columns, json_nulls=()):
+    """A row's values over columns, as the text that tells rows of a keyless table apart; in
+    the json_nulls columns a JSON null counts as SQL NULL (--accept-json-null)."""
+    return compact_json([None if column in json_nulls and is_json_null(row.get(column))
+                         else row.get(column) for column in columns])
+
+
+def json_null_columns(forms):
+    return {column for column, form in forms.items() if form == "json_text"}
 
 
 class KeylessComparison:
     """Steps 3 and 5 for a table without a primary key: each file row takes one live copy of
     the same values, or is missing from the table (with spool_path: spooled as an insert). The
     live copies left over are rows the file lacks (only_live: one entry per copy); a restore
-    leaves them, a rollback to the file deletes them (reconcile_keyless)."""
+    leaves them, a rollback to the file deletes them (KeylessReconcile). Rows are compared
+    over the file's columns (meta: the file's table metadata)."""
 
-    def __init__(self, api, plan, forms, spool_path=None):
-        self.api, self.plan, self.name, self.forms = api, plan, plan.name, forms
+    def __init__(self, api, plan, meta, spool_path=None, json_null_ok=False):
+        forms = file_forms(meta)
+        self.api, self.plan, self.name = api, plan, plan.name
+        self.columns = [c["name"] for c in meta.get("columns") or []]
+        self.json_nulls = json_null_columns(forms) if json_null_ok else ()
         self.spool_path, self.spool = spool_path, None
-        self.live = live_multiset(api, plan, forms)
+        self.live = live_multiset(api, plan, forms, self.columns, json_null_ok=json_null_ok)
         self.live_rows = sum(self.live.values())
         if spool_path is not None and plan.json_columns:
-            # A failed restore's rollback may write any live row back (reconcile_keyless).
+            # A failed restore's rollback may write any live row back (KeylessReconcile).
             for value in self.live:
-                note_json_changes(plan, dict(zip(plan.columns, json.loads(value))), "live")
+                note_json_changes(plan, dict(zip(self.columns, json.loads(value))), "live")
         self.missing, self.only_file, self.only_live, self.changed = 0, {}, [], 0
         self.changed_keys = {}
 
     def add(self, line):
-        value = row_value(parse_row(line), self.plan.columns)
+        value = row_value(parse_row(line), self.columns, self.json_nulls)
         if self.spool_path is not None:
             self.plan.backup_rows += 1
         if self.live[value] > 0:
@@ -2233,60 +2278,89 @@ class KeylessComparison:
             self.spool.close()
 
 
-def reconcile_keyless(api, plan, path):
+class KeylessReconcile:
     """Make a keyless table hold exactly the rows of a file, each as often as the file holds
-    it; returns (rows deleted, rows inserted).
+    it, in two steps a rollback orders around its other writes: delete_surplus() (children
+    first, before rows they may refer to are deleted) and insert_missing() (after the rows they
+    may refer to are back).
 
-    A row has no key to delete it by, so a surplus is deleted by its values: the rows the
-    filter matches (as PostgreSQL's = sees them, which may take in rows whose text differs,
-    such as '1 day' and '24 hours') are read first, deleted, and those that must stay are
-    written back exactly, so that every row ends up as often as the file says. Columns without
-    an = operator (json, xml, point, ranges of ...) are left out of the filter, which then takes
-    in more rows; nothing is lost by that, only more is written back."""
-    target, forms = collections.Counter(), {}
-    for event in read_backup(path):
-        if event[0] == "table" and event[1] == plan.name:
-            forms = file_forms(event[2])
-        elif event[0] == "row" and event[1] == plan.name:
-            target[row_value(event[2], plan.columns)] += 1
-    meta = with_stored_forms(plan.live_meta, forms)
-    formats = {c["name"]: (c.get("format") or "") for c in meta["columns"]}
-    comparable = [c for c in plan.columns
-                  if formats.get(c, "").removesuffix("[]") not in NO_EQUALITY_FORMATS]
-    writer = TablePlan(plan.name, [], plan.columns)
-    writer.json_columns = {c for c, form in forms.items() if form == "json_text"}
-    writer.skip_columns = set(plan.skip_columns)
-    live = live_multiset(api, plan, forms)
-    settled, deleted, inserted = set(), 0, 0
-    for value, count in list(live.items()):
-        if count <= target[value] or value in settled:
-            continue
-        where = [equal_filter(comparable, dict(zip(plan.columns, json.loads(value))))]
-        matched = live_multiset(api, plan, forms, where)
-        gone = api.delete_where(plan.name, where)
-        if gone != sum(matched.values()):
-            raise RestoreFailure(plan.name, f"{gone} row(s) deleted where {sum(matched.values())} "
-                                 f"were read a moment before: the table is changing while it is "
-                                 f"rolled back; stop the app's writes and run the rollback again")
-        deleted += gone
-        for other in matched:
-            settled.add(other)
-            inserted += insert_copies(api, writer, other, target[other])
-    for value, count in target.items():
-        if value not in settled and live[value] < count:
-            inserted += insert_copies(api, writer, value, count - live[value])
-    plan.skip_columns |= writer.skip_columns
-    return deleted, inserted
+    A row has no key to delete it by, so a surplus is deleted by its values: the rows a filter
+    matches (as PostgreSQL's = sees them, which may take in rows whose text differs, such as
+    '1 day' and '24 hours') are read first, deleted (the count checked), and those that must
+    stay are written back exactly. Columns without an = operator (json, xml, point, ...) and
+    values too long for a URL are left out of the filter, which then takes in more rows:
+    nothing is lost by that, only more is written back. Many rows go in one filter."""
 
+    FILTER_BUDGET = 4000  # characters of filter per request: well under a gateway's URL limit
+    LONG_VALUE = 200  # characters: a longer value is left out of the filter
 
-def insert_copies(api, plan, value, count):
-    """Insert count copies of a keyless table's row (its row_value); returns count."""
-    row = dict(zip(plan.columns, json.loads(value)))
-    line = row_json(row).encode()
-    for part in chunks(range(count), WRITE_BATCH_SIZE):
-        write_rows(api, plan, Batch([(True, row)] * len(part), 0, [line] * len(part)),
-                   count=False)
-    return count
+    def __init__(self, api, plan, path):
+        self.api, self.plan = api, plan
+        self.target, meta = collections.Counter(), None
+        for event in read_backup(path):
+            if event[0] == "table" and event[1] == plan.name:
+                meta = event[2]
+            elif event[0] == "row" and event[1] == plan.name:
+                self.target[row_value(event[2], [c["name"] for c in meta["columns"]])] += 1
+        self.forms = file_forms(meta)
+        self.columns = [c["name"] for c in meta["columns"]]
+        live_meta = with_stored_forms(plan.live_meta, self.forms)
+        formats = {c["name"]: (c.get("format") or "") for c in live_meta["columns"]}
+        self.comparable = [c for c in self.columns
+                           if formats.get(c, "").removesuffix("[]") not in NO_EQUALITY_FORMATS]
+        self.writer = TablePlan(plan.name, [], self.columns)
+        self.writer.json_columns = json_null_columns(self.forms)
+        self.writer.skip_columns = set(plan.skip_columns)
+        self.live, self.settled, self.deleted = None, set(), 0
+
+    def delete_surplus(self):
+        """Delete the rows the table holds more often than the file (with the rows the filter
+        takes in with them, which insert_missing writes back)."""
+        self.live = live_multiset(self.api, self.plan, self.forms, self.columns)
+        surplus = [value for value, count in self.live.items() if count > self.target[value]]
+        for where in self.filters(surplus):
+            matched = live_multiset(self.api, self.plan, self.forms, self.columns, where)
+            gone = self.api.delete_where(self.plan.name, where)
+            if gone != sum(matched.values()):
+                raise RestoreFailure(self.plan.name, f"{gone} row(s) deleted where "
+                                     f"{sum(matched.values())} were read a moment before: the "
+                                     f"table is changing while it is rolled back; stop the "
+                                     f"app's writes and run the rollback again")
+            self.deleted += gone
+            self.settled.update(matched)
+
+    def filters(self, values):
+        """Filters (one or= each) matching the rows of these values, each within the budget."""
+        branches, size = [], 0
+        for value in values:
+            row = dict(zip(self.columns, json.loads(value)))
+            columns = [c for c in self.comparable
+                       if len(filter_text(row.get(c))) <= self.LONG_VALUE]
+            branch = equal_filter(columns, row)
+            branch = f"{branch[0]}{branch[1]}"
+            if branches and size + len(branch) > self.FILTER_BUDGET:
+                yield [("or", "(" + ",".join(branches) + ")")]
+                branches, size = [], 0
+            branches.append(branch)
+            size += len(branch) + 1
+        if branches:
+            yield [("or", "(" + ",".join(branches) + ")")]
+
+    def insert_missing(self):
+        """Write back the rows the table lacks, each as often as the file holds it; returns
+        how many rows were written."""
+        rows = []
+        for value, count in self.target.items():
+            have = 0 if value in self.settled else self.live[value]
+            if count > have:
+                row = dict(zip(self.columns, json.loads(value)))
+                rows.extend([row] * (count - have))
+        for part in chunks(rows, WRITE_BATCH_SIZE):
+            write_rows(self.api, self.writer, Batch([(True, row) for row in part], 0,
+                                                    [row_json(row).encode() for row in part]),
+                       count=False)
+        self.plan.skip_columns |= self.writer.skip_columns
+        return len(rows)
 
 
 # Types without an = operator (PostgreSQL 17, pg_catalog): a filter cannot compare them.
@@ -2309,7 +2383,7 @@ def record_counts(api, scan, plans, spool_dir, extra_keys=False):
                 spool = spool_dir / f"{len(counts)}.jsonl"
                 comparison = (PlanComparison(api, plan, spool, file_forms(event[2]))
                               if plan.primary_key else
-                              KeylessComparison(api, plan, file_forms(event[2]), spool))
+                              KeylessComparison(api, plan, event[2], spool))
                 counts[plan.name] = None
             elif event[0] == "row" and comparison is not None:
                 comparison.add(event[2])
@@ -2758,7 +2832,7 @@ def write_unlinked(api, pending):
     wrote = False
     for plan, batch in pending:
         columns = nullable_references(plan)
-        if not columns:
+        if not columns or not plan.primary_key:  # a keyless row would be inserted twice
             continue
         rows = [(is_insert, {**row, **{c: None for c in columns}}) for is_insert, row in batch]
         unlinked = Batch(rows, batch.start, [encode_row(row).encode() for _, row in rows])
@@ -2801,11 +2875,12 @@ def verify_restore(api, plans, reference_path, expected_counts, ignore_columns=(
     try:
         for event in read_backup(reference_path, as_bytes=True):
             if event[0] == "table" and event[1] in plans and not plans[event[1]].primary_key:
-                comparison = KeylessComparison(api, plans[event[1]], file_forms(event[2]))
+                comparison = KeylessComparison(api, plans[event[1]], event[2],
+                                               json_null_ok=json_null_ok)
             elif event[0] == "table" and event[1] in plans:
                 plan = plans[event[1]]
                 comparison = TableComparison(api, plan.name, plan.live_meta, plan.primary_key,
-                                             compared_columns(plan, ignore_columns),
+                                             compared_columns(plan, ignore_columns, event[2]),
                                              file_forms(event[2]), listed=MISMATCHES_LISTED,
                                              json_null_ok=json_null_ok,
                                              live_total=(math.inf if counted[plan.name] is None
@@ -2839,10 +2914,12 @@ def verify_restore(api, plans, reference_path, expected_counts, ignore_columns=(
     return mismatches
 
 
-def compared_columns(plan, ignore_columns):
-    """The columns verification compares: the backup's, less those ignored by name or as
-    table.column."""
-    return [c for c in plan.columns
+def compared_columns(plan, ignore_columns, file_meta=None):
+    """The columns verification compares: the file's (file_meta, the reference file's table
+    metadata: a safety backup may hold a column added since the backup), else the plan's, less
+    those ignored by name or as table.column."""
+    columns = [c["name"] for c in file_meta["columns"]] if file_meta else plan.columns
+    return [c for c in columns
             if c not in ignore_columns and f"{plan.name}.{c}" not in ignore_columns]
 
 
@@ -3006,15 +3083,18 @@ def chunks(items, size):
 
 def delete_extra(api, plans, order, path):
     """A rollback's last write: delete the live rows whose keys the file does not hold; a
-    table without a key is made to hold exactly the file's rows (reconcile_keyless)."""
+    table without a key is made to hold exactly the file's rows (KeylessReconcile: its surplus
+    goes first, children before parents, and its rows to write back come last)."""
+    keyless = [KeylessReconcile(api, plans[name], path) for name in reversed(order)
+               if not plans[name].primary_key and plans[name].extra_keys]
+    for reconcile in keyless:
+        reconcile.plan.reconciled = True
+        reconcile.delete_surplus()
     keyed = {name: plan for name, plan in plans.items() if plan.primary_key}
     delete_rows(api, keyed, [n for n in order if n in keyed], lambda plan: plan.extra_keys,
                 record=True)
-    for name in reversed(order):
-        plan = plans[name]
-        if not plan.primary_key and plan.extra_keys:
-            plan.reconciled = True
-            reconcile_keyless(api, plan, path)
+    for reconcile in reversed(keyless):
+        reconcile.insert_missing()
 
 
 def rollback(api, plans, order, safety_path, progress, ignore_columns=(), json_null_ok=False):
@@ -3028,8 +3108,12 @@ def rollback(api, plans, order, safety_path, progress, ignore_columns=(), json_n
     """
     touched = {name: plan for name, plan in plans.items() if plan.touched}
     # A table without a key has no key to delete or rewrite rows by: it is made to hold the
-    # safety backup's rows again, as a multiset.
-    keyless = [name for name in touched if not plans[name].primary_key]
+    # safety backup's rows again, as a multiset; its surplus goes first (children first, as
+    # its rows may refer to rows deleted below), its missing rows last.
+    keyless = [KeylessReconcile(api, touched[name], safety_path) for name in reversed(order)
+               if name in touched and not touched[name].primary_key]
+    for reconcile in keyless:
+        reconcile.delete_surplus()
     plans = {name: plan for name, plan in plans.items() if plan.primary_key}
     order = [name for name in order if name in plans]
     # Deleted first (a row written back may need a unique value an inserted row holds), but a
@@ -3049,7 +3133,9 @@ def rollback(api, plans, order, safety_path, progress, ignore_columns=(), json_n
         try:
             for event in read_backup(safety_path):
                 if event[0] == "table" and event[1] in plans:
+                    # The safety backup's own columns: it may hold one added since the backup.
                     rollback_plans[event[1]].json_columns = json_text_columns(event[2])
+                    rollback_plans[event[1]].columns = [c["name"] for c in event[2]["columns"]]
                 if event[0] != "row" or event[1] not in plans:
                     continue
                 plan, row = plans[event[1]], event[2]
@@ -3069,8 +3155,8 @@ def rollback(api, plans, order, safety_path, progress, ignore_columns=(), json_n
             clone.sent_rows = bytearray(clone.updates)
         upsert_restore(api, rollback_plans, order, progress)
     retry_deletes(api, refused)
-    for name in keyless:
-        reconcile_keyless(api, touched[name], safety_path)
+    for reconcile in reversed(keyless):
+        reconcile.insert_missing()
     expected = {name: plan.safety_count for name, plan in touched.items()}
     return verify_restore(api, touched, safety_path, expected, ignore_columns, json_null_ok)
 

@@ -2237,6 +2237,12 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    if args.env_file and Path(args.env_file).exists():
+        # It is removed again on Ctrl-C: never take over a file that was there before (a real
+        # project's .env holds its service key).
+        print(f"local_supabase: {args.env_file} exists already; choose another --env-file "
+              f"(it is written now and removed on Ctrl-C)", file=sys.stderr)
+        return 2
     try:
         stack.start()
     except Exception as exc:

@@ -897,3 +897,17 @@ def test_rows_are_encoded_exactly_as_compact_json():
                                                            separators=(",", ":"))
     with pytest.raises(TypeError):
         supabase_backup.row_json({"a": object()})
+
+
+def test_dates_in_another_datestyle_than_iso_are_refused_by_the_backup():
+    meta = {"columns": [{"name": "d", "format": "date", "stored_as": "text"},
+                        {"name": "t", "format": "timestamp with time zone", "stored_as": "text"}]}
+    check = supabase_backup.check_iso_dates
+    check("events", meta, [{"d": None, "t": None}, {"d": "4714-11-24 BC",
+                                                     "t": "2026-12-01 10:00:00.5+00"}])
+    check("events", meta, [{"d": "infinity", "t": "-infinity"}])
+    with pytest.raises(supabase_backup.IncompleteBackupError) as refused:
+        check("events", meta, [{"d": "01/02/2026", "t": None}])
+    assert "events.d comes as '01/02/2026', not in PostgreSQL's ISO DateStyle" in str(refused.value)
+    with pytest.raises(supabase_backup.IncompleteBackupError):
+        check("events", meta, [{"d": None, "t": "Tue 01 Dec 10:00:00 2026 UTC"}])

@@ -1347,3 +1347,17 @@ def test_the_command_line_serves_until_ctrl_c_and_cleans_up(tmp_path):
     assert not env_file.exists()
     assert not folder.exists()
     assert "Traceback" not in stderr
+
+
+def test_the_command_line_never_takes_over_an_existing_env_file(tmp_path):
+    # --env-file is removed again on Ctrl-C: an existing .env (a real project's key) must not
+    # be overwritten, nor deleted afterwards.
+    env_file = tmp_path / ".env"
+    env_file.write_text("SUPABASE_SERVICE_ROLE_KEY=the-real-one\n")
+
+    done = subprocess.run([sys.executable, str(HERE / "local_supabase.py"), "--env-file",
+                           str(env_file)], capture_output=True, text=True, timeout=60)
+
+    assert done.returncode == 2
+    assert "exists already" in done.stderr
+    assert env_file.read_text() == "SUPABASE_SERVICE_ROLE_KEY=the-real-one\n"
