@@ -42,7 +42,11 @@ Exit codes:
   10   differences found (diff)
   11   restore failed and was kept as it is (no --safe, or --no-rollback;
        the message names the rollback command when there is a safety backup)
-  130  interrupted (Ctrl-C)
+  12   a file named on the command line does not exist (nothing done)
+  13   restore complete, but tables of the file were not restored (read-only
+       relations such as views; the last line names them)
+  130  interrupted (Ctrl-C); a restore interrupted after its first write is
+       rolled back first and exits 8, a second Ctrl-C stops that rollback
 
 Configuration, read from the environment, else from .env in the working
 directory, else from .env next to this script (see .env.example):
@@ -92,7 +96,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, NamedTuple
 
-from dotenv import dotenv_values
+try:
+    from dotenv import dotenv_values
+except ImportError:  # a Python without the requirements: missing_package() says what to do
+    dotenv_values = None
 
 TOOL_VERSION = "0.5.0"
 FORMAT_NAME = "supabase_backup"
@@ -140,6 +147,8 @@ EXIT_ROLLED_BACK = 8
 EXIT_ROLLBACK_FAILED = 9
 EXIT_DIFFERENCES = 10
 EXIT_PARTIAL = 11
+EXIT_NOT_FOUND = 12
+EXIT_NOT_ALL_RESTORED = 13
 EXIT_INTERRUPTED = 130
 
 log = logging.getLogger("supabase_backup")
@@ -177,6 +186,12 @@ class IncompleteBackupError(BackupError):
 
 class TableMissingError(IncompleteBackupError):
     """A table the run was reading is gone from the API (dropped, renamed)."""
+
+
+class FileMissingError(BackupError):
+    """A file named on the command line does not exist; nothing was done."""
+
+    exit_code = EXIT_NOT_FOUND
 
 
 class ValidationError(BackupError):
@@ -235,6 +250,14 @@ class Config:
     # Every setting (environment over .env files), for the settings later versions read,
     # such as BACKUP_TABLES. It holds the key too, hence repr=False.
     settings: Mapping = field(repr=False)
+    key_source: str = ""  # where the key was read: "environment" or a .env file
+    url_source: str = ""  # where SUPABASE_URL was read
+
+    @property
+    def key_described(self):
+        """The key's setting and where it was read, for messages: an exported variable beats a
+        .env file, and a person fixing the key must see which one is in use."""
+        return f"{self.key_setting}{where_set(self.key_source)}"
 
     @property
     def host(self):
@@ -249,6 +272,15 @@ class DataPaths(NamedTuple):
     safety_backups: Path
     summaries: Path
     logs: Path
+
+
+def missing_package(package):
+    """The ConfigError for a requirement this Python lacks (run with another interpreter than
+    the virtual environment's, as `python3 supabase_backup.py` may be)."""
+    return ConfigError(f"this Python ({sys.executable}) lacks the package {package}; run the "
+                       f"tool with the Python of the virtual environment you installed it in "
+                       f"(e.g. .venv/bin/python {PROG} ...), or install the requirements for "
+                       f"this one: {sys.executable} -m pip install -r requirements.txt")
 
 
 def dotenv_files():
@@ -270,6 +302,8 @@ def setting_layers(environ=None):
     """Each source of settings as (name, values), highest precedence first; empty means unset."""
     environ = os.environ if environ is None else environ
     layers = [("environment", environ)]
+    if dotenv_values is None:
+        raise missing_package("python-dotenv")
     for env_file in dotenv_files():
         try:
             values = dotenv_values(env_file, encoding="utf-8")
@@ -298,20 +332,29 @@ def resolve_data_dir(args, settings):
     return (Path.cwd() / Path(value).expanduser()).resolve()
 
 
-def check_url(url, setting="SUPABASE_URL"):
-    """Return the project URL without a trailing slash, or raise ConfigError saying what to fix."""
+def where_set(source):
+    """" (set in the environment)" or " (set in /path/.env)"; "" when unknown."""
+    if not source:
+        return ""
+    return " (set in the environment)" if source == "environment" else f" (set in {source})"
+
+
+def check_url(url, setting="SUPABASE_URL", source=None):
+    """Return the project URL without a trailing slash, or raise ConfigError saying what to fix
+    (and where the value was set: an exported variable beats .env)."""
     example = "e.g. https://abcd.supabase.co (Project Settings > API in the dashboard)"
+    named = f"{setting}{where_set(source)}"
     if url.startswith(("eyJ", "sb_")):
         # A key pasted into the URL setting: say so without echoing it.
-        raise ConfigError(f"{setting} holds what looks like an API key; set {setting} to the "
+        raise ConfigError(f"{named} holds what looks like an API key; set {setting} to the "
                           f"project URL, {example}")
     if not URL_PATTERN.fullmatch(url):
         shown = url if len(url) <= 60 else url[:57] + "..."
-        raise ConfigError(f"{setting} is not a valid URL ({shown!r}); set it to the project URL, "
+        raise ConfigError(f"{named} is not a valid URL ({shown!r}); set it to the project URL, "
                           f"{example}")
     url = url.rstrip("/")
     if url.endswith("/rest/v1"):
-        raise ConfigError(f"{setting} must be the project URL without /rest/v1, {example}")
+        raise ConfigError(f"{named} must be the project URL without /rest/v1, {example}")
     return url
 
 
@@ -323,9 +366,10 @@ def load_config(args, environ=None):
 
     # The first source that sets either name wins, as for every setting: a key in the environment is
     # never overridden by one in a .env file, whatever its name.
-    key_setting, key = next(((name, values[name]) for _, values in layers
-                             for name in ("SUPABASE_SERVICE_ROLE_KEY", "SUPABASE_KEY")
-                             if name in values), (None, None))
+    key_setting, key, key_source = next(
+        ((name, values[name], source) for source, values in layers
+         for name in ("SUPABASE_SERVICE_ROLE_KEY", "SUPABASE_KEY") if name in values),
+        (None, None, None))
     if key:
         # Registered before any other check, so that no message of this run can show it.
         redactor.add(key)
@@ -334,13 +378,15 @@ def load_config(args, environ=None):
     if not url:
         raise ConfigError("SUPABASE_URL is not set; set SUPABASE_URL in .env (see .env.example) "
                           "or in the environment to the project URL, e.g. https://abcd.supabase.co")
-    url = check_url(url)
+    url_source = next(source for source, values in layers if "SUPABASE_URL" in values)
+    url = check_url(url, source=url_source)
     if not key:
         raise ConfigError("SUPABASE_SERVICE_ROLE_KEY is not set; set it in .env (see .env.example) "
                           "or in the environment to the service_role key from the dashboard "
                           "(Project Settings > API)")
 
-    return Config(url=url, key=key, key_setting=key_setting,
+    return Config(url=url, key=key, key_setting=key_setting, key_source=key_source,
+                  url_source=url_source,
                   data_dir=resolve_data_dir(args, settings),
                   sources=tuple(name for name, values in layers if values), settings=settings)
 
@@ -385,6 +431,10 @@ TRANSIENT_CODES = {"408", "429", "500", "502", "503", "504", "520", "521", "522"
 TRANSIENT_PREFIXES = ("08", "53", "57P", "XX")
 AUTH_CODES = {"401", "PGRST301", "PGRST302", "PGRST303", "22023"}
 MISSING_TABLE_CODES = {"PGRST205", "42P01"}
+
+
+class Cancelled(Exception):
+    """Control flow: the person answered no at a confirmation question; nothing was done."""
 
 
 class StatementTimeout(Exception):
@@ -452,9 +502,9 @@ def check_key_role(config, allow_rls_limited=False):
     what = f"the {role} role" if role else "an unknown role"
     if allow_rls_limited:
         log.warning("%s acts as %s: row level security may hide rows, so this backup may be "
-                    "incomplete without any error (--allow-rls-limited)", config.key_setting, what)
+                    "incomplete without any error (--allow-rls-limited)", config.key_described, what)
         return role or "unknown"
-    raise ConfigError(f"{config.key_setting} is a key for {what}, not the service role: row level "
+    raise ConfigError(f"{config.key_described} is a key for {what}, not the service role: row level "
                       f"security would hide rows without an error; set it to the service_role "
                       f"(secret) key from Project Settings > API, or pass --allow-rls-limited to "
                       f"accept a partial backup")
@@ -483,18 +533,31 @@ class SupabaseApi:
 
     def __init__(self, config):
         # Imported here: the client takes a moment to import, and --help should not wait for it.
-        from supabase import ClientOptions, create_client
+        try:
+            from supabase import ClientOptions, create_client
+        except ImportError:
+            raise missing_package("supabase") from None
 
-        options = ClientOptions(postgrest_client_timeout=REQUEST_TIMEOUT,
+        self.url = config.url
+        self.key_setting = config.key_described
+        self.url_setting = f"SUPABASE_URL{where_set(config.url_source)}"
+        import httpx
+
+        # The client's current way to set the timeout: an HTTP session of our making, which
+        # every request of the client then goes through (HTTP/2 and redirects as its own).
+        self.session = httpx.Client(timeout=REQUEST_TIMEOUT, http2=True, follow_redirects=True)
+        options = ClientOptions(httpx_client=self.session,
                                 postgrest_client_retry=False)  # retries are ours, see request()
         try:
             self.client = create_client(config.url, config.key, options=options)
         except Exception as exc:  # the client validates the URL and key format
+            self.session.close()
             raise ConfigError(f"the supabase client refused the settings: {one_line(exc)}; "
-                              f"check SUPABASE_URL and {config.key_setting}") from None
-        self.session = self.client.postgrest.session
-        self.url = config.url
-        self.key_setting = config.key_setting
+                              f"check {self.url_setting} and {config.key_described}") from None
+        # The REST base and headers (apikey, Authorization, the schema's profile) as the client
+        # builds them for its own requests.
+        self.rest_url = str(self.client.postgrest.base_url).rstrip("/")
+        self.headers = dict(self.client.postgrest.headers)
         self.requests = 0
         self.answered = False  # whether the project has answered a request yet
         self._counting = threading.Lock()  # a key range's first page may be read by a thread
@@ -519,10 +582,12 @@ class SupabaseApi:
         """
         import httpx
 
-        headers = {"Prefer": prefer} if prefer else {}
+        headers = dict(self.headers)
+        if prefer:
+            headers["Prefer"] = prefer
         if body is not None:
             headers["Content-Type"] = "application/json"
-        path = "/" + urllib.parse.quote(table, safe="") if table else "/"
+        path = self.rest_url + "/" + (urllib.parse.quote(table, safe="") if table else "")
         attempts = len(RETRY_DELAYS) + 1 if not (writes == "once") else 1
         for attempt in range(1, attempts + 1):
             with self._counting:
@@ -534,8 +599,8 @@ class SupabaseApi:
                 if attempt == attempts:
                     raise ConnectionFailure(
                         f"{what}: cannot reach {self.url} ({type(exc).__name__}: "
-                        f"{one_line(exc, 120)}) after {attempts} attempts; check SUPABASE_URL "
-                        f"and the network, then run again") from None
+                        f"{one_line(exc, 120)}) after {attempts} attempts; check "
+                        f"{self.url_setting} and the network, then run again") from None
                 reason = f"{type(exc).__name__}: {one_line(exc, 120)}"
             else:
                 if response.status_code < 400:
@@ -571,7 +636,7 @@ class SupabaseApi:
             return TableMissingError(f"{what}: {message}")
         if error.not_json and (error.status == 404 or "<html" in (error.details or "").lower()):
             return ConnectionFailure(f"{what}: {self.url} answered HTTP {error.status}, not like "
-                                     f"a Supabase project; check SUPABASE_URL")
+                                     f"a Supabase project; check {self.url_setting}")
         tried = f" after {attempts} attempts" if attempts > 1 else ""
         return ConnectionFailure(f"{what}: the API answered {code} {message}{tried}")
 
@@ -585,8 +650,8 @@ class SupabaseApi:
             document = None
         if not isinstance(document, dict) or "definitions" not in document:
             raise ConnectionFailure(f"{what}: {self.url} answered HTTP {response.status_code} "
-                                    f"without a PostgREST schema; check SUPABASE_URL (the project "
-                                    f"URL, e.g. https://abcd.supabase.co)")
+                                    f"without a PostgREST schema; check {self.url_setting} (the "
+                                    f"project URL, e.g. https://abcd.supabase.co)")
         return document
 
     def count(self, table, method="exact"):
@@ -793,6 +858,12 @@ def select_tables(discovered, wanted=None, exclude=None):
     """The tables to back up, in name order: the named ones (views too), else every writable one."""
     if wanted:
         missing = [name for name in wanted if name not in discovered]
+        other_schema = [name for name in missing if "." in name and name not in discovered]
+        if other_schema:
+            raise ConfigError(f"{', '.join(other_schema)} is not in the public schema the API "
+                              f"serves: a backup holds the tables of public only (not auth users, "
+                              f"Storage objects, the schema, functions or roles); README's "
+                              f"'Backing up' says what to use for those")
         if missing:
             known = ", ".join(sorted(discovered)) or "(none)"
             raise ConfigError(f"no table named {', '.join(missing)} in the project's API (the "
@@ -801,8 +872,9 @@ def select_tables(discovered, wanted=None, exclude=None):
     exclude = set(exclude or [])
     unknown = exclude - set(discovered)
     if unknown:
-        log.warning("--exclude names tables the project does not have: %s",
-                    ", ".join(sorted(unknown)))
+        known = ", ".join(sorted(discovered)) or "(none)"
+        raise ConfigError(f"--exclude names no table called {', '.join(sorted(unknown))} in the "
+                          f"project's API (the service role sees: {known}); check the spelling")
     return [name for name in sorted(discovered)
             if discovered[name]["writable"] and name not in exclude]
 
@@ -1096,8 +1168,39 @@ def fsync_dir(folder):
         os.close(fd)
 
 
-def open_backup(path):
-    """A binary stream of the decompressed file (.json.gz, or plain .json)."""
+class CountingReader(io.RawIOBase):
+    """A file whose reads are counted: on_read(bytes) after each (a progress bar over a
+    file)."""
+
+    def __init__(self, raw, on_read):
+        self.raw, self.on_read = raw, on_read
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        count = self.raw.readinto(buffer)
+        if count:
+            self.on_read(count)
+        return count
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        return self.raw.seek(offset, whence)
+
+    def tell(self):
+        return self.raw.tell()
+
+    def seekable(self):
+        return True
+
+    def close(self):
+        self.raw.close()
+        super().close()
+
+
+def open_backup(path, on_read=None):
+    """A binary stream of the decompressed file (.json.gz, or plain .json); on_read(bytes) is
+    told of every read of the file itself (progress.over_file)."""
     path = Path(path)
     if path.is_dir():
         raise ValidationError(f"{path} is a folder, not a backup file; give the path of a "
@@ -1109,6 +1212,8 @@ def open_backup(path):
                               f"(`python {PROG} list` shows the backups)") from None
     magic = raw.read(2)
     raw.seek(0)
+    if on_read is not None:
+        raw = io.BufferedReader(CountingReader(raw, on_read), buffer_size=1 << 16)
     if magic == b"\x1f\x8b":
         return io.BufferedReader(gzip.GzipFile(fileobj=raw, mode="rb"), buffer_size=1 << 20)
     return raw
@@ -1127,7 +1232,7 @@ def _parse_line(path, number, text):
                               f"({_json_error(exc)}); use another backup") from None
 
 
-def read_backup(path, parse_rows=True, as_bytes=False):
+def read_backup(path, parse_rows=True, as_bytes=False, on_read=None):
     """Stream a backup file: yields ("header", dict), ("table", name, meta), ("row", name, row),
     ("end_table", name, trailer), ("end", trailer).
 
@@ -1138,7 +1243,7 @@ def read_backup(path, parse_rows=True, as_bytes=False):
     unparsed: parse_row() reads one when it is needed.
     """
     path = Path(path)
-    stream = open_backup(path)
+    stream = open_backup(path, on_read)
     try:
         try:
             first = stream.readline()
@@ -1153,6 +1258,16 @@ def read_backup(path, parse_rows=True, as_bytes=False):
         yield from _read_lines(path, first, stream, parse_rows, as_bytes)
     finally:
         stream.close()
+
+
+def read_with_progress(label, path, **options):
+    """read_backup(path, **options) with a progress bar over the file, labelled with label and
+    the table being read."""
+    with progress.over_file(label, path) as on_read:
+        for event in read_backup(path, on_read=on_read, **options):
+            if event[0] == "table":
+                progress.describe(f"{label}: {event[1]}")
+            yield event
 
 
 def parse_row(line):
@@ -1286,7 +1401,7 @@ def check_backup(path):
     header, tables = None, {}
     # The checksums are over the rows' bytes: a file whose checksums match holds exactly the
     # rows that were written, so the rows need not be parsed here.
-    for event in read_backup(path, parse_rows=False):
+    for event in read_with_progress(f"checking {Path(path).name}", path, parse_rows=False):
         if event[0] == "header":
             header = event[1]
         elif event[0] == "table":
@@ -1326,30 +1441,69 @@ def data_lock(data_dir, command):
 
 
 class Progress:
-    """A one-line progress display per table on a terminal; a summary line per table otherwise."""
+    """The progress of the long work, the one way it is shown: on a terminal a bar (tqdm) with
+    the percentage, rate and time left, one at a time; nothing under --quiet or when stderr is
+    not a terminal (cron), where a summary line per table is all. Log lines printed while a bar
+    is up go above it (ConsoleHandler), so that no message is glued onto it."""
 
-    def __init__(self, quiet=False):
+    def __init__(self):
+        self.live, self.bar = False, None
+        self.rows, self.started = 0, time.monotonic()
+
+    def configure(self, quiet):
         self.live = sys.stderr.isatty() and not quiet
-        self.started = self.last = 0.0
 
-    def start(self, table, expected):
-        self.table, self.expected, self.rows = table, expected, 0
-        self.started = self.last = time.monotonic()
-
-    def advance(self, rows):
-        self.rows += rows
-        now = time.monotonic()
-        if self.live and now - self.last >= 0.2:
-            self.last = now
-            rate = self.rows / max(now - self.started, 1e-6)
-            total = f"/{self.expected}" if self.expected is not None else ""
-            sys.stderr.write(f"\r  {self.table}: {self.rows}{total} rows, {rate:,.0f} rows/s   ")
-            sys.stderr.flush()
-
-    def done(self, message):
+    def start(self, label, total=None, unit="rows"):
+        """A new bar (the previous one closed): label, and total in units, if known."""
+        self.close()
+        self.rows, self.started = 0, time.monotonic()
         if self.live:
-            sys.stderr.write("\r\033[K")
-        log.info("%s", message)
+            try:
+                from tqdm import tqdm  # only on a terminal: cron never pays for the import
+            except ImportError:  # an environment made before tqdm was a requirement
+                self.live = False
+                return
+            self.bar = tqdm(total=total, desc=f"  {label}", unit=unit, unit_scale=True,
+                            leave=False, file=sys.stderr, dynamic_ncols=True, mininterval=0.2,
+                            smoothing=0.1)
+
+    def advance(self, count):
+        self.rows += count
+        if self.bar is not None:
+            self.bar.update(count)
+
+    def describe(self, label):
+        """A new label for the bar that is up (the table being worked on)."""
+        if self.bar is not None:
+            self.bar.set_description_str(f"  {label}", refresh=False)
+
+    def done(self, message=None):
+        """Close the bar; log message, the summary line that stays."""
+        self.close()
+        if message:
+            log.info("%s", message)
+
+    def close(self):
+        bar, self.bar = self.bar, None
+        if bar is not None:
+            bar.close()
+
+    @contextlib.contextmanager
+    def over_file(self, label, path):
+        """A bar over the bytes of a backup file as it is read (the compressed bytes, the only
+        total known before reading); yields the on_read callback for read_backup."""
+        try:
+            size = Path(path).stat().st_size
+        except OSError:
+            size = None
+        self.start(label, size, unit="B")
+        try:
+            yield self.advance
+        finally:
+            self.close()
+
+
+progress = Progress()
 
 
 def count_rows(api, name, method="exact"):
@@ -1465,7 +1619,7 @@ class TablePages:
         return rows if cut == 0 else rows[:cut]
 
 
-def read_table(api, name, meta, writer, progress):
+def read_table(api, name, meta, writer, progress, label=None):
     """Stream one table into the writer; returns its trailer (counts, checksum, paging notes).
 
     Any error fails the table: never a silently short table.
@@ -1473,7 +1627,7 @@ def read_table(api, name, meta, writer, progress):
     meta = with_stored_forms(meta)
     pages = TablePages(api, name, meta)
     count_before, count_method = count_rows(api, name)
-    progress.start(name, count_before)
+    progress.start(label or name, count_before)
     writer.begin_table(name, {**meta, "order_by": pages.order_by, "paging": pages.paging})
     # The next page is asked for by a thread of its own while this one is encoded (one request
     # in flight; keyset paging learns the next key from the page before).
@@ -1550,7 +1704,8 @@ def snapshot(api, tables, discovered, path, project_host, role, progress, note=N
     try:
         for name in tables:
             try:
-                trailer = read_table(api, name, discovered[name], writer, progress)
+                trailer = read_table(api, name, discovered[name], writer, progress,
+                                     f"{name} (table {tables.index(name) + 1} of {len(tables)})")
             except TableMissingError as exc:
                 raise IncompleteBackupError(f"{name} disappeared during the backup ({exc}); no "
                                             f"backup file was written; run the backup again")
@@ -1574,10 +1729,12 @@ def snapshot(api, tables, discovered, path, project_host, role, progress, note=N
         writer.abort()
         raise
     # Re-read what was written: a backup is only as good as the file on disk.
-    _, checked = check_backup(path)
+    header, checked = check_backup(path)
     if [name for name in checked] != list(tables):
         raise IncompleteBackupError(f"{path} does not read back as written; it was kept for "
                                     f"inspection, but do not rely on it")
+    if path.parent.name == BACKUP_DIR:
+        backup_summary(path, header, checked)  # what list shows, recorded now it is checked
     summary["bytes"] = path.stat().st_size
     return summary
 
@@ -1646,7 +1803,7 @@ def _repeated_keys(path, names):
     """The second pass of scan_backup for tables whose keys did not keep rising: a set of each
     one's keys, one table at a time."""
     problems, keys, pk = [], set(), None
-    for event in read_backup(path, as_bytes=True):
+    for event in read_with_progress("checking keys", path, as_bytes=True):
         if event[0] == "table":
             keys, pk = set(), (event[2].get("primary_key") or [] if event[1] in names else None)
         elif event[0] == "row" and pk:
@@ -1680,7 +1837,7 @@ def scan_backup(path, tables_wanted=None):
     again in a second pass with a set of its keys."""
     header, tables, problems = None, {}, []
     name, meta, unsorted, last = None, None, set(), None
-    for event in read_backup(path):
+    for event in read_with_progress(f"reading {Path(path).name}", path):
         kind = event[0]
         if kind == "header":
             header = event[1]
@@ -2377,7 +2534,8 @@ def record_counts(api, scan, plans, spool_dir, extra_keys=False):
     them, so that the table ends up exactly as the file)."""
     counts, comparison = {}, None
     try:
-        for event in read_backup(scan.path, as_bytes=True):
+        for event in read_with_progress("comparing with the live rows", scan.path,
+                                        as_bytes=True):
             if event[0] == "table" and event[1] in plans:
                 plan = plans[event[1]]
                 spool = spool_dir / f"{len(counts)}.jsonl"
@@ -2784,9 +2942,10 @@ def upsert_restore(api, plans, order, progress):
             raise
 
     pending = []
-    for name in order:
+    for number, name in enumerate(order, 1):
         plan = plans[name]
-        progress.start(name, plan.inserts + plan.updates)
+        progress.start(f"writing {name} (table {number} of {len(order)})",
+                       plan.inserts + plan.updates)
         for made in read_ahead(spooled_batches(plan)):
             for batch in at_most(made, plan):
                 try:
@@ -2873,7 +3032,7 @@ def verify_restore(api, plans, reference_path, expected_counts, ignore_columns=(
     # row anyway (then it skips no range).
     counted = {name: exact_count(api, name) for name in plans}
     try:
-        for event in read_backup(reference_path, as_bytes=True):
+        for event in read_with_progress("verifying", reference_path, as_bytes=True):
             if event[0] == "table" and event[1] in plans and not plans[event[1]].primary_key:
                 comparison = KeylessComparison(api, plans[event[1]], event[2],
                                                json_null_ok=json_null_ok)
@@ -3171,7 +3330,7 @@ def diff_tables(api, path, tables, live_tables):
     """
     results, wanted, current = {}, set(tables), None
     try:
-        for event in read_backup(path, as_bytes=True):
+        for event in read_with_progress("comparing", path, as_bytes=True):
             kind = event[0]
             if kind == "table" and event[1] in wanted:
                 name, meta = event[1], event[2]
@@ -3465,6 +3624,19 @@ class SecretRedactor(logging.Filter):
 redactor = SecretRedactor()
 
 
+class ConsoleHandler(logging.StreamHandler):
+    """stderr for people: a line logged while a progress bar is up clears the bar first and
+    draws it again below the line."""
+
+    def emit(self, record):
+        bar = progress.bar
+        if bar is None:
+            return super().emit(record)
+        bar.clear()
+        super().emit(record)
+        bar.refresh()
+
+
 class ConsoleFormatter(logging.Formatter):
     """Progress as plain lines; warnings and errors prefixed like argparse's own messages."""
 
@@ -3487,12 +3659,32 @@ class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
         return stream
 
 
+def emit(text=""):
+    """Data for stdout (a listing, a JSON document), a line at a time. A reader that went away
+    (`| head`) ends the output quietly: the command's work and exit code stand, and no
+    BrokenPipeError is reported as a bug."""
+    global stdout_closed
+    if stdout_closed:
+        return
+    try:
+        sys.stdout.write(f"{text}\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        stdout_closed = True
+        # Whatever is still buffered goes nowhere, instead of failing again at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+stdout_closed = False
+
+
 def setup_console_logging(quiet=False, verbose=False):
     """Send log records to stderr for people: errors only with quiet, debug detail with verbose."""
     close_logging()
     log.setLevel(logging.DEBUG)
     log.propagate = False
-    console = logging.StreamHandler(sys.stderr)
+    progress.configure(quiet)
+    console = ConsoleHandler(sys.stderr)
     console.setLevel(logging.ERROR if quiet else logging.DEBUG if verbose else logging.INFO)
     console.setFormatter(ConsoleFormatter("%(message)s"))
     console.addFilter(redactor)
@@ -3601,6 +3793,13 @@ def backup_output_path(args, paths):
         if not output.parent.is_dir():
             raise ConfigError(f"--output {args.output}: the folder {output.parent} does not "
                               f"exist; create it or choose another path")
+        if output.exists() and not args.force:
+            raise ConfigError(f"--output {args.output} exists already: a backup never replaces "
+                              f"a file silently; choose another name, or add --force to "
+                              f"replace it")
+        if not output.name.endswith((".json.gz", ".json")):
+            log.warning("--output %s: the file is gzip-compressed JSON; a name ending in "
+                        ".json.gz says so to the next person (and to list)", args.output)
         return output.resolve()
     return new_file_path(paths.backups, "supabase_backup")
 
@@ -3633,7 +3832,7 @@ def cmd_backup(args):
             note = ("made with a key that is not the service role (--allow-rls-limited): row "
                     "level security may have hidden rows" if role != SERVICE_ROLE else None)
             summary = snapshot(api, tables, discovered, output, config.host, role,
-                               Progress(args.quiet), note)
+                               progress, note)
         finally:
             api.close()
         deleted = []
@@ -3647,7 +3846,7 @@ def cmd_backup(args):
              len(summary["tables"]), summary["rows"], human_size(summary["bytes"]),
              api.requests, summary["seconds"])
     if args.json:
-        print(json.dumps(summary, indent=2))
+        emit(json.dumps(summary, indent=2))
     return EXIT_OK
 
 
@@ -3659,39 +3858,84 @@ def human_size(size):
         size /= 1024
 
 
-def find_backup_file(name, folder):
-    """A path as given, else a file of that name in folder."""
+def find_backup_file(name, data_dir):
+    """A file named on the command line: a path as given, else a file of that name in the data
+    folder's backups/, else in its safety_backups/. FileMissingError (exit 12) when none is."""
     path = Path(name).expanduser()
-    if path.exists() or path.parent != Path("."):
+    if path.exists():
         return path
-    return folder / name
+    if path.parent == Path("."):
+        for folder in (BACKUP_DIR, SAFETY_DIR):
+            if (Path(data_dir) / folder / name).exists():
+                return Path(data_dir) / folder / name
+        where = (f"the working directory, {Path(data_dir) / BACKUP_DIR} and "
+                 f"{Path(data_dir) / SAFETY_DIR}")
+    else:
+        where = "that path"
+    raise FileMissingError(f"no file {name} (looked in {where}); `python {PROG} list` and "
+                           f"`python {PROG} list-safety` show the backups; nothing was done")
 
 
 def cmd_check(args):
     """Verify a backup file offline: structure, per-table row counts and checksums."""
     setup_local_run(args)
-    path = find_backup_file(args.file, local_data_dir(args) / BACKUP_DIR)
+    path = find_backup_file(args.file, local_data_dir(args))
     header, tables = check_backup(path)
     if args.json:
-        print(json.dumps({"file": str(path), "status": "ok", "created_at": header.get("created_at"),
+        emit(json.dumps({"file": str(path), "status": "ok", "created_at": header.get("created_at"),
                           "tables": {n: {"rows": t["row_count"], "sha256": t["sha256"]}
                                      for n, t in tables.items()}}, indent=2))
         return EXIT_OK
-    print(f"{path}: intact (format v{header['format_version']}, created "
+    emit(f"{path}: intact (format v{header['format_version']}, created "
           f"{header.get('created_at')}, project {header.get('project_host')})")
     width = max([len(n) for n in tables] + [5])
-    print(f"  {'table':<{width}}  {'rows':>9}  sha256")
+    emit(f"  {'table':<{width}}  {'rows':>9}  sha256")
     for name, table in tables.items():
-        print(f"  {name:<{width}}  {table['row_count']:>9}  {table['sha256'][:16]}...")
-    print(f"  {len(tables)} tables, {sum(t['row_count'] for t in tables.values())} rows")
+        emit(f"  {name:<{width}}  {table['row_count']:>9}  {table['sha256'][:16]}...")
+    emit(f"  {len(tables)} tables, {sum(t['row_count'] for t in tables.values())} rows")
     return EXIT_OK
 
 
-def backup_summary(path):
-    """created_at, tables and rows of a backup, read from its content (the whole file)."""
-    header, tables = check_backup(path)
-    return {"file": path.name, "created_at": header.get("created_at"), "bytes": path.stat().st_size,
-            "tables": len(tables), "rows": sum(t["row_count"] for t in tables.values())}
+# Beside backups/ in the data folder: what list shows of each backup, by size and mtime.
+INDEX_FILE_NAME = ".backup_index.json"
+
+
+def backup_summary(path, header=None, tables=None):
+    """created_at, tables and rows of a backup: from the folder's index while the file's size
+    and modification time are those recorded there, else read from its content (the whole
+    file, checked) and recorded. The index is written when a backup is finished or first
+    checked, so that `list` need not read every file every time (`check` always does)."""
+    stat = path.stat()
+    index_path = path.parent.parent / INDEX_FILE_NAME
+    index = read_index(index_path)
+    known = index.get(path.name)
+    if header is None and known and known.get("size") == stat.st_size and \
+            known.get("mtime_ns") == stat.st_mtime_ns:
+        return {"file": path.name, "created_at": known["created_at"], "bytes": stat.st_size,
+                "tables": known["tables"], "rows": known["rows"]}
+    if header is None:
+        header, tables = check_backup(path)
+    summary = {"file": path.name, "created_at": header.get("created_at"), "bytes": stat.st_size,
+               "tables": len(tables), "rows": sum(t["row_count"] for t in tables.values())}
+    index = {name: entry for name, entry in read_index(index_path).items()
+             if (path.parent / name).exists()}
+    index[path.name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                        "created_at": summary["created_at"], "tables": summary["tables"],
+                        "rows": summary["rows"]}
+    try:
+        write_json_atomically(index_path, index)
+    except OSError:  # a read-only folder: list still works, it only reads the files again
+        pass
+    return summary
+
+
+def read_index(index_path):
+    """The backups folder's index ({} when missing or unreadable: it is only a shortcut)."""
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return index if isinstance(index, dict) else {}
 
 
 def cmd_list(args):
@@ -3707,19 +3951,25 @@ def cmd_list(args):
         except ValidationError as exc:
             entries.append({"file": path.name, "bytes": path.stat().st_size,
                             "status": f"damaged: {exc}"})
+    damaged = [entry["file"] for entry in entries if entry["status"] != "ok"]
     if args.json:
-        print(json.dumps(entries, indent=2))
-        return EXIT_OK
-    if not entries:
-        print(f"no backups in {folder}")
-        return EXIT_OK
-    for entry in entries:
-        if entry["status"] == "ok":
-            print(f"{entry['file']}  {entry['created_at'][:19].replace('T', ' ')} UTC  "
-                  f"{human_size(entry['bytes']):>10}  {entry['tables']} tables  "
-                  f"{entry['rows']} rows")
-        else:
-            print(f"{entry['file']}  {human_size(entry['bytes']):>10}  {entry['status']}")
+        emit(json.dumps(entries, indent=2))
+    elif not entries:
+        emit(f"no backups in {folder}")
+    else:
+        emit(f"{'backup':<37}  {'created (UTC)':<19}  {'size':>10}  {'tables':>6}  {'rows':>10}")
+        for entry in entries:
+            if entry["status"] == "ok":
+                emit(f"{entry['file']:<37}  {entry['created_at'][:19].replace('T', ' '):<19}  "
+                     f"{human_size(entry['bytes']):>10}  {entry['tables']:>6}  "
+                     f"{entry['rows']:>10}")
+            else:
+                emit(f"{entry['file']:<37}  {'DAMAGED':<19}  {human_size(entry['bytes']):>10}  "
+                     f"{entry['status']}")
+    if damaged:
+        log.error("%d damaged backup(s): %s; do not rely on them (check --file NAME says what "
+                  "is wrong)", len(damaged), ", ".join(damaged))
+        return EXIT_INVALID_BACKUP
     return EXIT_OK
 
 
@@ -3763,7 +4013,7 @@ def confirm_unsafe_restore(args, backup_path):
                           "(better: use --safe); the database was not touched")
     answer = input(f"Restore {backup_path.name} without a safety backup? Type 'restore' to go on: ")
     if answer.strip() != "restore":
-        raise ConfigError("restore cancelled; the database was not touched")
+        raise Cancelled("restore cancelled; nothing was done")
 
 
 def sequence_sql(plans, live):
@@ -3818,7 +4068,7 @@ class RestoreRun:
     def __init__(self, api, config, paths, args, file_path, mode="restore"):
         self.api, self.config, self.paths, self.args = api, config, paths, args
         self.file_path, self.mode = file_path, mode
-        self.progress = Progress(args.quiet)
+        self.progress = progress
         self.safe = mode == "rollback" or args.safe
         self.dry_run = args.dry_run
         self.plans, self.order, self.safety_path = {}, [], None
@@ -3914,19 +4164,25 @@ class RestoreRun:
                                    extra_keys=(self.mode == "rollback"))
             for name in self.order:
                 plan = self.plans[name]
-                log.info("  %s: %d rows now; %d to insert, %d to update%s, %d unchanged", name,
+                # Live rows whose key (or, without a key, whose values) the file does not hold.
+                extra = before.get(name, 0) - plan.unchanged - plan.updates
+                log.info("  %s: %d rows now; %d to insert, %d to update, %s%d unchanged", name,
                          before.get(name, 0), plan.inserts, plan.updates,
-                         f", {len(plan.extra_keys)} to delete" if plan.extra_keys else "",
+                         f"{len(plan.extra_keys)} to delete, " if self.mode == "rollback" else "",
                          plan.unchanged)
+                if extra > 0 and self.mode != "rollback":
+                    log.info("    %d row(s) added since the backup: left alone", extra)
             plan_summary = {name: {"insert": p.inserts, "update": p.updates,
                                    "delete": len(p.extra_keys), "unchanged": p.unchanged}
                             for name, p in self.plans.items()}
             json_changes = self.check_json_changes()
             self.check_cycles(scan)
+            if self.mode == "rollback" and not self.dry_run:
+                self.confirm_rollback()
             if self.dry_run:
                 self.done("dry run: nothing written")
                 if args.json:
-                    print(json.dumps({"status": "dry_run", "file": str(self.file_path),
+                    emit(json.dumps({"status": "dry_run", "file": str(self.file_path),
                                       "before_counts": before, "plan": plan_summary,
                                       "json_changes": json_changes}, indent=2))
                 return EXIT_OK
@@ -3934,7 +4190,9 @@ class RestoreRun:
             if json_changes:
                 self.restore_log.update(json_changes=json_changes)
             self.done(f"{sum(p.inserts for p in self.plans.values())} to insert, "
-                      f"{sum(p.updates for p in self.plans.values())} to update")
+                      f"{sum(p.updates for p in self.plans.values())} to update"
+                      + (f", {sum(len(p.extra_keys) for p in self.plans.values())} to delete"
+                         if self.mode == "rollback" else ""))
 
             # 4-5. Restore, verify; any failure rolls back.
             self.writing = True
@@ -3945,8 +4203,12 @@ class RestoreRun:
                 upsert_restore(api, self.plans, self.order, self.progress)
                 if self.mode == "rollback":
                     delete_extra(api, self.plans, self.order, self.file_path)
-                    for plan in self.plans.values():
+                    for name in self.order:
+                        plan = self.plans[name]
                         plan.deleted = len(plan.extra_keys)
+                        if plan.deleted:
+                            log.info("  %s: %d deleted (rows the file does not hold)", name,
+                                     plan.deleted)
                 self.restore_log.tables(self.plans)
                 self.done(f"{self.restore_log.data['total_inserted']} inserted, "
                           f"{self.restore_log.data['total_updated']} updated"
@@ -3967,9 +4229,13 @@ class RestoreRun:
             except (RestoreFailure, BackupError) as exc:
                 return self.recover(exc)
             except KeyboardInterrupt:
-                write_restore_log(self.restore_log, status="interrupted",
-                                  error="interrupted (Ctrl-C)")
-                raise InterruptedRestore(self.rollback_hint()) from None
+                # Ctrl-C is a failure like any other: what was written is rolled back (a second
+                # Ctrl-C stops the rollback, and the message names the command that finishes it).
+                progress.close()
+                if self.safe and not getattr(self.args, "no_rollback", False):
+                    log.warning("interrupted (Ctrl-C): rolling back to %s; press Ctrl-C again to "
+                                "stop the rollback", self.safety_path.name)
+                return self.recover(RestoreFailure(None, "interrupted (Ctrl-C)"))
             except Exception as exc:
                 # A bug must not bypass the safety net: roll back as for any other failure.
                 log.error("unexpected error during the %s", self.mode, exc_info=True,
@@ -3988,13 +4254,16 @@ class RestoreRun:
         if sql:
             log.warning("run this in the SQL editor so that new rows do not collide with "
                         "restored keys:\n  %s", "\n  ".join(sql))
-        log.info("%s complete: %d inserted, %d updated, %s%d unchanged", self.mode,
+        skipped = self.restore_log.data.get("tables_skipped") or {}
+        log.info("%s complete: %d inserted, %d updated, %s%d unchanged%s", self.mode,
                  self.restore_log.data["total_inserted"], self.restore_log.data["total_updated"],
                  f"{self.restore_log.data['total_deleted']} deleted, "
-                 if self.mode == "rollback" else "", sum(p.unchanged for p in self.plans.values()))
+                 if self.mode == "rollback" else "", sum(p.unchanged for p in self.plans.values()),
+                 "; NOT restored: " + "; ".join(f"{name} ({why})" for name, why in skipped.items())
+                 if skipped else "")
         if args.json:
-            print(json.dumps(self.restore_log.data, indent=2, default=str))
-        return EXIT_OK
+            emit(json.dumps(self.restore_log.data, indent=2, default=str))
+        return EXIT_NOT_ALL_RESTORED if skipped else EXIT_OK
 
     def recover(self, exc):
         """A step 4 or 5 failure: roll back to the safety backup, or say what is left."""
@@ -4015,16 +4284,17 @@ class RestoreRun:
             write_restore_log(self.restore_log, status="failed_kept", error=reason)
             raise PartialRestoreError(f"{self.mode} failed: {reason}; kept as it is "
                                       f"(--no-rollback); to undo it run: {self.rollback_hint()}")
-        # 7. Roll back: first a snapshot of the failed state (double safety).
-        failed_path = new_file_path(self.paths.safety_backups, "failed_state")
-        self.step(7, "ROLLBACK", f"snapshot of the failed state -> {failed_path}, then back to "
-                  f"{self.safety_path.name}")
         # A column a trigger rewrites on every write (the failed verification found one, or the
         # user named it) is rewritten by the rollback's writes too: no API write can put its old
         # values back, so it is left out of the rollback's verification, and the message says so.
         leave_out = self.ignore_columns() | {f"{name}.{column}" for name, columns
                                              in self.rewritten.items() for column in columns}
+        failed_path = new_file_path(self.paths.safety_backups, "failed_state")
         try:
+            # 7. Roll back: first a snapshot of the failed state (double safety). From its
+            # announcement on, a Ctrl-C stops the rollback with the command that finishes it.
+            self.step(7, "ROLLBACK", f"snapshot of the failed state -> {failed_path}, then back "
+                      f"to {self.safety_path.name}")
             snapshot(self.api, list(self.plans), discover_tables(self.api.openapi()),
                      failed_path, self.config.host, SERVICE_ROLE, self.progress,
                      note=f"state after a failed {self.mode} of {self.file_path.name}")
@@ -4106,6 +4376,24 @@ class RestoreRun:
                     " (refused without --accept-json-null)" if refused else "", text)
         return found
 
+    def confirm_rollback(self):
+        """On a terminal, a rollback (which deletes rows) shows its plan and asks before the
+        first write; --yes answers for the person, and elsewhere (cron, scripts) it goes on."""
+        if getattr(self.args, "yes", False) or not sys.stdin.isatty():
+            return
+        plans = self.plans.values()
+        totals = (f"{sum(p.inserts for p in plans)} to insert, "
+                  f"{sum(p.updates for p in plans)} to update, "
+                  f"{sum(len(p.extra_keys) for p in plans)} to DELETE")
+        progress.close()
+        answer = input(f"Roll back {len(self.plans)} table(s) to {self.file_path.name}: {totals}. "
+                       f"Type 'rollback' to go on: ")
+        if answer.strip() != "rollback":
+            self.fail_step("cancelled", "the person answered no")
+            write_restore_log(self.restore_log, status="aborted",
+                              error="cancelled at the question; nothing was written")
+            raise Cancelled("rollback cancelled; nothing was written")
+
     def check_cycles(self, scan):
         """Before any write: refuse rows that only a transaction could write (see
         unwritable_cycle)."""
@@ -4168,10 +4456,7 @@ def cmd_restore(args):
     """Restore a backup file behind the safety net (SAFETY.md's numbered flow)."""
     config, paths = begin_run(args)
     check_key_role(config)
-    backup_path = find_backup_file(args.file, paths.backups)
-    if not backup_path.exists():
-        raise ValidationError(f"no backup file {args.file} (looked in the working directory and "
-                              f"{paths.backups}); `python {PROG} list` shows the backups")
+    backup_path = find_backup_file(args.file, config.data_dir)
     if not args.safe and not args.dry_run:
         confirm_unsafe_restore(args, backup_path)
     with data_lock(config.data_dir, "restore"):
@@ -4188,11 +4473,7 @@ def cmd_rollback(args):
     """Bring tables back to exactly the state recorded in a safety backup."""
     config, paths = begin_run(args)
     check_key_role(config)
-    path = find_backup_file(args.file, paths.safety_backups)
-    if not path.exists():
-        raise ValidationError(f"no safety backup {args.file} (looked in the working directory and "
-                              f"{paths.safety_backups}); `python {PROG} list-safety` shows them; "
-                              f"the database was not touched")
+    path = find_backup_file(args.file, config.data_dir)
     with data_lock(config.data_dir, "rollback"):
         for folder in (paths.safety_backups, paths.summaries):
             clear_partial_files(folder)
@@ -4242,32 +4523,32 @@ def cmd_list_safety(args):
                 entry["rerun_command"] = (f"python {PROG} rollback "
                                           f"{Path(str(entry['run']['file'])).name}")
     if args.json:
-        print(json.dumps(entries, indent=2))
+        emit(json.dumps(entries, indent=2))
         return EXIT_OK
     if not entries:
-        print(f"no safety backups in {Path(data_dir) / SAFETY_DIR}")
+        emit(f"no safety backups in {Path(data_dir) / SAFETY_DIR}")
         return EXIT_OK
     for entry in entries:
         created = datetime.datetime.fromisoformat(entry["created_at"])
         contents = (f"{entry['tables']} tables  {entry['rows']} rows" if entry["status"] == "ok"
                     else entry["status"])
-        print(f"{entry['file']}  {local_time(created)} ({age_text(entry['age_days'])})  "
+        emit(f"{entry['file']}  {local_time(created)} ({age_text(entry['age_days'])})  "
               f"{human_size(entry['bytes'])}  {contents}")
         run = entry["run"]
         if run is None:
-            print("    no restore or rollback log in summaries/ names this file")
+            emit("    no restore or rollback log in summaries/ names this file")
         else:
             what = "before" if run["role"] == "protected" else "the tables after"
-            print(f"    {what} {run['kind']} of {Path(str(run['file'])).name}: {run['outcome']} "
+            emit(f"    {what} {run['kind']} of {Path(str(run['file'])).name}: {run['outcome']} "
                   f"({run['log']})")
         if entry["rolled_back_by"]:
-            print(f"    rolled back to by: {', '.join(entry['rolled_back_by'])}")
+            emit(f"    rolled back to by: {', '.join(entry['rolled_back_by'])}")
         if entry.get("rerun_command"):
-            print(f"    the rollback did not finish; to finish it run again: "
+            emit(f"    the rollback did not finish; to finish it run again: "
                   f"{entry['rerun_command']}; or, to return to the state before it: "
                   f"{entry['rollback_command']}")
         elif entry["needs_rollback"]:
-            print(f"    the tables may be partly restored; to return to this state run: "
+            emit(f"    the tables may be partly restored; to return to this state run: "
                   f"{entry['rollback_command']}")
     return EXIT_OK
 
@@ -4277,7 +4558,7 @@ def cmd_cleanup_safety(args):
     setup_local_run(args)
     data_dir = local_data_dir(args)
     if not (data_dir / SAFETY_DIR).is_dir():
-        print(f"no safety backups in {data_dir / SAFETY_DIR}")
+        emit(f"no safety backups in {data_dir / SAFETY_DIR}")
         return EXIT_OK
     with data_lock(data_dir, "cleanup-safety"):
         entries = safety_inventory(data_dir)  # we hold the lock: no other run is going on
@@ -4310,16 +4591,16 @@ def cmd_cleanup_safety(args):
             freed += entry["bytes"]
     verb = "would delete" if args.dry_run else "deleted"
     if args.json:
-        print(json.dumps({"dry_run": args.dry_run, "older_than_days": args.older_than,
+        emit(json.dumps({"dry_run": args.dry_run, "older_than_days": args.older_than,
                           "deleted": [e["file"] for e in deleted], "bytes_freed": freed,
                           "kept": {e["file"]: why for e, why in kept}}, indent=2))
         return EXIT_OK
     for entry in deleted:
-        print(f"{verb} {entry['file']} ({human_size(entry['bytes'])}, "
+        emit(f"{verb} {entry['file']} ({human_size(entry['bytes'])}, "
               f"{age_text(entry['age_days'])})")
     for entry, why in kept:
-        print(f"kept {entry['file']}: {why}")
-    print(f"{verb} {len(deleted)} safety backup(s) older than {args.older_than} days, "
+        emit(f"kept {entry['file']}: {why}")
+    emit(f"{verb} {len(deleted)} safety backup(s) older than {args.older_than} days, "
           f"{human_size(freed)} {'would be ' if args.dry_run else ''}freed; "
           f"{len(entries) - len(deleted)} kept")
     return EXIT_OK
@@ -4329,12 +4610,7 @@ def cmd_diff(args):
     """Compare a backup file with the live data, table by table."""
     config, paths = begin_run(args)
     check_key_role(config)
-    path = find_backup_file(args.file, paths.backups)
-    if not path.exists() and Path(args.file).parent == Path("."):
-        path = paths.safety_backups / args.file
-    if not path.exists():
-        raise ValidationError(f"no backup file {args.file} (looked in the working directory, "
-                              f"{paths.backups} and {paths.safety_backups})")
+    path = find_backup_file(args.file, config.data_dir)
     log.info("reading %s", path)
     header, in_file = check_backup(path)
     tables = args.tables or list(in_file)
@@ -4350,11 +4626,11 @@ def cmd_diff(args):
         api.close()
     differing = {name: r for name, r in results.items() if has_differences(r)}
     if args.json:
-        print(json.dumps({"file": str(path), "created_at": header.get("created_at"),
+        emit(json.dumps({"file": str(path), "created_at": header.get("created_at"),
                           "identical": not differing, "tables": results}, indent=2))
     else:
         for name, result in differing.items():
-            print(diff_text(name, result))
+            emit(diff_text(name, result))
     compared = sum(r["file_rows"] for r in results.values())
     if differing:
         log.info("%d of %d table(s) differ from %s", len(differing), len(results), path.name)
@@ -4464,13 +4740,20 @@ def build_parser():
     """The command line: global options, then one subcommand."""
     parser = argparse.ArgumentParser(
         prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"Run 'python {PROG} COMMAND --help' for the options and examples of a command.\n"
+        epilog=f"Examples:\n"
+               f"  python {PROG} --quiet backup --keep 14     # nightly, from cron\n"
+               f"  python {PROG} restore --safe --dry-run --file supabase_backup_20251128_074723"
+               f".json.gz\n"
+               f"  python {PROG} list-safety                  # after a bad restore\n\n"
+               f"Run 'python {PROG} COMMAND --help' for the options and examples of a command.\n"
                f"README.md and SAFETY.md tell the rest.")
     parser.add_argument("--version", action="version",
                         version=f"supabase_backup {TOOL_VERSION} "
                                 f"(backup format {FORMAT_NAME} v{FORMAT_VERSION})")
     add_global_arguments(parser)
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    # The commands are listed once, in the description (the docstring), not again here.
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND",
+                                       help=argparse.SUPPRESS)
 
     backup = add_command(
         subparsers, "backup", cmd_backup,
@@ -4485,7 +4768,9 @@ def build_parser():
                         help="leave these tables out of the discovered ones (comma-separated, "
                              "repeatable)")
     backup.add_argument("--output", metavar="PATH",
-                        help="write the backup here instead of backups/")
+                        help="write the backup here instead of backups/ (a file or a folder)")
+    backup.add_argument("--force", action="store_true",
+                        help="let --output replace a file that exists")
     backup.add_argument("--keep", type=positive_int, metavar="N",
                         help="after a complete backup, keep only the newest N backups in backups/")
     backup.add_argument("--keep-days", type=positive_int, metavar="D",
@@ -4546,6 +4831,9 @@ def build_parser():
     rollback.add_argument("--dry-run", action="store_true",
                           help="print per table the rows that would be inserted, updated and "
                                "deleted; write nothing")
+    rollback.add_argument("--yes", action="store_true",
+                          help="do not ask before writing (on a terminal a rollback shows its "
+                               "plan and asks; elsewhere it never asks)")
     rollback.add_argument("--tables", type=table_list, action="extend", metavar="A,B",
                           help="roll back only these tables of the file")
     rollback.add_argument("--ignore-columns", type=table_list, action="extend", metavar="C",
@@ -4590,6 +4878,11 @@ def build_parser():
 
 def check_usage(parser, args):
     """Usage mistakes argparse cannot see by itself; each one exits 2 through parser.error."""
+    if args.command is None:
+        # A bare run: the whole help (the commands, examples, exit codes), not just "COMMAND
+        # is required".
+        parser.print_help(sys.stderr)
+        parser.exit(EXIT_USAGE)
     if args.quiet and args.verbose:
         parser.error("--quiet and --verbose cannot be used together")
     if args.command == "backup" and args.tables and args.exclude:
@@ -4638,17 +4931,32 @@ def main(argv=None):
     setup_console_logging(quiet=args.quiet, verbose=args.verbose)
     try:
         return args.func(args)
+    except Cancelled as exc:
+        log.info("%s", exc)
+        return EXIT_OK
     except BackupError as exc:
         log.error("%s", exc)
-        return exc.exit_code
+        return json_error(args, exc, exc.exit_code)
     except KeyboardInterrupt:
+        progress.close()
         log.error("interrupted (Ctrl-C)")
-        return EXIT_INTERRUPTED
+        return json_error(args, "interrupted (Ctrl-C)", EXIT_INTERRUPTED)
     except Exception as exc:
         report_internal_error(args, exc)
-        return EXIT_INTERNAL
+        return json_error(args, f"unexpected internal error: {type(exc).__name__}: "
+                                f"{one_line(exc)}", EXIT_INTERNAL)
     finally:
+        progress.close()
         close_logging()
+
+
+def json_error(args, error, exit_code):
+    """With --json, a failure is a JSON document on stdout too ({"error", "exit_code"}), so that
+    a script reading stdout can tell it from a result; returns exit_code."""
+    if getattr(args, "json", False):
+        emit(json.dumps({"error": redactor.redact(one_line(error, 2000)),
+                         "exit_code": exit_code}))
+    return exit_code
 
 
 if __name__ == "__main__":

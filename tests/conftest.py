@@ -22,7 +22,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import FAST_RETRIES, REPO_ROOT, isolated_work_dir  # noqa: E402
+from helpers import FAST_RETRIES, REPO_ROOT, isolated_work_dir, make_client  # noqa: E402
 from local_supabase import LocalSupabase  # noqa: E402
 
 import supabase_backup  # noqa: E402
@@ -66,9 +66,7 @@ def db(stack):
 
 @pytest.fixture
 def client(stack):
-    from supabase import create_client
-
-    return create_client(stack.url, stack.service_role_key)
+    return make_client(stack.url, stack.service_role_key)
 
 
 @pytest.fixture
@@ -233,9 +231,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not rows:
         return
     text = fault_matrix_markdown(rows, _test_outcomes(terminalreporter))
-    terminalreporter.write_sep("=", "fault matrix")
-    terminalreporter.write(text)
     target = os.environ.get("FAULT_MATRIX")
+    if target or config.get_verbosity() > 0:
+        terminalreporter.write_sep("=", "fault matrix")
+        terminalreporter.write(text)
+    else:
+        # The default output stays short: the totals line only (the matrix with -v or
+        # FAULT_MATRIX=file).
+        terminalreporter.write_line("fault matrix: " + text.rstrip().splitlines()[-1]
+                                    + " (the whole matrix: -v, or FAULT_MATRIX=file)")
     if target:
         Path(target).write_text("# Fault matrix\n\n" + text)
         terminalreporter.write_line(f"fault matrix written to {target}")

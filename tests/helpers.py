@@ -26,6 +26,16 @@ SETTINGS = ("SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "SUPABASE_KEY", "SUPABA
 FAST_RETRIES = (0.01, 0.01, 0.01)
 
 
+def make_client(url, key):
+    """The supabase client as the tool makes it: options passed the client's current way (an
+    HTTP session of our making), so that no deprecated option is used."""
+    import httpx
+    from supabase import ClientOptions, create_client
+
+    session = httpx.Client(timeout=120, http2=True, follow_redirects=True)
+    return create_client(url, key, options=ClientOptions(httpx_client=session))
+
+
 def run(capsys, data, *argv):
     """main() in-process with --data-dir; returns (exit code, stdout, stderr)."""
     code = supabase_backup.main(["--data-dir", str(data), *argv])

@@ -463,7 +463,7 @@ def test_rls_limited_snapshot_is_marked_in_the_file(stack, tmp_path):
         discovered = supabase_backup.discover_tables(api.openapi())
         path = tmp_path / "limited.json.gz"
         supabase_backup.snapshot(api, ["app_settings"], discovered, path, config.host, "anon",
-                                 supabase_backup.Progress(quiet=True), note="rls limited")
+                                 supabase_backup.progress, note="rls limited")
     finally:
         api.close()
     document = load(path)
@@ -481,7 +481,7 @@ def closed_port_url():
 
 @pytest.mark.parametrize("case, exit_code, words", [
     ("missing url", 3, ["SUPABASE_URL is not set"]),
-    ("invalid url", 3, ["SUPABASE_URL is not a valid URL"]),
+    ("invalid url", 3, ["SUPABASE_URL (set in the environment) is not a valid URL"]),
     ("missing key", 3, ["SUPABASE_SERVICE_ROLE_KEY is not set"]),
     ("unreachable host", 4, ["cannot reach", "SUPABASE_URL"]),
     ("wrong key", 3, ["refused the key", "SUPABASE_SERVICE_ROLE_KEY"]),
@@ -725,14 +725,15 @@ def test_check_passes_an_intact_backup_and_prints_each_table(stack, data, capsys
 
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
-def test_check_refuses_a_damaged_file_with_exit_7_and_one_line(stack, data, capsys, damage):
+def test_check_refuses_a_damaged_or_missing_file_with_one_line(stack, data, capsys, damage):
     # Larger than the reader's buffer, so that damage is met while streaming, not at the start.
     path = make_backup(capsys, data, "--tables", "app_settings,package_tags,users")
     DAMAGE[damage](path)
 
     code, out, err = run(capsys, data, "check", "--file", str(path))
 
-    assert code == 7, err
+    # A damaged file is invalid (7); a missing one is its own case (12), not "invalid".
+    assert code == (12 if damage == "missing" else 7), err
     assert out == ""
     assert path.name in error_line(err, alone=True)
 
@@ -760,16 +761,19 @@ def test_list_shows_backups_newest_first_with_tables_and_rows(stack, data, capsy
 
     code, out, err = run(capsys, data, "list")
 
-    assert code == 0, err
-    lines = out.splitlines()
+    # A damaged backup is listed, marked, and makes the exit code say so (7).
+    assert code == 7, err
+    header, *lines = out.splitlines()
+    assert header.split() == ["backup", "created", "(UTC)", "size", "tables", "rows"]
     assert [line.split()[0] for line in lines] == [newer.name, damaged.name, older.name]
-    assert "2 tables" in lines[0] and "905 rows" in lines[0]
-    assert "1 tables" in lines[2] and "5 rows" in lines[2]
-    assert "damaged" in lines[1]
+    assert lines[0].split()[-2:] == ["2", "905"] and lines[2].split()[-2:] == ["1", "5"]
+    assert "DAMAGED" in lines[1]
+    assert f"1 damaged backup(s): {damaged.name}" in error_line(err)
     code, out, _ = run(capsys, data, "list", "--json")
     entries = json.loads(out)
-    assert code == 0 and [e["file"] for e in entries] == [newer.name, damaged.name, older.name]
+    assert code == 7 and [e["file"] for e in entries] == [newer.name, damaged.name, older.name]
     assert entries[0]["rows"] == 905 and entries[0]["tables"] == 2
+    assert entries[1]["status"].startswith("damaged")
 
 
 def test_list_of_an_empty_data_folder(stack, data, capsys):

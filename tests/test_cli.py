@@ -28,7 +28,7 @@ COMMANDS = ["backup", "check", "list", "restore", "rollback", "list-safety", "cl
 # A command that loads the configuration, starts the log and then fails offline, before any
 # request (the file does not exist): the configuration tests need no server.
 CONFIGURED_COMMAND = ["restore", "--safe", "--file", "no_such_backup.json.gz"]
-CONFIGURED_EXIT = 7
+CONFIGURED_EXIT = 12  # the file does not exist: nothing done
 
 
 @pytest.fixture
@@ -175,7 +175,7 @@ def test_the_configured_command_fails_offline_with_one_line_and_writes_only_the_
     assert code == CONFIGURED_EXIT
     assert out == ""
     assert err.splitlines() == [err.strip()]
-    assert err.startswith("supabase_backup: error: no backup file no_such_backup.json.gz")
+    assert err.startswith("supabase_backup: error: no file no_such_backup.json.gz")
     assert files_under(configured) == ["logs/supabase_backup.log"]
 
 
@@ -223,7 +223,7 @@ def test_each_command_help_has_examples(home, capsys, command):
     assert "Examples:" in out and f"python supabase_backup.py {command}" in out
 
 
-@pytest.mark.parametrize("argv", [[], ["frobnicate"], ["restore"], ["check"],
+@pytest.mark.parametrize("argv", [["frobnicate"], ["restore"], ["check"],
                                   ["backup", "--keep", "0"], ["backup", "--keep", "two"],
                                   ["backup", "--keep-days", "-1"], ["backup", "--tables", "a,,b"],
                                   ["backup", "--exclude", ","], ["backup", "--frobnicate"],
@@ -291,7 +291,7 @@ def test_script_failing_offline_exits_with_one_line_and_keeps_the_key_out_of_eve
     assert result.returncode == CONFIGURED_EXIT
     assert result.stdout == ""
     assert len(result.stderr.splitlines()) == 1
-    assert "no backup file" in result.stderr and "Traceback" not in result.stderr
+    assert "no file no_such_backup" in result.stderr and "Traceback" not in result.stderr
     log_file = script.parent / "logs" / "supabase_backup.log"  # the data folder is the script's
     assert FAKE_KEY not in result.stderr + log_file.read_text()
     assert files_under(script.parent / "backups") == []

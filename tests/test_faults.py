@@ -899,7 +899,7 @@ CONFIGURATIONS = {
                                    ["SUPABASE_URL is not set", ".env"]),
     "empty SUPABASE_URL": ({"SUPABASE_URL": ""}, 3, ["SUPABASE_URL is not set"]),
     "malformed SUPABASE_URL": ({"SUPABASE_URL": "https//abcd.supabase.co"}, 3,
-                               ["SUPABASE_URL is not a valid URL"]),
+                               ["SUPABASE_URL (set in the environment) is not a valid URL"]),
     "anon key": ({"SUPABASE_SERVICE_ROLE_KEY": lambda stack, request: stack.anon_key}, 3,
                  ["anon role, not the service role", "service_role"]),
     "publishable key": ({"SUPABASE_SERVICE_ROLE_KEY": lambda stack, request:

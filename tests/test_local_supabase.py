@@ -26,8 +26,8 @@ import psycopg
 import pytest
 from dotenv import dotenv_values
 from postgrest.exceptions import APIError
-from supabase import create_client
 
+from helpers import make_client  # noqa: E402
 from local_supabase import LocalSupabase
 
 HERE = Path(__file__).resolve().parent
@@ -856,7 +856,7 @@ def test_anonymous_callers_see_no_bookings_and_no_error(stack, db, who):
         r = http.get("/packages", params={"select": "id"}, headers={"Prefer": "count=exact"})
         assert r.headers["Content-Range"] == "0-269/270"  # the policy shows active packages
     if key:
-        anon = create_client(stack.url, key)
+        anon = make_client(stack.url, key)
         assert anon.table("bookings").select("*", count="exact").execute().count == 0
     assert scalar(db, "SELECT count(*) FROM bookings") == BOOKINGS
 
@@ -875,7 +875,7 @@ def test_a_signed_in_user_sees_only_their_own_rows(stack, db):
     user_id = demo_user_id(38)
     expected = column(db, "SELECT id FROM bookings WHERE user_id = %s ORDER BY id", [user_id])
     assert len(expected) >= 2
-    user = create_client(stack.url, stack.user_key(user_id))
+    user = make_client(stack.url, stack.user_key(user_id))
     got = user.table("bookings").select("id,user_id").order("id").execute().data
     assert [r["id"] for r in got] == expected
     assert {r["user_id"] for r in got} == {user_id}
@@ -883,7 +883,7 @@ def test_a_signed_in_user_sees_only_their_own_rows(stack, db):
 
 
 def test_the_secret_key_acts_as_service_role(stack):
-    secret = create_client(stack.url, stack.secret_key)
+    secret = make_client(stack.url, stack.secret_key)
     assert count_rows(secret, "audit_events") == 1500
 
 
@@ -899,7 +899,7 @@ def test_a_bad_token_is_401_pgrst301(stack, make_token):
     with rest(stack, make_token(stack)) as http:
         assert_error(http.get("/bookings", params={"select": "id"}), 401, "PGRST301")
     with pytest.raises(APIError) as err:
-        create_client(stack.url, make_token(stack)).table("bookings").select("id").execute()
+        make_client(stack.url, make_token(stack)).table("bookings").select("id").execute()
     assert err.value.code == "PGRST301"
 
 
@@ -1257,7 +1257,7 @@ def test_a_supabase_schema_dump_loads_and_is_served():
         with psycopg.connect(own.database_url, autocommit=True) as conn:
             conn.execute("INSERT INTO auth.users (id, email) VALUES (%s, 'ana@example.com')",
                          [owner])
-        service = create_client(own.url, own.service_role_key)
+        service = make_client(own.url, own.service_role_key)
         trip = service.table("trips").insert(
             {"owner_id": owner, "title": "Lisbon; again, with \"friends\""}).execute().data[0]
         assert uuid.UUID(trip["id"]) and trip["status"] == "draft" and trip["stops"] == []
@@ -1269,9 +1269,9 @@ def test_a_supabase_schema_dump_loads_and_is_served():
         with pytest.raises(APIError) as err:
             service.table("trips").insert({"owner_id": str(uuid.uuid4()), "title": "x"}).execute()
         assert err.value.code == "23503"  # the FK to auth.users loaded
-        anon = create_client(own.url, own.anon_key)
+        anon = make_client(own.url, own.anon_key)
         assert anon.table("trips").select("id").execute().data == []
-        user = create_client(own.url, own.user_key(owner))
+        user = make_client(own.url, own.user_key(owner))
         assert [t["id"] for t in user.table("trips").select("id").execute().data] == [trip["id"]]
         with rest(own, own.service_role_key) as http:
             defs = http.get("/").json()["definitions"]
@@ -1321,7 +1321,7 @@ def test_the_command_line_serves_until_ctrl_c_and_cleans_up(tmp_path):
                 "DATABASE_URL"} <= set(env)
         folder = folder_of_port(stack_folders() - before,
                                 urllib.parse.urlsplit(env["DATABASE_URL"]).port)
-        client = create_client(env["SUPABASE_URL"], env["SUPABASE_SERVICE_ROLE_KEY"])
+        client = make_client(env["SUPABASE_URL"], env["SUPABASE_SERVICE_ROLE_KEY"])
         ids, offset = [], 0
         while True:
             page = (client.table("bookings").select("id", count="exact").order("id")
@@ -1332,7 +1332,7 @@ def test_the_command_line_serves_until_ctrl_c_and_cleans_up(tmp_path):
             ids.extend(r["id"] for r in page.data)
             offset += len(page.data)
         assert ids == list(range(1, BOOKINGS + 1))
-        anon = create_client(env["SUPABASE_URL"], env["SUPABASE_ANON_KEY"])
+        anon = make_client(env["SUPABASE_URL"], env["SUPABASE_ANON_KEY"])
         assert anon.table("bookings").select("id").execute().data == []
     finally:
         # Ctrl-C even when the test failed: a killed stack would leave PostgreSQL running.

@@ -177,8 +177,8 @@ def test_a_failed_rollback_is_itself_rolled_back(fresh_stack, db, data, capsys):
 
 def test_rollback_of_a_missing_file_names_list_safety(stack, data, capsys):
     code, _, err = run(capsys, data, "rollback", "safety_backup_20200101_000000.json.gz")
-    assert code == 7
-    assert "list-safety" in error_line(err) and "not touched" in err
+    assert code == 12
+    assert "list-safety" in error_line(err) and "nothing was done" in err
     assert stack.writes() == 0
 
 

@@ -712,19 +712,47 @@ def test_kill_9_mid_restore_leaves_the_safety_backup_and_an_in_progress_log(
     assert log["steps"][-1] == {"step": 4, "name": "RESTORE", "status": "running"}
 
 
-def test_ctrl_c_mid_restore_exits_130_naming_the_rollback_command(fresh_stack, data, tmp_path,
-                                                                 slow_restore_of_users):
+def test_ctrl_c_mid_restore_rolls_back_to_exactly_the_state_before(fresh_stack, db, data,
+                                                                   tmp_path,
+                                                                   slow_restore_of_users):
+    before = database_state(db)
     process = start_restore(fresh_stack, data, tmp_path, slow_restore_of_users)
     try:
         process.send_signal(signal.SIGINT)
-        _, stderr = process.communicate(timeout=20)
+        _, stderr = process.communicate(timeout=60)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
 
-    assert process.returncode == 130
+    # Ctrl-C is a failure like any other: what was written is rolled back (exit 8).
+    assert process.returncode == 8, stderr
+    assert "interrupted (Ctrl-C): rolling back" in stderr
     line = error_line(stderr)
+    assert "interrupted (Ctrl-C)" in line and "the database is as before" in line
+    assert_same_state(database_state(db), before)
+    assert restore_log(data)["status"] == "rolled_back"
+
+
+def test_a_second_ctrl_c_stops_the_rollback_and_names_the_command(fresh_stack, data, tmp_path,
+                                                                  slow_restore_of_users):
+    process = start_restore(fresh_stack, data, tmp_path, slow_restore_of_users)
+    try:
+        process.send_signal(signal.SIGINT)
+        # Once the rollback has begun (its snapshot of the failed state is announced), again.
+        for line in process.stderr:
+            if "[ROLLBACK]" in line:
+                break
+        process.send_signal(signal.SIGINT)
+        rest = process.stderr.read()
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    assert process.returncode == 130, rest
+    line = error_line(rest)
     assert "interrupted" in line and \
         f"run: python supabase_backup.py rollback {safety_backup(data).name}" in line
     log = restore_log(data)
