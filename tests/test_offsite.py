@@ -692,3 +692,35 @@ def test_a_secret_key_given_as_recipient_is_refused_without_echoing_it(stack, da
     code, _, err = run(capsys, data, "backup", "--encrypt-to", key.secret)
     assert code == 3 and "secret key" in error_line(err, alone=True)
     assert key.secret not in err and key.secret not in everything_written(data)
+
+
+def test_local_stack_with_s3_lets_a_user_try_backup_to(tmp_path):
+    """`tests/local_supabase.py --s3` prints settings with which `backup` (BACKUP_REMOTE) copies
+    its file to the local S3 server; Ctrl-C removes the settings file."""
+    env_file = tmp_path / "local.env"
+    clean = {k: v for k, v in os.environ.items() if k not in SETTINGS and not k.startswith("AWS_")}
+    stack_process = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "tests" / "local_supabase.py"), "--s3", "--env-file",
+         str(env_file)], env=clean, cwd=tmp_path, stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL, text=True)
+    try:
+        wait_for(env_file.exists, timeout=120, what="the local stack to start")
+        settings = dict(line.split("=", 1) for line in env_file.read_text().splitlines())
+        assert settings["BACKUP_REMOTE"].startswith("s3://")
+        result = subprocess.run(
+            [sys.executable, str(REPO_ROOT / "supabase_backup.py"), "--data-dir",
+             str(tmp_path / "data"), "backup", "--tables", "app_settings"],
+            env={**clean, **settings}, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        (name,) = os.listdir(tmp_path / "data" / "backups")
+        storage = boto3.client("s3", endpoint_url=settings["AWS_ENDPOINT_URL"],
+                               region_name=settings["AWS_REGION"],
+                               aws_access_key_id=settings["AWS_ACCESS_KEY_ID"],
+                               aws_secret_access_key=settings["AWS_SECRET_ACCESS_KEY"])
+        bucket, prefix = settings["BACKUP_REMOTE"][5:].split("/", 1)
+        body = storage.get_object(Bucket=bucket, Key=prefix + name)["Body"].read()
+        assert body == (tmp_path / "data" / "backups" / name).read_bytes()
+    finally:
+        stack_process.send_signal(signal.SIGINT)
+        stack_process.wait(timeout=60)
+    assert not env_file.exists()
