@@ -724,3 +724,43 @@ def test_local_stack_with_s3_lets_a_user_try_backup_to(tmp_path):
         stack_process.send_signal(signal.SIGINT)
         stack_process.wait(timeout=60)
     assert not env_file.exists()
+
+
+def test_offsite_benchmark_runs_and_writes_its_report(tmp_path):
+    """bench/offsite.py --quick, so that it never rots: it completes and reports every figure
+    (nothing about speed is asserted)."""
+    out = tmp_path / "RESULTS-offsite.md"
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "offsite.py"), "--quick",
+                             "--out", str(out)], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = out.read_text()
+    for label in ("| tool upload (SHA-256, upload, HEAD) |", "| bare boto3 upload_file |",
+                  "Throughput, tool / bare: **", "| encrypt_backup |", "| decrypt_backup |",
+                  "python bench/offsite.py --quick --out"):
+        assert label in report, label
+
+
+def test_the_readme_cron_line_backs_up_encrypts_ships_thins_and_pings(stack, data, capsys,
+                                                                      bucket, key, pings):
+    """The cron line README.md gives, run with this test's recipient, bucket and ping URL."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    (line,) = [line for line in readme.splitlines()
+               if line.startswith("15 3 * * *") and "--encrypt-to" in line]
+    argv = line.split("supabase_backup.py", 1)[1].split()
+    swap = {"--encrypt-to": key.recipient, "--to": bucket.url("supabase/"), "--ping": pings.url}
+    argv = [swap.get(argv[i - 1], arg) if i else arg for i, arg in enumerate(argv)]
+    assert argv[:2] == ["--quiet", "backup"]
+    old = [f"supabase_backup_2025{month:02d}15_031500.json.gz.age" for month in range(1, 13)]
+    for name in old:
+        bucket.client.put_object(Bucket=bucket.name, Key=f"supabase/{name}", Body=b"x")
+    code, out, err = run(capsys, data, *argv)
+    assert code == 0 and out == "" and err == "", err  # --quiet: nothing unless it fails
+    (name,) = backups(data)
+    assert name.endswith(".json.gz.age")
+    # Shipped, encrypted, byte for byte; thinned by calendar: --keep-monthly 12 keeps this month
+    # and the 11 newest of the old months, so January 2025 goes.
+    assert bucket.get(f"supabase/{name}") == (data / "backups" / name).read_bytes()
+    assert bucket.keys("supabase/") == sorted([f"supabase/{name}"] +
+                                              [f"supabase/{n}" for n in old[1:]])
+    assert [path for path, _ in pings.pings] == ["/ping/abc-123/start", "/ping/abc-123"]
