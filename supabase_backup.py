@@ -1640,7 +1640,7 @@ def s3_failure(exc, what, location, key=None):
                    .get("HTTPStatusCode"))
         if code == "NoSuchBucket":
             return ConfigError, (f"{what} {where}: the bucket {location.bucket} does not exist; "
-                                 f"create it, or fix --to / BACKUP_REMOTE")
+                                 f"create it, or check the s3:// URL (--to, BACKUP_REMOTE)")
         if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
                     "ExpiredToken", "AuthorizationHeaderMalformed"):
             return ConfigError, (f"{what} {where}: the storage refused the credentials ({code}); "
@@ -1752,15 +1752,19 @@ def fetch_remote_backup(url, folder, settings):
     location, name = parse_remote_file(url)
     key = location.prefix + name
     client = s3_client(settings)
-    head = s3_call("cannot read", location, client.head_object, key, Bucket=location.bucket,
-                   Key=key)
+    # Its first byte, not a HEAD: an answer to HEAD has no body, so a refusal would not say
+    # why (credentials, a missing bucket or object); this carries the metadata all the same.
+    head = s3_call("cannot read", location, client.get_object, key, Bucket=location.bucket,
+                   Key=key, Range="bytes=0-0")
+    head["Body"].close()
+    size = int(str(head.get("ContentRange") or "/0").rpartition("/")[2] or 0)
     expected = (head.get("Metadata") or {}).get("sha256")
     if not expected:
         raise ValidationError(f"{url} has no SHA-256 recorded (x-amz-meta-sha256): it was not "
                               f"uploaded by {PROG}, so it cannot be verified; download it and "
                               f"`check --file` it yourself")
     path = folder / name
-    log.info("fetching %s (%s)", url, human_size(head.get("ContentLength") or 0))
+    log.info("fetching %s (%s)", url, human_size(size))
     # Into the private folder (0700); by file name, so that s3transfer writes each part as it
     # arrives instead of buffering (as upload_backup).
     s3_call("cannot read", location, client.download_file, key, Bucket=location.bucket,

@@ -282,6 +282,31 @@ def test_a_failed_upload_exits_12_keeps_the_local_backup_and_runs_no_retention(
     assert secret not in pings.pings[1][1]
 
 
+@pytest.mark.parametrize("fault, exit_code, expected", [
+    ("endpoint down", 4, "cannot reach the storage"),
+    ("wrong secret key", 3, "refused the credentials (SignatureDoesNotMatch)"),
+    ("missing bucket", 3, "the bucket no-such-bucket-here does not exist"),
+])
+def test_reading_from_s3_fails_with_one_line_and_touches_nothing(
+        stack, data, capsys, bucket, monkeypatch, fault, exit_code, expected):
+    run(capsys, data, "backup", "--tables", "app_settings", "--to", bucket.url())
+    (name,) = backups(data)
+    url = bucket.url(name)
+    if fault == "endpoint down":
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed_port()}")
+    elif fault == "wrong secret key":
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-key-0123456789")
+    else:
+        url = f"s3://no-such-bucket-here/{name}"
+    stack.requests.clear()
+    for argv in (["check", "--file", url], ["restore", "--safe", "--file", url],
+                 ["diff", "--file", url], ["list", url.rsplit("/", 1)[0] + "/"]):
+        code, _, err = run(capsys, data, *argv)
+        assert code == exit_code and expected in error_line(err), argv
+        assert os.environ["AWS_SECRET_ACCESS_KEY"] not in err
+    assert stack.requests == [] and files_in(data, "safety_backups") == []
+
+
 def test_kill_9_mid_upload_leaves_nothing_under_the_final_name(stack, data, tmp_path, bucket,
                                                                s3_server, monkeypatch, capsys):
     """A backup whose multipart upload goes through a proxy that slows it down is killed once a
