@@ -11,10 +11,18 @@ Commands:
   backup          back up tables to backups/supabase_backup_YYYYMMDD_HHMMSS.json.gz
                   (UTC): every table the service role sees, read completely in
                   key order, streamed to a temporary file that is renamed only
-                  when complete and then verified
+                  when complete and then verified; optionally encrypted to an
+                  age recipient (--encrypt-to), copied to S3-compatible storage
+                  (--to s3://bucket/prefix/), thinned by calendar (--keep-daily
+                  ...) and reported to a heartbeat URL (--ping)
   check           verify a backup file offline (structure, row counts, checksums)
-  list            the backups in backups/, newest first, with tables and rows
-  restore         restore a backup file; with --safe a safety backup is taken
+  list            the backups in backups/ (or at s3://bucket/prefix/), newest
+                  first, with tables and rows
+  prune           apply the retention rules to backups/ (and the off-site copies)
+                  without a backup; --dry-run says what would go and why the
+                  rest stays
+  restore         restore a backup file (a path, a name in backups/, or
+                  s3://bucket/prefix/name); with --safe a safety backup is taken
                   first and a failed restore is rolled back
   rollback        bring tables back to exactly the state in a safety backup
                   (rows it lacks are deleted), behind its own safety backup
@@ -31,7 +39,7 @@ Exit codes:
   2    usage error (argparse)
   3    configuration error (missing/invalid SUPABASE_URL or key, key that is
        not the service role)
-  4    connection or API failure
+  4    connection or API failure (Supabase, or the S3-compatible storage)
   5    another run holds the lock
   6    backup incomplete (a table could not be read completely; no backup
        file written)
@@ -45,6 +53,8 @@ Exit codes:
   12   a file named on the command line does not exist (nothing done)
   13   restore complete, but tables of the file were not restored (read-only
        relations such as views; the last line names them)
+  14   off-site copy failed (the local backup is complete and kept; no
+       retention ran)
   130  interrupted (Ctrl-C); a restore interrupted after its first write is
        rolled back first and exits 8, a second Ctrl-C stops that rollback
 
@@ -63,8 +73,18 @@ directory, else from .env next to this script (see .env.example):
   VERIFY_IGNORE_COLUMNS      columns a restore leaves out of verification, e.g.
                              updated_at kept current by a trigger (restore
                              --ignore-columns)
+  BACKUP_REMOTE              s3://bucket/prefix/ to copy each backup to
+                             (backup --to); credentials, region and endpoint
+                             from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+                             AWS_PROFILE, AWS_REGION, AWS_ENDPOINT_URL
+  BACKUP_ENCRYPT_TO          age public key(s) to encrypt backups to (backup
+                             --encrypt-to)
+  BACKUP_AGE_IDENTITY        the age identity file that decrypts them (--identity)
+  SAFETY_ENCRYPT_TO          age public key(s) to encrypt safety backups to
+  BACKUP_PING_URL            a healthchecks.io-style URL pinged by backup (--ping)
 Every run of a command appends to logs/supabase_backup.log in the data folder.
-The service key is never printed or logged.
+The service key is never printed or logged, nor the AWS secret key, nor an age
+identity.
 """
 
 import argparse
@@ -149,6 +169,7 @@ EXIT_DIFFERENCES = 10
 EXIT_PARTIAL = 11
 EXIT_NOT_FOUND = 12
 EXIT_NOT_ALL_RESTORED = 13
+EXIT_UPLOAD = 14
 EXIT_INTERRUPTED = 130
 
 log = logging.getLogger("supabase_backup")
@@ -221,6 +242,12 @@ class PartialRestoreError(BackupError):
     """A restore failed and was kept as it is (no --safe, or --no-rollback)."""
 
     exit_code = EXIT_PARTIAL
+
+
+class UploadError(BackupError):
+    """The off-site copy could not be made or verified; the local backup is complete and kept."""
+
+    exit_code = EXIT_UPLOAD
 
 
 class InterruptedRestore(BackupError):
@@ -958,7 +985,7 @@ def read_order(meta):
 #
 # sha256 is over the table's rows in file order, each as compact JSON (row_json) plus "\n".
 
-BACKUP_NAME_PATTERN = re.compile(r"supabase_backup_(\d{8}_\d{6})\.json(\.gz)?")
+BACKUP_NAME_PATTERN = re.compile(r"supabase_backup_(\d{8}_\d{6})\.json(?:\.gz)?(?:\.age)?")
 TEMP_PREFIX = ".partial-"
 
 
@@ -1411,6 +1438,504 @@ def check_backup(path):
     return header, tables
 
 
+# --- Encryption at rest (age) -----------------------------------------------------------------
+# A backup encrypted to an age recipient is the whole .json.gz file run through age
+# (https://age-encryption.org/v1): name.json.gz.age, which `age -d -i key.txt` turns back into
+# the same .json.gz. pyrage's encrypt_io/decrypt_io stream 64 KiB chunks, so memory stays flat
+# (measured: 11 MB peak RSS for a 200 MB file, bench/RESULTS-offsite.md). age authenticates
+# every chunk: a changed byte fails decryption, so a file is never read unverified. pyrage is
+# imported only by the code that needs it.
+
+AGE_SUFFIX = ".age"
+AGE_MAGIC = (b"age-encryption.org/v1\n", b"-----BEGIN AGE ENCRYPTED FILE-----")
+FETCH_PREFIX = ".fetch-"  # a private folder holding a fetched or decrypted copy while in use
+
+
+def import_pyrage():
+    """The pyrage module, or ConfigError saying how to install it."""
+    try:
+        import pyrage
+    except ImportError:
+        raise ConfigError("encrypted backups need the pyrage package, which is not installed; "
+                          "install it with `.venv/bin/pip install pyrage` (or -r "
+                          "requirements.txt)") from None
+    return pyrage
+
+
+def age_recipients(text, setting):
+    """The age recipients in text (age1... or ssh public keys, comma-separated); ConfigError
+    naming the setting when one is not a public key."""
+    pyrage = import_pyrage()
+    recipients = []
+    for item in (part.strip() for part in text.split(",")):
+        if item.startswith("AGE-SECRET-KEY-"):
+            # Never echo it: it is the secret half.
+            raise ConfigError(f"{setting} holds an age secret key (an identity); give the public "
+                              f"key, the age1... line that `age-keygen -y` prints")
+        kind = pyrage.ssh if item.startswith("ssh-") else pyrage.x25519
+        try:
+            recipients.append(kind.Recipient.from_str(item))
+        except Exception:
+            shown = item if len(item) <= 70 else item[:67] + "..."
+            raise ConfigError(f"{setting}: {shown!r} is not an age public key (age1..., as "
+                              f"`age-keygen` prints) nor an ssh public key") from None
+    if not recipients:
+        raise ConfigError(f"{setting} names no age public key")
+    return recipients
+
+
+def age_identities(path, setting):
+    """The identities in an age identity file (the output of age-keygen); each is registered with
+    the log filter so that no message can show it. ConfigError when unreadable or empty."""
+    pyrage = import_pyrage()
+    path = Path(path).expanduser()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{setting}: cannot read the age identity file {path} "
+                          f"({getattr(exc, 'strerror', None) or exc}); give the file "
+                          f"age-keygen wrote") from None
+    identities = []
+    for line in (line.strip() for line in lines):
+        if not line or line.startswith("#"):
+            continue
+        redactor.add(line)
+        try:
+            identities.append(pyrage.x25519.Identity.from_str(line))
+        except Exception:
+            raise ConfigError(f"{setting}: {path} holds a line that is not an age identity "
+                              f"(AGE-SECRET-KEY-1...); give the file age-keygen wrote") from None
+    if not identities:
+        raise ConfigError(f"{setting}: {path} holds no age identity (AGE-SECRET-KEY-1...)")
+    return identities
+
+
+def is_encrypted(path):
+    """True when the file is age-encrypted (by its first bytes, whatever its name)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(40)
+    except OSError:
+        return False
+    return head.startswith(AGE_MAGIC)
+
+
+def plain_name(name):
+    """supabase_backup_X.json.gz.age -> supabase_backup_X.json.gz."""
+    return name[:-len(AGE_SUFFIX)] if name.endswith(AGE_SUFFIX) else name
+
+
+def encrypt_backup(plain, target, recipients):
+    """Encrypt a complete, verified backup file to target (written under a temporary name,
+    fsynced and renamed, like every file), streaming; returns target."""
+    pyrage = import_pyrage()
+    temp = target.parent / f"{TEMP_PREFIX}{os.getpid()}-{target.name}"
+    try:
+        with open(plain, "rb") as source, open(temp, "wb", opener=private_opener) as out:
+            pyrage.encrypt_io(source, out, recipients)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        raise
+    fsync_dir(target.parent)
+    return target
+
+
+def decrypt_backup(encrypted, target, identities, shown):
+    """Decrypt an age file to target (private), streaming. A wrong identity, or a changed byte
+    anywhere in the file, is refused with one line: age authenticates every chunk."""
+    pyrage = import_pyrage()
+    try:
+        with open(encrypted, "rb") as source, open(target, "wb", opener=private_opener) as out:
+            pyrage.decrypt_io(source, out, identities)
+    except pyrage.DecryptError as exc:
+        if "no matching keys" in str(exc).lower():
+            raise ConfigError(f"cannot decrypt {shown}: no identity in the identity file matches "
+                              f"its recipients (the wrong --identity / BACKUP_AGE_IDENTITY, or "
+                              f"its header was changed); nothing was done") from None
+        raise ValidationError(f"{shown} is not a readable age file ({exc}); use another "
+                              f"backup; nothing was done") from None
+    except OSError as exc:
+        if exc.errno is not None:  # the disk, not the file's content
+            raise
+        raise ValidationError(f"{shown} is damaged: age refused it ({exc}: a byte was changed or "
+                              f"the file is truncated); use another backup; nothing was "
+                              f"done") from None
+    return target
+
+
+def clear_dead_fetches(folder):
+    """Remove the private copies of runs that died (their process is gone)."""
+    for path in folder.glob(FETCH_PREFIX + "*"):
+        try:
+            pid = int(path.name[len(FETCH_PREFIX):].split("-", 1)[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except (ValueError, OSError):
+            pass
+
+
+@contextlib.contextmanager
+def private_folder(data_dir):
+    """A folder only this run uses, for a fetched or decrypted copy: in the data folder's
+    backups/ (a run that died leaves it for the next run to remove), else the system's temp."""
+    parent = Path(data_dir) / BACKUP_DIR if data_dir else None
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK):
+        parent = None
+    else:
+        clear_dead_fetches(parent)
+    with tempfile.TemporaryDirectory(prefix=f"{FETCH_PREFIX}{os.getpid()}-", dir=parent) as folder:
+        yield Path(folder)
+
+
+class BackupSource(NamedTuple):
+    """A backup named on the command line, made readable: path is a plain local file, verified as
+    far as its source allows; shown is how the user named it (a path or an s3:// URL)."""
+
+    path: Path
+    shown: str
+    encrypted: bool
+
+
+@contextlib.contextmanager
+def readable_backup(source, settings, identity=None, data_dir=None):
+    """Yield a BackupSource for source, a local path or an s3:// URL.
+
+    An s3:// object is fetched to a private folder and its SHA-256 checked against the one
+    recorded when it was uploaded; an age file is decrypted there with the identity (--identity,
+    else BACKUP_AGE_IDENTITY). The copies are removed when the block ends. The normal checks of
+    the backup file (format, checksums) are the caller's, as for any file."""
+    shown = str(source)
+    with contextlib.ExitStack() as stack:
+        folder = None
+        if is_remote(shown):
+            folder = stack.enter_context(private_folder(data_dir))
+            path = fetch_remote_backup(shown, folder, settings)
+        else:
+            path = Path(source)
+        if not is_encrypted(path):
+            yield BackupSource(path, shown, False)
+            return
+        setting = "--identity" if identity else "BACKUP_AGE_IDENTITY"
+        identity = identity or settings.get("BACKUP_AGE_IDENTITY")
+        if not identity:
+            raise ConfigError(f"{path.name} is encrypted (age); give the identity file that "
+                              f"decrypts it with --identity FILE or BACKUP_AGE_IDENTITY; nothing "
+                              f"was done")
+        identities = age_identities(identity, setting)
+        if folder is None:
+            folder = stack.enter_context(private_folder(data_dir))
+        target = folder / plain_name(path.name)  # the file's own name, for messages and logs
+        if target == path:
+            target = folder / ("plain-" + target.name)
+        decrypt_backup(path, target, identities, shown)
+        yield BackupSource(target, shown, True)
+
+
+# --- Off-site copies (S3) ---------------------------------------------------------------------
+# The only code that talks to S3-compatible storage (AWS S3, R2, B2, MinIO, Supabase Storage),
+# through boto3, imported here only. Credentials, region and endpoint are boto3's own settings
+# (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE, AWS_REGION,
+# AWS_ENDPOINT_URL, ~/.aws/config), read from the environment or .env like every setting.
+#
+# A copy is made only of a complete, verified local file. S3 shows an object under its name only
+# once its PUT or its multipart upload completes, so a run that dies leaves nothing under the
+# final name; a failed multipart upload is aborted by s3transfer, and one left by a killed run is
+# aborted by the next run with a remote (the marker file .upload-NAME.json names it). The file's
+# SHA-256 travels as the object's metadata (x-amz-meta-sha256), is checked by a HEAD after the
+# upload, and against the bytes fetched before any use.
+
+REMOTE_PATTERN = re.compile(r"s3://([a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])(?:/(.*))?")
+UPLOAD_MARKER_PREFIX = ".upload-"
+S3_PART_SIZE = 16 * 1024 * 1024  # multipart above this size, in parts of this size
+S3_CONCURRENCY = 4  # parts in flight at once: at most this many parts are held in memory
+S3_ATTEMPTS = 5  # per request, by botocore's standard retry mode (backoff with jitter)
+S3_TIMEOUT = 60  # seconds to connect or to wait for an answer
+
+
+class RemoteLocation(NamedTuple):
+    """An s3://bucket/prefix/ folder; prefix is empty or ends with /."""
+
+    bucket: str
+    prefix: str
+
+    def url(self, name=""):
+        return f"s3://{self.bucket}/{self.prefix}{name}"
+
+
+def is_remote(text):
+    return str(text).startswith("s3://")
+
+
+def parse_remote(url, setting):
+    """An s3://bucket/prefix/ folder (the prefix taken as a folder); ConfigError when it is not
+    one."""
+    match = REMOTE_PATTERN.fullmatch(url)
+    if not match:
+        raise ConfigError(f"{setting}: {url!r} is not an s3://bucket/prefix/ URL (a bucket name "
+                          f"of 3-63 lowercase letters, digits, dots and dashes)")
+    prefix = (match.group(2) or "").lstrip("/")
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    return RemoteLocation(match.group(1), prefix)
+
+
+def parse_remote_file(url):
+    """(RemoteLocation, name) of an s3://bucket/prefix/name object URL."""
+    match = REMOTE_PATTERN.fullmatch(url)
+    key = (match.group(2) or "") if match else ""
+    if not key or key.endswith("/"):
+        raise ConfigError(f"{url!r} does not name an object; give s3://bucket/prefix/NAME "
+                          f"(`python {PROG} list s3://bucket/prefix/` shows them)")
+    folder, _, name = key.rpartition("/")
+    return RemoteLocation(match.group(1), folder + "/" if folder else ""), name
+
+
+def import_boto3():
+    """boto3 and botocore's Config, or ConfigError saying how to install them."""
+    try:
+        import boto3
+        import boto3.s3.transfer
+        import botocore.config
+    except ImportError:
+        raise ConfigError("off-site copies need the boto3 package, which is not installed; "
+                          "install it with `.venv/bin/pip install boto3` (or -r "
+                          "requirements.txt)") from None
+    return boto3, botocore.config.Config
+
+
+def s3_client(settings):
+    """A boto3 S3 client from the AWS settings (environment over .env; boto3's own config files
+    for what neither sets). The secret key is registered with the log filter first."""
+    boto3, Config = import_boto3()
+    import botocore.exceptions
+    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        if settings.get(name):
+            redactor.add(settings[name])
+    endpoint = settings.get("AWS_ENDPOINT_URL_S3") or settings.get("AWS_ENDPOINT_URL")
+    try:
+        session = boto3.session.Session(
+            aws_access_key_id=settings.get("AWS_ACCESS_KEY_ID"),
+            aws_secret_access_key=settings.get("AWS_SECRET_ACCESS_KEY"),
+            aws_session_token=settings.get("AWS_SESSION_TOKEN"),
+            region_name=settings.get("AWS_REGION") or settings.get("AWS_DEFAULT_REGION"),
+            profile_name=settings.get("AWS_PROFILE"))
+        # Path-style requests (endpoint/bucket/key) are what MinIO and Supabase Storage need,
+        # and what R2 and B2 accept; AWS itself gets its default.
+        config = Config(retries={"max_attempts": S3_ATTEMPTS, "mode": "standard"},
+                        connect_timeout=S3_TIMEOUT, read_timeout=S3_TIMEOUT,
+                        s3={"addressing_style": "path" if endpoint else "auto"})
+        return session.client("s3", endpoint_url=endpoint, config=config)
+    except botocore.exceptions.ProfileNotFound:
+        raise ConfigError(f"AWS_PROFILE: no profile {settings.get('AWS_PROFILE')!r} in the AWS "
+                          f"config files (~/.aws/config, ~/.aws/credentials)") from None
+    except ValueError as exc:  # e.g. an endpoint URL that is not a URL
+        raise ConfigError(f"the S3 settings are invalid: {one_line(exc, 200)} (check "
+                          f"AWS_ENDPOINT_URL)") from None
+
+
+def s3_failure(exc, what, location, key=None):
+    """(exception class, one line) for a failed request to the storage: what went wrong and
+    what to do, never a credential."""
+    import botocore.exceptions as errors
+    where = location.url(key[len(location.prefix):] if key else "")
+    if isinstance(exc, (errors.NoCredentialsError, errors.PartialCredentialsError)):
+        return ConfigError, (f"{what} {where}: no AWS credentials; set AWS_ACCESS_KEY_ID and "
+                             f"AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)")
+    if isinstance(exc, (errors.EndpointConnectionError, errors.ConnectTimeoutError,
+                        errors.ReadTimeoutError, errors.ConnectionClosedError)):
+        return ConnectionFailure, (f"{what} {where}: cannot reach the storage "
+                                   f"({one_line(exc, 160)}) after {S3_ATTEMPTS} attempts; check "
+                                   f"AWS_ENDPOINT_URL and the network")
+    if isinstance(exc, errors.ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code") or exc.response.get("ResponseMetadata", {})
+                   .get("HTTPStatusCode"))
+        if code == "NoSuchBucket":
+            return ConfigError, (f"{what} {where}: the bucket {location.bucket} does not exist; "
+                                 f"create it, or check the s3:// URL (--to, BACKUP_REMOTE)")
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
+                    "ExpiredToken", "AuthorizationHeaderMalformed"):
+            return ConfigError, (f"{what} {where}: the storage refused the credentials ({code}); "
+                                 f"check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
+                                 f"AWS_PROFILE)")
+        if code in ("AccessDenied", "403"):
+            return ConfigError, (f"{what} {where}: access denied; the credentials need "
+                                 f"s3:PutObject, s3:GetObject, s3:ListBucket and s3:DeleteObject "
+                                 f"on the bucket")
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return ValidationError, (f"{what} {where}: no such object; `python {PROG} list "
+                                     f"{location.url()}` shows the backups there")
+        return ConnectionFailure, (f"{what} {where}: the storage answered {code}: "
+                                   f"{one_line(error.get('Message') or exc, 160)}")
+    return ConnectionFailure, f"{what} {where}: {type(exc).__name__}: {one_line(exc, 200)}"
+
+
+def s3_call(what, location, call, key=None, failure=None, **kwargs):
+    """call(**kwargs), a boto3 request; its failure raised as one line (failure overrides the
+    exception class, e.g. UploadError during a backup)."""
+    import boto3.exceptions
+    import botocore.exceptions
+    try:
+        return call(**kwargs)
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError,
+            boto3.exceptions.S3UploadFailedError) as exc:
+        if isinstance(exc, boto3.exceptions.S3UploadFailedError) and exc.__context__:
+            exc = exc.__context__  # upload_file wraps the request's own error
+        kind, text = s3_failure(exc, what, location, key)
+        raise (failure or kind)(text) from None
+
+
+def file_sha256(path):
+    """(hex SHA-256, size) of a file, read 1 MiB at a time."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def transfer_config():
+    boto3, _ = import_boto3()
+    return boto3.s3.transfer.TransferConfig(
+        multipart_threshold=S3_PART_SIZE, multipart_chunksize=S3_PART_SIZE,
+        max_concurrency=S3_CONCURRENCY, use_threads=True)
+
+
+def upload_backup(client, location, path, summary):
+    """Copy a complete, verified local backup to location under its own name, and check the
+    object (size and SHA-256 by HEAD); returns the object's URL. UploadError on any failure:
+    the local file is kept."""
+    key = location.prefix + path.name
+    digest, size = file_sha256(path)
+    metadata = {"sha256": digest, "created-at": str(summary.get("created_at", "")),
+                "tables": str(len(summary.get("tables", ()))),
+                "rows": str(summary.get("rows", "")),
+                "encrypted": "age" if path.name.endswith(AGE_SUFFIX) else "no"}
+    # A multipart upload stays in the storage, invisible, until it is completed or aborted: the
+    # marker lets the next run abort one that a killed run left (a single PUT leaves nothing).
+    marker = path.parent / f"{UPLOAD_MARKER_PREFIX}{path.name}.json"
+    if size >= S3_PART_SIZE:
+        write_json_atomically(marker, {"bucket": location.bucket, "key": key,
+                                       "started_at": utc_now().isoformat()})
+    url = location.url(path.name)
+    log.info("copying %s (%s) to %s", path.name, human_size(size), url)
+    # upload_file, not upload_fileobj: s3transfer then reads each part from the file when it is
+    # sent; from a file object it buffers parts ahead (244 MB peak RSS against 89 MB for a
+    # 200 MB file, bench/offsite.py).
+    s3_call("cannot copy the backup to", location, client.upload_file, key, UploadError,
+            Filename=str(path), Bucket=location.bucket, Key=key,
+            ExtraArgs={"Metadata": metadata}, Config=transfer_config())
+    head = s3_call("cannot check the copy at", location, client.head_object, key, UploadError,
+                   Bucket=location.bucket, Key=key)
+    if head.get("ContentLength") != size or head.get("Metadata", {}).get("sha256") != digest:
+        raise UploadError(f"the copy at {url} does not match the local file ({head.get('ContentLength')} "
+                          f"bytes, sha256 {str(head.get('Metadata', {}).get('sha256'))[:12]}..., "
+                          f"expected {size} bytes, {digest[:12]}...); the local backup {path} is "
+                          f"complete and kept; run the backup again")
+    marker.unlink(missing_ok=True)
+    return url
+
+
+def abort_dead_uploads(client, folder):
+    """Abort the multipart uploads that runs killed mid-upload left (named by their markers in
+    folder): S3 keeps their parts, invisible, until they are aborted."""
+    import botocore.exceptions
+    for marker in folder.glob(UPLOAD_MARKER_PREFIX + "*.json"):
+        try:
+            target = json.loads(marker.read_text(encoding="utf-8"))
+            bucket, key = target["bucket"], target["key"]
+            pending = client.list_multipart_uploads(Bucket=bucket, Prefix=key).get("Uploads", [])
+            for upload in pending:
+                if upload["Key"] == key:
+                    client.abort_multipart_upload(Bucket=bucket, Key=key,
+                                                  UploadId=upload["UploadId"])
+                    log.info("aborted the unfinished upload of %s left by a run that died", key)
+            marker.unlink()
+        except (OSError, ValueError, KeyError, TypeError,
+                botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            log.warning("could not clear the unfinished upload named by %s (%s); it will be "
+                        "tried again next time", marker.name, one_line(exc, 160))
+
+
+def fetch_remote_backup(url, folder, settings):
+    """Download an s3:// backup into folder and check it against the SHA-256 recorded when it
+    was uploaded; returns the local path. ValidationError when it does not match."""
+    location, name = parse_remote_file(url)
+    key = location.prefix + name
+    client = s3_client(settings)
+    # Its first byte, not a HEAD: an answer to HEAD has no body, so a refusal would not say
+    # why (credentials, a missing bucket or object); this carries the metadata all the same.
+    head = s3_call("cannot read", location, client.get_object, key, Bucket=location.bucket,
+                   Key=key, Range="bytes=0-0")
+    head["Body"].close()
+    size = int(str(head.get("ContentRange") or "/0").rpartition("/")[2] or 0)
+    expected = (head.get("Metadata") or {}).get("sha256")
+    if not expected:
+        raise ValidationError(f"{url} has no SHA-256 recorded (x-amz-meta-sha256): it was not "
+                              f"uploaded by {PROG}, so it cannot be verified; download it and "
+                              f"`check --file` it yourself")
+    path = folder / name
+    log.info("fetching %s (%s)", url, human_size(size))
+    # Into the private folder (0700); by file name, so that s3transfer writes each part as it
+    # arrives instead of buffering (as upload_backup).
+    s3_call("cannot read", location, client.download_file, key, Bucket=location.bucket,
+            Key=key, Filename=str(path), Config=transfer_config())
+    os.chmod(path, 0o600)
+    digest, _ = file_sha256(path)
+    if digest != expected:
+        raise ValidationError(f"{url} does not match the SHA-256 recorded when it was uploaded "
+                              f"(got {digest[:12]}..., recorded {expected[:12]}...): it was "
+                              f"changed or damaged in the storage; use another backup; nothing "
+                              f"was done")
+    return path
+
+
+def remote_backups(client, location):
+    """The backups at location: [(name, size)] for every object named like a backup directly
+    under the prefix."""
+    names = []
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=location.bucket,
+                                                             Prefix=location.prefix)
+    import botocore.exceptions
+    try:
+        for page in pages:
+            for item in page.get("Contents", []):
+                name = item["Key"][len(location.prefix):]
+                if BACKUP_NAME_PATTERN.fullmatch(name):
+                    names.append((name, item["Size"]))
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        kind, text = s3_failure(exc, "cannot list", location)
+        raise kind(text) from None
+    return names
+
+
+def delete_remote(client, location, names):
+    """Delete these backups at location; returns the names deleted (a failure is a warning)."""
+    import botocore.exceptions
+    deleted = []
+    for batch in chunks(names, 1000):
+        try:
+            answer = client.delete_objects(Bucket=location.bucket, Delete={
+                "Objects": [{"Key": location.prefix + name} for name in batch], "Quiet": True})
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            log.warning("retention: could not delete %d backup(s) at %s (%s)", len(batch),
+                        location.url(), s3_failure(exc, "delete", location)[1])
+            continue
+        failed = {e.get("Key") for e in answer.get("Errors", [])}
+        for name in batch:
+            if location.prefix + name in failed:
+                log.warning("retention: could not delete %s", location.url(name))
+            else:
+                deleted.append(name)
+    return deleted
+
+
 # --- Snapshot, validate, record counts, restore, verify, rollback, diff -----------------------
 # The steps of SAFETY.md's restore flow, in that order, then the comparison diff makes.
 
@@ -1700,7 +2225,8 @@ def snapshot(api, tables, discovered, path, project_host, role, progress, note=N
         raise IncompleteBackupError(f"cannot create a file in {path.parent}: "
                                     f"{exc.strerror or exc}; choose a folder you can write to "
                                     f"(--output or --data-dir)") from None
-    summary = {"file": str(path), "tables": {}, "rows": 0, "warnings": []}
+    summary = {"file": str(path), "created_at": header["created_at"], "tables": {}, "rows": 0,
+               "warnings": []}
     try:
         for name in tables:
             try:
@@ -1733,40 +2259,10 @@ def snapshot(api, tables, discovered, path, project_host, role, progress, note=N
     if [name for name in checked] != list(tables):
         raise IncompleteBackupError(f"{path} does not read back as written; it was kept for "
                                     f"inspection, but do not rely on it")
-    if path.parent.name == BACKUP_DIR:
-        backup_summary(path, header, checked)  # what list shows, recorded now it is checked
+    if path.parent.name in (BACKUP_DIR, SAFETY_DIR) and not path.name.startswith(TEMP_PREFIX):
+        record_in_index(path, header, checked)  # what list shows, recorded now it is checked
     summary["bytes"] = path.stat().st_size
     return summary
-
-
-def apply_retention(folder, keep=None, keep_days=None, protect=None, now=None):
-    """Delete old backups in folder (never protect, never anything but backup files); returns
-    the names deleted. Every backup is self-contained, so deleting one never breaks another."""
-    now = now or utc_now()
-    backups = sorted((p for p in folder.iterdir() if BACKUP_NAME_PATTERN.fullmatch(p.name)),
-                     key=lambda p: p.name, reverse=True)
-    doomed = []
-    for index, path in enumerate(backups):
-        if protect is not None and path.resolve() == Path(protect).resolve():
-            continue
-        stamp = datetime.datetime.strptime(BACKUP_NAME_PATTERN.fullmatch(path.name).group(1),
-                                           "%Y%m%d_%H%M%S").replace(tzinfo=datetime.timezone.utc)
-        too_many = keep is not None and index >= keep
-        too_old = keep_days is not None and now - stamp > datetime.timedelta(days=keep_days)
-        if too_many or too_old:
-            doomed.append(path)
-    deleted = []
-    for path in doomed:
-        try:
-            path.unlink()
-        except OSError as exc:
-            log.warning("retention: could not delete %s (%s); the new backup is complete, but "
-                        "old backups will pile up until this is fixed", path.name,
-                        exc.strerror or exc)
-            continue
-        deleted.append(path.name)
-        log.info("retention: deleted %s", path.name)
-    return deleted
 
 
 def row_key(row, primary_key):
@@ -3404,6 +3900,179 @@ def has_differences(result):
                 result.get("missing_live"))
 
 
+# --- Retention and the heartbeat --------------------------------------------------------------
+# Which backups to keep, in backups/ and at the off-site location alike, judged by the UTC time
+# in their names; and the pings that tell a monitor (healthchecks.io and the like) how a
+# scheduled backup went.
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """The retention options: --keep and --keep-days (each deletes), or the calendar rules
+    --keep-last/--keep-daily/--keep-weekly/--keep-monthly (each keeps; the rest is deleted)."""
+
+    keep: int = None
+    keep_days: int = None
+    last: int = None
+    daily: int = None
+    weekly: int = None
+    monthly: int = None
+
+    @property
+    def calendar(self):
+        return any((self.last, self.daily, self.weekly, self.monthly))
+
+    @property
+    def active(self):
+        return self.calendar or bool(self.keep or self.keep_days)
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(*(getattr(args, name, None) for name in (
+            "keep", "keep_days", "keep_last", "keep_daily", "keep_weekly", "keep_monthly")))
+
+
+CALENDAR_PERIODS = (("daily", lambda t: t.strftime("%Y-%m-%d")),
+                    ("weekly", lambda t: "%04d-W%02d" % t.isocalendar()[:2]),
+                    ("monthly", lambda t: t.strftime("%Y-%m")))
+
+
+def backup_time(name):
+    """The UTC time in a backup's name (supabase_backup_YYYYMMDD_HHMMSS...)."""
+    stamp = BACKUP_NAME_PATTERN.fullmatch(name).group(1)
+    return datetime.datetime.strptime(stamp, "%Y%m%d_%H%M%S").replace(
+        tzinfo=datetime.timezone.utc)
+
+
+def retention_plan(names, policy, protect=None, now=None):
+    """[(name, reasons kept)] for backup names, newest first; a name with no reason is to be
+    deleted. The calendar rules mean what restic's mean: --keep-daily N keeps the newest backup
+    of each of the last N days that have one, and so on; --keep-last N the newest N. protect
+    (the backup just written) is always kept."""
+    now = now or utc_now()
+    ordered = sorted(names, key=lambda n: (backup_time(n), n), reverse=True)
+    reasons = {name: [] for name in ordered}
+    if protect in reasons:
+        reasons[protect].append("the backup just written")
+    if policy.calendar:
+        for index, name in enumerate(ordered[:policy.last or 0]):
+            reasons[name].append(f"last {policy.last}")
+        for rule, period_of in CALENDAR_PERIODS:
+            count, periods = getattr(policy, rule) or 0, []
+            for name in ordered:
+                period = period_of(backup_time(name))
+                if period in periods:
+                    continue
+                if len(periods) >= count:
+                    break
+                periods.append(period)
+                reasons[name].append(f"{rule} {period}")
+    else:
+        for index, name in enumerate(ordered):
+            newest = policy.keep is None or index < policy.keep
+            young = (policy.keep_days is None or
+                     now - backup_time(name) <= datetime.timedelta(days=policy.keep_days))
+            if newest and young:
+                reasons[name].append(" and ".join(
+                    (["one of the newest %d" % policy.keep] if policy.keep else [])
+                    + (["younger than %d days" % policy.keep_days] if policy.keep_days else [])))
+    return [(name, reasons[name]) for name in ordered]
+
+
+def local_backup_names(folder):
+    """The names of the backups in a folder (plain and encrypted)."""
+    return [p.name for p in folder.iterdir()
+            if BACKUP_NAME_PATTERN.fullmatch(p.name) and p.is_file()]
+
+
+def apply_retention(folder, policy, protect=None, now=None, dry_run=False):
+    """Delete the backups in folder that policy does not keep (never protect, never anything but
+    backup files); returns (plan, names deleted). Every backup is self-contained, so deleting one
+    never breaks another."""
+    plan = retention_plan(local_backup_names(folder), policy, protect, now)
+    deleted = []
+    for name, reasons in plan:
+        if reasons or dry_run:
+            continue
+        try:
+            (folder / name).unlink()
+        except OSError as exc:
+            log.warning("retention: could not delete %s (%s); the new backup is complete, but "
+                        "old backups will pile up until this is fixed", name,
+                        exc.strerror or exc)
+            continue
+        deleted.append(name)
+        log.info("retention: deleted %s", name)
+    return plan, deleted
+
+
+def apply_remote_retention(client, location, policy, protect=None, now=None, dry_run=False):
+    """apply_retention for the backups at an s3:// location."""
+    plan = retention_plan([name for name, _ in remote_backups(client, location)], policy,
+                          protect, now)
+    doomed = [name for name, reasons in plan if not reasons]
+    deleted = [] if dry_run else delete_remote(client, location, doomed)
+    for name in deleted:
+        log.info("retention: deleted %s", location.url(name))
+    return plan, deleted
+
+
+def retention_lines(where, plan, dry_run):
+    """What prune prints: each backup deleted (or that would be), and why each kept one stays."""
+    lines = []
+    for name, reasons in plan:
+        if reasons:
+            lines.append(f"keep    {where}{name}  ({', '.join(reasons)})")
+        else:
+            lines.append(f"{'would delete' if dry_run else 'deleted'}  {where}{name}  "
+                         f"(no rule keeps it)")
+    return lines
+
+
+PING_TIMEOUT = 10  # seconds per ping; a monitor that does not answer never holds a backup up
+
+
+class Heartbeat:
+    """Pings in the healthchecks.io convention: URL/start when the backup starts, URL when it
+    succeeds, URL/fail with the exit code and the error line in the body when it fails. A ping
+    that cannot be sent is a warning, never a failure; its body passes the secret filter."""
+
+    def __init__(self, url):
+        self.url = url.rstrip("/") if url else None
+
+    def start(self):
+        self.send("/start", "")
+
+    def success(self, text):
+        self.send("", text)
+
+    def fail(self, code, text):
+        self.send("/fail", f"exit {code}: {text}")
+
+    def send(self, suffix, body):
+        if not self.url:
+            return
+        import urllib.request
+        request = urllib.request.Request(
+            self.url + suffix, data=redactor.redact(one_line(body, 10000)).encode(),
+            method="POST", headers={"Content-Type": "text/plain; charset=utf-8",
+                                    "User-Agent": f"supabase_backup/{TOOL_VERSION}"})
+        host = urllib.parse.urlsplit(self.url).netloc
+        try:
+            with urllib.request.urlopen(request, timeout=PING_TIMEOUT) as response:
+                response.read(1024)
+            log.debug("heartbeat: pinged %s%s", host, suffix or " (success)")
+        except Exception as exc:  # whatever it is, the backup's own outcome stands
+            log.warning("heartbeat: could not ping %s%s (%s); the backup itself is not "
+                        "affected", host, suffix, one_line(redactor.redact(str(exc)), 160))
+
+
+def ping_url(text):
+    """argparse type for --ping: an http(s) URL."""
+    if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", text):
+        raise argparse.ArgumentTypeError(f"not an http(s) URL: {text!r}")
+    return text
+
+
 # --- Logs and summaries -----------------------------------------------------------------------
 # The restore log in summaries/, and the one logging setup.
 
@@ -3470,7 +4139,7 @@ def write_restore_log(restore_log, **fields):
     return restore_log.path
 
 
-SAFETY_NAME_PATTERN = re.compile(r"(safety_backup|failed_state)_(\d{8}_\d{6})\.json\.gz")
+SAFETY_NAME_PATTERN = re.compile(r"(safety_backup|failed_state)_(\d{8}_\d{6})\.json\.gz(?:\.age)?")
 RUN_LOG_PATTERN = re.compile(r"(restore|rollback)_log_\d{8}_\d{6}\.json")
 # The outcome of the run a safety backup protected, as list-safety shows it, and whether the
 # tables may be left half-restored (then the safety backup is needed: flagged, never cleaned up).
@@ -3784,12 +4453,15 @@ def new_file_path(folder, prefix, suffix=".json.gz"):
     return path
 
 
-def backup_output_path(args, paths):
-    """Where the new backup goes: --output, else backups/supabase_backup_<UTC time>.json.gz."""
+def backup_output_path(args, paths, suffix=".json.gz"):
+    """Where the new backup goes: --output, else backups/supabase_backup_<UTC time><suffix>
+    (.json.gz, or .json.gz.age when it is encrypted)."""
     if args.output:
         output = Path(args.output).expanduser()
         if output.is_dir():
-            output = output / timestamp_name("supabase_backup", utc_now())
+            output = output / timestamp_name("supabase_backup", utc_now(), suffix)
+        elif suffix.endswith(AGE_SUFFIX) and not output.name.endswith(AGE_SUFFIX):
+            output = output.with_name(output.name + AGE_SUFFIX)
         if not output.parent.is_dir():
             raise ConfigError(f"--output {args.output}: the folder {output.parent} does not "
                               f"exist; create it or choose another path")
@@ -3801,19 +4473,91 @@ def backup_output_path(args, paths):
             log.warning("--output %s: the file is gzip-compressed JSON; a name ending in "
                         ".json.gz says so to the next person (and to list)", args.output)
         return output.resolve()
-    return new_file_path(paths.backups, "supabase_backup")
+    return new_file_path(paths.backups, "supabase_backup", suffix)
+
+
+def local_settings():
+    """Every setting (environment over .env files), for the commands that need no project."""
+    return merge_settings(setting_layers())
+
+
+def backup_remote(args, settings):
+    """The off-site location of a backup (--to, else BACKUP_REMOTE), or None."""
+    if args.to:
+        return parse_remote(args.to, "--to")
+    if settings.get("BACKUP_REMOTE"):
+        return parse_remote(settings["BACKUP_REMOTE"], "BACKUP_REMOTE")
+    return None
+
+
+def backup_recipients(args, settings, option="--encrypt-to", setting="BACKUP_ENCRYPT_TO"):
+    """The age recipients to encrypt to (the option, else the setting), or None."""
+    if getattr(args, option[2:].replace("-", "_"), None):
+        return age_recipients(getattr(args, option[2:].replace("-", "_")), option)
+    if settings.get(setting):
+        return age_recipients(settings[setting], setting)
+    return None
+
+
+def heartbeat_for(args):
+    """The Heartbeat of a backup: --ping, else BACKUP_PING_URL (an unusable URL is a warning)."""
+    url = args.ping
+    if not url:
+        try:
+            url = local_settings().get("BACKUP_PING_URL")
+        except BackupError:
+            url = None  # the run's own configuration check reports it
+        if url and not re.fullmatch(r"https?://[^/\s]+(/\S*)?", url):
+            log.warning("BACKUP_PING_URL is not an http(s) URL; no heartbeat is sent")
+            url = None
+    return Heartbeat(url)
 
 
 def cmd_backup(args):
-    """Back up tables to a gzip JSON file in backups/."""
+    """Back up tables to a gzip JSON file in backups/, then encrypt, copy off-site and thin it as
+    asked; the heartbeat hears how it went."""
+    heartbeat = heartbeat_for(args)
+    heartbeat.start()
+    try:
+        summary = run_backup(args)
+    except BackupError as exc:
+        heartbeat.fail(exc.exit_code, exc)
+        raise
+    except KeyboardInterrupt:
+        heartbeat.fail(EXIT_INTERRUPTED, "interrupted (Ctrl-C)")
+        raise
+    except Exception as exc:
+        heartbeat.fail(EXIT_INTERNAL, f"unexpected internal error: {type(exc).__name__}")
+        raise
+    heartbeat.success(f"{Path(summary['file']).name}: {len(summary['tables'])} tables, "
+                      f"{summary['rows']} rows, {human_size(summary['bytes'])}"
+                      + (f", copied to {summary['remote']}" if summary.get("remote") else ""))
+    if args.json:
+        emit(json.dumps(summary, indent=2))
+    return EXIT_OK
+
+
+def run_backup(args):
+    """The backup itself: snapshot, then encryption, the off-site copy and retention; returns
+    its summary."""
     config, paths = begin_run(args)
     role = check_key_role(config, args.allow_rls_limited)
+    # Every setting is checked (and boto3, pyrage imported) before the first request, so that a
+    # typo does not cost a whole backup.
+    recipients = backup_recipients(args, config.settings)
+    remote = backup_remote(args, config.settings)
+    client = s3_client(config.settings) if remote else None
+    policy = RetentionPolicy.from_args(args)
     started = time.monotonic()
     with data_lock(config.data_dir, "backup"):
         clear_partial_files(paths.backups)
-        output = backup_output_path(args, paths)
+        output = backup_output_path(args, paths, ".json.gz" + (AGE_SUFFIX if recipients else ""))
         if output.parent != paths.backups:
             clear_partial_files(output.parent)
+        # Encrypted: the plain file is written and verified under a temporary name, then
+        # encrypted to the final name and removed.
+        written = (output.parent / f"{TEMP_PREFIX}{os.getpid()}-plain-{plain_name(output.name)}"
+                   if recipients else output)
         api = SupabaseApi(config)
         try:
             if role == SERVICE_ROLE:
@@ -3831,23 +4575,44 @@ def cmd_backup(args):
             log.info("backing up %d table(s) from %s to %s", len(tables), config.host, output)
             note = ("made with a key that is not the service role (--allow-rls-limited): row "
                     "level security may have hidden rows" if role != SERVICE_ROLE else None)
-            summary = snapshot(api, tables, discovered, output, config.host, role,
+            summary = snapshot(api, tables, discovered, written, config.host, role,
                                progress, note)
         finally:
             api.close()
-        deleted = []
-        if args.keep or args.keep_days:
-            deleted = apply_retention(paths.backups, args.keep, args.keep_days, protect=output)
+        if recipients:
+            try:
+                encrypt_backup(written, output, recipients)
+            finally:
+                written.unlink(missing_ok=True)
+            summary.update(file=str(output), bytes=output.stat().st_size, encrypted=True)
+            log.info("encrypted to %d age recipient(s): %s", len(recipients), output.name)
+        if remote:
+            try:
+                summary["remote"] = upload_backup(client, remote, output, summary)
+            except UploadError as exc:
+                exc.args = (f"{exc}; the local backup {output.name} is complete and kept; no "
+                            f"retention ran",)
+                raise
+            abort_dead_uploads(client, output.parent)
+            log.info("copied to %s and checked (size and SHA-256)", summary["remote"])
+        summary["deleted"] = []
+        if policy.active:
+            protect = output.name if output.parent == paths.backups else None
+            _, summary["deleted"] = apply_retention(paths.backups, policy, protect)
+            if remote:
+                try:
+                    _, deleted = apply_remote_retention(client, remote, policy, output.name)
+                    summary["deleted"] += [remote.url(name) for name in deleted]
+                except BackupError as exc:
+                    log.warning("retention at %s did not run: %s", remote.url(), exc)
     summary.update(requests=api.requests, seconds=round(time.monotonic() - started, 3),
-                   deleted=deleted, status="ok")
+                   status="ok")
     for warning in summary["warnings"]:
         log.warning("%s", warning)
     log.info("backup complete: %s (%d tables, %d rows, %s, %d requests, %.1fs)", output,
              len(summary["tables"]), summary["rows"], human_size(summary["bytes"]),
              api.requests, summary["seconds"])
-    if args.json:
-        emit(json.dumps(summary, indent=2))
-    return EXIT_OK
+    return summary
 
 
 def human_size(size):
@@ -3877,16 +4642,22 @@ def find_backup_file(name, data_dir):
 
 
 def cmd_check(args):
-    """Verify a backup file offline: structure, per-table row counts and checksums."""
+    """Verify a backup file offline: structure, per-table row counts and checksums (an s3://
+    object is fetched and checked against its recorded SHA-256 first; an age file decrypted)."""
     setup_local_run(args)
-    path = find_backup_file(args.file, local_data_dir(args))
-    header, tables = check_backup(path)
+    data_dir = local_data_dir(args)
+    source = args.file if is_remote(args.file) else find_backup_file(args.file, data_dir)
+    with readable_backup(source, local_settings(), args.identity, data_dir) as backup:
+        header, tables = check_backup(backup.path)
+    shown = backup.shown
     if args.json:
-        emit(json.dumps({"file": str(path), "status": "ok", "created_at": header.get("created_at"),
+        emit(json.dumps({"file": shown, "status": "ok", "encrypted": backup.encrypted,
+                          "created_at": header.get("created_at"),
                           "tables": {n: {"rows": t["row_count"], "sha256": t["sha256"]}
                                      for n, t in tables.items()}}, indent=2))
         return EXIT_OK
-    emit(f"{path}: intact (format v{header['format_version']}, created "
+    emit(f"{shown}: intact (format v{header['format_version']}, "
+          f"{'age-encrypted, ' if backup.encrypted else ''}created "
           f"{header.get('created_at')}, project {header.get('project_host')})")
     width = max([len(n) for n in tables] + [5])
     emit(f"  {'table':<{width}}  {'rows':>9}  sha256")
@@ -3896,80 +4667,138 @@ def cmd_check(args):
     return EXIT_OK
 
 
-# Beside backups/ in the data folder: what list shows of each backup, by size and mtime.
+def backup_summary(path, settings=None, identity=None, data_dir=None):
+    """created_at, tables and rows of a backup, read from its content (the whole file, decrypted
+    when it is encrypted and an identity is at hand); status says what was found."""
+    stat = path.stat()
+    entry = {"file": path.name, "bytes": stat.st_size}
+    encrypted = is_encrypted(path)
+    known = read_index(index_path(path)).get(index_key(path))
+    if known and known.get("size") == stat.st_size and known.get("mtime_ns") == stat.st_mtime_ns:
+        return {**entry, "created_at": known["created_at"], "encrypted": encrypted,
+                "tables": known["tables"], "rows": known["rows"], "status": "ok"}
+    if encrypted and not (identity or (settings or {}).get("BACKUP_AGE_IDENTITY")):
+        return {**entry, "created_at": name_time(path.name), "encrypted": True,
+                "status": "encrypted (age): give --identity or BACKUP_AGE_IDENTITY to check it"}
+    try:
+        with readable_backup(path, settings or {}, identity, data_dir) as backup:
+            header, tables = check_backup(backup.path)
+    except (ValidationError, ConfigError) as exc:
+        kind = "damaged" if isinstance(exc, ValidationError) else "unreadable"
+        return {**entry, "status": f"{kind}: {exc}"}
+    record_in_index(path, header, tables)
+    return {**entry, "created_at": header.get("created_at"), "encrypted": encrypted,
+            "tables": len(tables), "rows": sum(t["row_count"] for t in tables.values()),
+            "status": "ok"}
+
+
+# Beside backups/ in the data folder: what list shows of each backup (created, tables, rows), by
+# its size and modification time, recorded when a backup is finished or first checked, so that
+# `list` need not read every file every time (`check` always does).
 INDEX_FILE_NAME = ".backup_index.json"
 
 
-def backup_summary(path, header=None, tables=None):
-    """created_at, tables and rows of a backup: from the folder's index while the file's size
-    and modification time are those recorded there, else read from its content (the whole
-    file, checked) and recorded. The index is written when a backup is finished or first
-    checked, so that `list` need not read every file every time (`check` always does)."""
+def index_path(path):
+    return path.parent.parent / INDEX_FILE_NAME
+
+
+def index_key(path):
+    """A file's key in the index: its folder and name (backups/NAME, safety_backups/NAME)."""
+    return f"{path.parent.name}/{path.name}"
+
+
+def record_in_index(path, header, tables):
+    """Record what list shows of a backup just checked (a read-only folder: not recorded)."""
     stat = path.stat()
-    index_path = path.parent.parent / INDEX_FILE_NAME
-    index = read_index(index_path)
-    known = index.get(path.name)
-    if header is None and known and known.get("size") == stat.st_size and \
-            known.get("mtime_ns") == stat.st_mtime_ns:
-        return {"file": path.name, "created_at": known["created_at"], "bytes": stat.st_size,
-                "tables": known["tables"], "rows": known["rows"]}
-    if header is None:
-        header, tables = check_backup(path)
-    summary = {"file": path.name, "created_at": header.get("created_at"), "bytes": stat.st_size,
-               "tables": len(tables), "rows": sum(t["row_count"] for t in tables.values())}
-    index = {name: entry for name, entry in read_index(index_path).items()
-             if (path.parent / name).exists()}
-    index[path.name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                        "created_at": summary["created_at"], "tables": summary["tables"],
-                        "rows": summary["rows"]}
+    index = {key: entry for key, entry in read_index(index_path(path)).items()
+             if (path.parent.parent / key).exists()}
+    index[index_key(path)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                        "created_at": header.get("created_at"), "tables": len(tables),
+                        "rows": sum(t["row_count"] for t in tables.values())}
     try:
-        write_json_atomically(index_path, index)
-    except OSError:  # a read-only folder: list still works, it only reads the files again
+        write_json_atomically(index_path(path), index)
+    except OSError:
         pass
-    return summary
 
 
-def read_index(index_path):
+def read_index(path):
     """The backups folder's index ({} when missing or unreadable: it is only a shortcut)."""
     try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
+        index = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return index if isinstance(index, dict) else {}
 
 
-def cmd_list(args):
-    """List the backups in backups/, newest first."""
-    setup_local_run(args)
-    folder = local_data_dir(args) / BACKUP_DIR
-    files = sorted((p for p in folder.glob("supabase_backup_*") if
-                    BACKUP_NAME_PATTERN.fullmatch(p.name)), key=lambda p: p.name, reverse=True)
+def name_time(name):
+    """The ISO time in a backup's or safety backup's name, or None."""
+    match = BACKUP_NAME_PATTERN.fullmatch(name) or SAFETY_NAME_PATTERN.fullmatch(name)
+    if not match:
+        return None
+    stamp = datetime.datetime.strptime(match.groups()[-1], "%Y%m%d_%H%M%S")
+    return stamp.replace(tzinfo=datetime.timezone.utc).isoformat()
+
+
+def remote_listing(url, settings):
+    """The backups at an s3:// location, newest first, from their objects' metadata (recorded at
+    upload; `check --file` fetches one and verifies it)."""
+    location = parse_remote(url, "list")
+    client = s3_client(settings)
     entries = []
-    for path in files:
-        try:
-            entries.append({**backup_summary(path), "status": "ok"})
-        except ValidationError as exc:
-            entries.append({"file": path.name, "bytes": path.stat().st_size,
-                            "status": f"damaged: {exc}"})
-    damaged = [entry["file"] for entry in entries if entry["status"] != "ok"]
+    for name, size in sorted(remote_backups(client, location), reverse=True):
+        head = s3_call("cannot read", location, client.head_object, location.prefix + name,
+                       Bucket=location.bucket, Key=location.prefix + name)
+        meta = head.get("Metadata") or {}
+        entries.append({"file": location.url(name), "bytes": size,
+                        "created_at": meta.get("created-at") or name_time(name),
+                        "encrypted": meta.get("encrypted") == "age",
+                        "tables": int(meta["tables"]) if meta.get("tables", "").isdigit() else None,
+                        "rows": int(meta["rows"]) if meta.get("rows", "").isdigit() else None,
+                        "sha256": meta.get("sha256"),
+                        "status": "listed" if meta.get("sha256") else
+                                  "no SHA-256 recorded: not uploaded by this tool"})
+    return entries
+
+
+def cmd_list(args):
+    """List the backups in backups/ (or at an s3:// location), newest first."""
+    setup_local_run(args)
+    settings = local_settings()
+    data_dir = local_data_dir(args)
+    if args.location and is_remote(args.location):
+        where = args.location
+        entries = remote_listing(args.location, settings)
+    else:
+        folder = Path(args.location).expanduser() if args.location else data_dir / BACKUP_DIR
+        where = str(folder)
+        files = sorted((p for p in folder.glob("supabase_backup_*") if
+                        BACKUP_NAME_PATTERN.fullmatch(p.name)), key=lambda p: p.name,
+                       reverse=True)
+        entries = [backup_summary(path, settings, args.identity, data_dir) for path in files]
+    damaged = [entry["file"] for entry in entries if entry["status"].startswith("damaged")]
     if args.json:
         emit(json.dumps(entries, indent=2))
     elif not entries:
-        emit(f"no backups in {folder}")
+        emit(f"no backups in {where}")
     else:
-        emit(f"{'backup':<37}  {'created (UTC)':<19}  {'size':>10}  {'tables':>6}  {'rows':>10}")
+        emit(f"{'backup':<41}  {'created (UTC)':<19}  {'size':>10}  {'tables':>6}  {'rows':>10}")
         for entry in entries:
-            if entry["status"] == "ok":
-                emit(f"{entry['file']:<37}  {entry['created_at'][:19].replace('T', ' '):<19}  "
-                     f"{human_size(entry['bytes']):>10}  {entry['tables']:>6}  "
-                     f"{entry['rows']:>10}")
+            created = (entry.get("created_at") or "?")[:19].replace("T", " ")
+            if entry["status"] in ("ok", "listed"):
+                emit(f"{entry['file']:<41}  {created:<19}  {human_size(entry['bytes']):>10}  "
+                     f"{entry['tables']:>6}  {entry['rows']:>10}"
+                     + ("  (age)" if entry.get("encrypted") else ""))
             else:
-                emit(f"{entry['file']:<37}  {'DAMAGED':<19}  {human_size(entry['bytes']):>10}  "
-                     f"{entry['status']}")
+                emit(f"{entry['file']:<41}  "
+                     f"{'DAMAGED' if entry['file'] in damaged else created:<19}  "
+                     f"{human_size(entry['bytes']):>10}  {entry['status']}")
     if damaged:
         log.error("%d damaged backup(s): %s; do not rely on them (check --file NAME says what "
                   "is wrong)", len(damaged), ", ".join(damaged))
         return EXIT_INVALID_BACKUP
+    if is_remote(where):
+        log.info("listed from the objects' metadata; `python %s check --file %s<NAME>` fetches "
+                 "one and verifies it", PROG, parse_remote(where, "list").url())
     return EXIT_OK
 
 
@@ -4065,9 +4894,10 @@ with""".split())
 class RestoreRun:
     """One restore (or rollback to a file): the numbered steps of SAFETY.md, in order."""
 
-    def __init__(self, api, config, paths, args, file_path, mode="restore"):
+    def __init__(self, api, config, paths, args, file_path, mode="restore", source=None):
         self.api, self.config, self.paths, self.args = api, config, paths, args
         self.file_path, self.mode = file_path, mode
+        self.source = source or str(file_path)  # as the user named it: a path or an s3:// URL
         self.progress = progress
         self.safe = mode == "rollback" or args.safe
         self.dry_run = args.dry_run
@@ -4076,6 +4906,9 @@ class RestoreRun:
         self.rewritten = {}  # table -> columns the failed verification found rewritten
         self.started = None  # when the run began: a trigger's rewritten times come after it
         self._step, self.writing = None, False
+        self.safety_recipients = None  # SAFETY_ENCRYPT_TO, read when the run starts
+        self.safety_read_path = None  # the plain safety backup a rollback reads
+        self.plain_copies = []  # plain copies of encrypted safety backups, removed at the end
 
     def say_step(self, number, tag, text):
         log.info("%d. [%s] %s", number, tag, text)
@@ -4097,13 +4930,20 @@ class RestoreRun:
                     write_restore_log(self.restore_log, status="aborted",
                                       error=f"{reason}; stopped before writing anything")
             raise
+        finally:
+            for path in self.plain_copies:  # the encrypted safety backups stay
+                with contextlib.suppress(OSError):
+                    path.unlink()
 
     def _run(self):
         args, api = self.args, self.api
         started = self.started = utc_now()
         # Read now: a typo in a setting must not fail a restore half-way.
         critical, ignore_columns = self.critical(), self.ignore_columns()
-        log.info("reading %s", self.file_path)
+        if self.config.settings.get("SAFETY_ENCRYPT_TO") and self.safe and not self.dry_run:
+            self.safety_recipients = age_recipients(self.config.settings["SAFETY_ENCRYPT_TO"],
+                                                    "SAFETY_ENCRYPT_TO")
+        log.info("reading %s", self.source)
         try:
             scan = scan_backup(self.file_path)
         except ValidationError as exc:
@@ -4116,7 +4956,7 @@ class RestoreRun:
             self.restore_log = RestoreLog(
                 new_file_path(self.paths.summaries, f"{self.mode}_log", ".json"),
                 kind=self.mode, started_at=started.isoformat(),
-                backup_file=str(self.file_path), safe=self.safe, tables=tables,
+                backup_file=self.source, safe=self.safe, tables=tables,
                 tables_skipped=skipped, pid=os.getpid())
         for name in tables:
             meta = scan.tables[name]["meta"]
@@ -4129,12 +4969,12 @@ class RestoreRun:
 
         # 1. Safety backup of the current state.
         if self.safe and not self.dry_run:
-            self.safety_path = new_file_path(self.paths.safety_backups, "safety_backup")
+            self.safety_path = self.safety_file_path("safety_backup")
             self.step(1, "SAFETY", f"safety backup of {len(present)} table(s) -> "
                       f"{self.safety_path}")
-            summary = snapshot(api, present, live, self.safety_path, self.config.host,
-                               SERVICE_ROLE, self.progress,
-                               note=f"safety backup before {self.mode} of {self.file_path.name}")
+            summary, self.safety_read_path = self.safety_snapshot(
+                self.safety_path, present, live,
+                f"safety backup before {self.mode} of {self.file_path.name}")
             self.restore_log.update(safety_backup_file=str(self.safety_path))
             self.done(f"{summary['rows']} rows in {len(present)} tables, re-read and checked")
             for name, table in summary["tables"].items():
@@ -4182,7 +5022,7 @@ class RestoreRun:
             if self.dry_run:
                 self.done("dry run: nothing written")
                 if args.json:
-                    emit(json.dumps({"status": "dry_run", "file": str(self.file_path),
+                    emit(json.dumps({"status": "dry_run", "file": self.source,
                                       "before_counts": before, "plan": plan_summary,
                                       "json_changes": json_changes}, indent=2))
                 return EXIT_OK
@@ -4284,6 +5124,7 @@ class RestoreRun:
             write_restore_log(self.restore_log, status="failed_kept", error=reason)
             raise PartialRestoreError(f"{self.mode} failed: {reason}; kept as it is "
                                       f"(--no-rollback); to undo it run: {self.rollback_hint()}")
+        failed_path = self.safety_file_path("failed_state")
         # A column a trigger rewrites on every write (the failed verification found one, or the
         # user named it) is rewritten by the rollback's writes too: no API write can put its old
         # values back, so it is left out of the rollback's verification, and the message says so.
@@ -4295,10 +5136,10 @@ class RestoreRun:
             # announcement on, a Ctrl-C stops the rollback with the command that finishes it.
             self.step(7, "ROLLBACK", f"snapshot of the failed state -> {failed_path}, then back "
                       f"to {self.safety_path.name}")
-            snapshot(self.api, list(self.plans), discover_tables(self.api.openapi()),
-                     failed_path, self.config.host, SERVICE_ROLE, self.progress,
-                     note=f"state after a failed {self.mode} of {self.file_path.name}")
-            mismatches = rollback(self.api, self.plans, self.order, self.safety_path,
+            self.safety_snapshot(failed_path, list(self.plans),
+                                 discover_tables(self.api.openapi()),
+                                 f"state after a failed {self.mode} of {self.file_path.name}")
+            mismatches = rollback(self.api, self.plans, self.order, self.safety_read_path,
                                   self.progress, leave_out, self.accept_json_null)
         except KeyboardInterrupt:
             write_restore_log(self.restore_log, status="interrupted",
@@ -4415,10 +5256,32 @@ class RestoreRun:
             write_restore_log(self.restore_log, status="refused", error=error)
         raise ValidationError(error)
 
+    def safety_file_path(self, prefix):
+        """A new name in safety_backups/ (.json.gz.age when safety backups are encrypted)."""
+        return new_file_path(self.paths.safety_backups, prefix,
+                             ".json.gz" + (AGE_SUFFIX if self.safety_recipients else ""))
+
+    def safety_snapshot(self, path, tables, live, note):
+        """Snapshot tables to path, a safety backup; returns (summary, the plain file a rollback
+        reads). Encrypted to SAFETY_ENCRYPT_TO when it is set: the plain file is then written
+        and verified under a temporary name, encrypted to path, and kept for this run's
+        automatic rollback only."""
+        if not self.safety_recipients:
+            return snapshot(self.api, tables, live, path, self.config.host, SERVICE_ROLE,
+                            self.progress, note=note), path
+        plain = path.parent / f"{TEMP_PREFIX}{os.getpid()}-plain-{plain_name(path.name)}"
+        self.plain_copies.append(plain)
+        summary = snapshot(self.api, tables, live, plain, self.config.host, SERVICE_ROLE,
+                           self.progress, note=note)
+        encrypt_backup(plain, path, self.safety_recipients)
+        return summary, plain
+
     def rollback_hint(self):
         if self.safety_path is None:
             return "(no safety backup was taken)"
-        return f"python {PROG} rollback {self.safety_path.name}"
+        identity = (" --identity YOUR_AGE_IDENTITY_FILE" if self.safety_recipients and not
+                    self.config.settings.get("BACKUP_AGE_IDENTITY") else "")
+        return f"python {PROG} rollback {self.safety_path.name}{identity}"
 
     def critical(self):
         if self.mode == "rollback":
@@ -4456,32 +5319,41 @@ def cmd_restore(args):
     """Restore a backup file behind the safety net (SAFETY.md's numbered flow)."""
     config, paths = begin_run(args)
     check_key_role(config)
-    backup_path = find_backup_file(args.file, config.data_dir)
-    if not args.safe and not args.dry_run:
-        confirm_unsafe_restore(args, backup_path)
-    with data_lock(config.data_dir, "restore"):
-        for folder in (paths.safety_backups, paths.summaries):
-            clear_partial_files(folder)
-        api = SupabaseApi(config)
-        try:
-            return RestoreRun(api, config, paths, args, backup_path).run()
-        finally:
-            api.close()
+    source = args.file
+    if not is_remote(source):
+        source = find_backup_file(args.file, config.data_dir)
+    # Fetched, checked against its recorded SHA-256 and decrypted before any request to the
+    # project: a wrong identity or a changed byte stops here.
+    with readable_backup(source, config.settings, args.identity, config.data_dir) as backup:
+        if not args.safe and not args.dry_run:
+            confirm_unsafe_restore(args, backup.path)
+        with data_lock(config.data_dir, "restore"):
+            for folder in (paths.safety_backups, paths.summaries):
+                clear_partial_files(folder)
+            api = SupabaseApi(config)
+            try:
+                return RestoreRun(api, config, paths, args, backup.path, source=backup.shown).run()
+            finally:
+                api.close()
 
 
 def cmd_rollback(args):
     """Bring tables back to exactly the state recorded in a safety backup."""
     config, paths = begin_run(args)
     check_key_role(config)
-    path = find_backup_file(args.file, config.data_dir)
-    with data_lock(config.data_dir, "rollback"):
-        for folder in (paths.safety_backups, paths.summaries):
-            clear_partial_files(folder)
-        api = SupabaseApi(config)
-        try:
-            return RestoreRun(api, config, paths, args, path, mode="rollback").run()
-        finally:
-            api.close()
+    source = args.file
+    if not is_remote(source):
+        source = find_backup_file(args.file, config.data_dir)
+    with readable_backup(source, config.settings, args.identity, config.data_dir) as backup:
+        with data_lock(config.data_dir, "rollback"):
+            for folder in (paths.safety_backups, paths.summaries):
+                clear_partial_files(folder)
+            api = SupabaseApi(config)
+            try:
+                return RestoreRun(api, config, paths, args, backup.path, mode="rollback",
+                                  source=backup.shown).run()
+            finally:
+                api.close()
 
 
 def local_time(moment):
@@ -4509,13 +5381,11 @@ def cmd_list_safety(args):
     setup_local_run(args)
     data_dir = local_data_dir(args)
     entries = safety_inventory(data_dir, running=lock_holder(data_dir))
+    settings = local_settings()
     for entry in entries:
-        try:
-            _, tables = check_backup(Path(entry["path"]))
-            entry.update(status="ok", tables=len(tables),
-                         rows=sum(t["row_count"] for t in tables.values()))
-        except ValidationError as exc:
-            entry.update(status=f"damaged: {exc}", tables=None, rows=None)
+        summary = backup_summary(Path(entry["path"]), settings, args.identity, data_dir)
+        entry.update(status=summary["status"], tables=summary.get("tables"),
+                     rows=summary.get("rows"))
         if entry["needs_rollback"]:
             entry["rollback_command"] = rollback_command(entry)
             if entry["run"]["kind"] == "rollback":
@@ -4606,12 +5476,55 @@ def cmd_cleanup_safety(args):
     return EXIT_OK
 
 
+def cmd_prune(args):
+    """Apply the retention rules to backups/ and the off-site copies, without a backup."""
+    policy = RetentionPolicy.from_args(args)
+    setup_local_run(args)
+    settings = local_settings()
+    remote = backup_remote(args, settings)
+    folder = local_data_dir(args) / BACKUP_DIR
+    client = s3_client(settings) if remote else None
+    report = {"dry_run": args.dry_run, "local": None, "remote": None}
+    lines = []
+    if folder.is_dir():
+        with data_lock(local_data_dir(args), "prune"):
+            plan, deleted = apply_retention(folder, policy, dry_run=args.dry_run)
+        report["local"] = {"folder": str(folder), "kept": {n: r for n, r in plan if r},
+                           "deleted": [n for n, r in plan if not r] if args.dry_run else deleted}
+        lines += retention_lines(str(folder) + "/", plan, args.dry_run)
+    if remote:
+        plan, deleted = apply_remote_retention(client, remote, policy, dry_run=args.dry_run)
+        report["remote"] = {"location": remote.url(), "kept": {n: r for n, r in plan if r},
+                            "deleted": [n for n, r in plan if not r] if args.dry_run else deleted}
+        lines += retention_lines(remote.url(), plan, args.dry_run)
+    if args.json:
+        emit(json.dumps(report, indent=2))
+        return EXIT_OK
+    for line in lines:
+        emit(line)
+    for side in ("local", "remote"):
+        if report[side] is not None:
+            log.info("%s: %d kept, %d %s", report[side].get("folder") or report[side]["location"],
+                     len(report[side]["kept"]), len(report[side]["deleted"]),
+                     "would be deleted (dry run)" if args.dry_run else "deleted")
+    return EXIT_OK
+
+
 def cmd_diff(args):
     """Compare a backup file with the live data, table by table."""
     config, paths = begin_run(args)
     check_key_role(config)
-    path = find_backup_file(args.file, config.data_dir)
-    log.info("reading %s", path)
+    source = args.file
+    if not is_remote(source):
+        source = find_backup_file(args.file, config.data_dir)
+    with readable_backup(source, config.settings, args.identity, config.data_dir) as backup:
+        return diff_backup(args, config, backup)
+
+
+def diff_backup(args, config, backup):
+    """diff for a readable backup (see cmd_diff)."""
+    path = backup.path
+    log.info("reading %s", backup.shown)
     header, in_file = check_backup(path)
     tables = args.tables or list(in_file)
     missing = [name for name in tables if name not in in_file]
@@ -4626,7 +5539,7 @@ def cmd_diff(args):
         api.close()
     differing = {name: r for name, r in results.items() if has_differences(r)}
     if args.json:
-        emit(json.dumps({"file": str(path), "created_at": header.get("created_at"),
+        emit(json.dumps({"file": backup.shown, "created_at": header.get("created_at"),
                           "identical": not differing, "tables": results}, indent=2))
     else:
         for name, result in differing.items():
@@ -4725,6 +5638,28 @@ def add_accept_json_null_argument(parser):
                              "without this option, naming table, column and rows)")
 
 
+def add_identity_argument(parser):
+    """--identity, shared by the commands that read backups."""
+    parser.add_argument("--identity", metavar="FILE",
+                        help="the age identity file (from age-keygen) that decrypts .age backups "
+                             "(default: BACKUP_AGE_IDENTITY)")
+
+
+def add_retention_arguments(parser, after="after a complete backup, "):
+    """--keep, --keep-days and the calendar rules, shared by backup and prune."""
+    parser.add_argument("--keep", type=positive_int, metavar="N",
+                        help=f"{after}keep only the newest N backups in backups/")
+    parser.add_argument("--keep-days", type=positive_int, metavar="D",
+                        help=f"{after}delete backups older than D days")
+    for period, what in (("last", "the newest N backups"),
+                         ("daily", "the newest backup of each of the last N days that have one"),
+                         ("weekly", "the newest backup of each of the last N ISO weeks"),
+                         ("monthly", "the newest backup of each of the last N months")):
+        parser.add_argument(f"--keep-{period}", type=positive_int, metavar="N",
+                            help=f"keep {what} (restic's rule; a backup any rule keeps stays, "
+                                 f"the rest is deleted, locally and off-site)")
+
+
 def add_command(subparsers, name, handler, summary, examples):
     """A subcommand parser with its summary, an Examples epilog and the global options."""
     parser = subparsers.add_parser(
@@ -4760,7 +5695,9 @@ def build_parser():
         "back up tables to a .json.gz file in backups/",
         ["backup", "--quiet backup --keep 14",
          "backup --tables users,packages,bookings --output /mnt/offsite/today.json.gz",
-         "backup --exclude audit_log --json"])
+         "backup --exclude audit_log --json",
+         "--quiet backup --encrypt-to age1... --to s3://my-bucket/supabase/ --keep-daily 7 "
+         "--keep-weekly 5 --keep-monthly 12 --ping https://hc-ping.com/UUID"])
     backup.add_argument("--tables", type=table_list, action="extend", metavar="A,B",
                         help="back up only these tables (default: BACKUP_TABLES, else every table "
                              "the service role sees)")
@@ -4771,10 +5708,17 @@ def build_parser():
                         help="write the backup here instead of backups/ (a file or a folder)")
     backup.add_argument("--force", action="store_true",
                         help="let --output replace a file that exists")
-    backup.add_argument("--keep", type=positive_int, metavar="N",
-                        help="after a complete backup, keep only the newest N backups in backups/")
-    backup.add_argument("--keep-days", type=positive_int, metavar="D",
-                        help="after a complete backup, delete backups older than D days")
+    add_retention_arguments(backup)
+    backup.add_argument("--encrypt-to", metavar="RECIPIENT",
+                        help="encrypt the backup to this age public key (age1..., comma-separated "
+                             "for several): backups/...json.gz.age, readable by `age -d` "
+                             "(default: BACKUP_ENCRYPT_TO)")
+    backup.add_argument("--to", metavar="s3://BUCKET/PREFIX/",
+                        help="copy the complete backup to S3-compatible storage (default: "
+                             "BACKUP_REMOTE); credentials and endpoint from the AWS_* settings")
+    backup.add_argument("--ping", type=ping_url, metavar="URL",
+                        help="heartbeat: ping URL/start, then URL on success or URL/fail "
+                             "(default: BACKUP_PING_URL)")
     backup.add_argument("--allow-rls-limited", action="store_true",
                         help="accept a key that is not the service role; row level security may "
                              "then hide rows (the file and the log say so); needs --tables")
@@ -4786,13 +5730,33 @@ def build_parser():
         ["check --file supabase_backup_20251128_074723.json.gz",
          "check --file /mnt/offsite/today.json.gz --json"])
     check.add_argument("--file", required=True, metavar="FILE",
-                       help="the backup to check: a path, or a file name in backups/")
+                       help="the backup to check: a path, a file name in backups/, or "
+                            "s3://bucket/prefix/NAME")
+    add_identity_argument(check)
     add_json_argument(check)
 
     listing = add_command(subparsers, "list", cmd_list,
-                          "list the backups in backups/, newest first, with tables and rows",
-                          ["list", "list --json"])
+                          "list the backups in backups/ (or a folder, or at s3://bucket/prefix/), "
+                          "newest first, with tables and rows",
+                          ["list", "list --json", "list s3://my-bucket/supabase/",
+                           "list --identity ~/.config/age/backup.txt"])
+    listing.add_argument("location", nargs="?", metavar="WHERE",
+                         help="a folder, or s3://bucket/prefix/ (default: backups/)")
+    add_identity_argument(listing)
     add_json_argument(listing)
+
+    prune = add_command(
+        subparsers, "prune", cmd_prune,
+        "delete the backups the retention rules do not keep, in backups/ and off-site",
+        ["prune --keep-daily 7 --keep-weekly 5 --keep-monthly 12 --dry-run",
+         "prune --keep-last 30 --remote s3://my-bucket/supabase/"])
+    add_retention_arguments(prune, after="")
+    prune.add_argument("--remote", dest="to", metavar="s3://BUCKET/PREFIX/",
+                       help="also apply the rules to the backups there (default: BACKUP_REMOTE)")
+    prune.add_argument("--dry-run", action="store_true",
+                       help="print what would be deleted, and why each kept backup is kept; "
+                            "delete nothing")
+    add_json_argument(prune)
 
     restore = add_command(
         subparsers, "restore", cmd_restore,
@@ -4801,7 +5765,9 @@ def build_parser():
          "restore --safe --dry-run --file supabase_backup_20251128_074723.json.gz",
          "restore --safe --tables bookings --critical users,packages,bookings --file FILE"])
     restore.add_argument("--file", required=True, metavar="FILE",
-                         help="the backup to restore: a path, or a file name in backups/")
+                         help="the backup to restore: a path, a file name in backups/, or "
+                              "s3://bucket/prefix/NAME")
+    add_identity_argument(restore)
     restore.add_argument("--safe", action="store_true",
                          help="take a safety backup first and roll back automatically if the "
                               "restore fails (recommended)")
@@ -4827,7 +5793,9 @@ def build_parser():
          "rollback --dry-run safety_backup_20251128_074820.json.gz",
          "list-safety   (shows which file to roll back to)"])
     rollback.add_argument("file", metavar="FILE",
-                          help="the safety backup: a file name in safety_backups/, or a path")
+                          help="the safety backup: a file name in safety_backups/, a path, or "
+                               "s3://bucket/prefix/NAME")
+    add_identity_argument(rollback)
     rollback.add_argument("--dry-run", action="store_true",
                           help="print per table the rows that would be inserted, updated and "
                                "deleted; write nothing")
@@ -4846,6 +5814,7 @@ def build_parser():
         subparsers, "list-safety", cmd_list_safety,
         "list the safety backups, newest first, with the restore each protected and its outcome",
         ["list-safety", "list-safety --json"])
+    add_identity_argument(list_safety)
     add_json_argument(list_safety)
 
     cleanup = add_command(
@@ -4869,7 +5838,9 @@ def build_parser():
         ["diff --file supabase_backup_20251128_074723.json.gz",
          "diff --file safety_backup_20251128_074820.json.gz --tables bookings --json"])
     diff.add_argument("--file", required=True, metavar="FILE",
-                      help="a path, or a file name in backups/ or safety_backups/")
+                      help="a path, a file name in backups/ or safety_backups/, or "
+                           "s3://bucket/prefix/NAME")
+    add_identity_argument(diff)
     diff.add_argument("--tables", type=table_list, action="extend", metavar="A,B",
                       help="compare only these tables of the file")
     add_json_argument(diff)
@@ -4888,6 +5859,16 @@ def check_usage(parser, args):
     if args.command == "backup" and args.tables and args.exclude:
         parser.error("--exclude applies to the discovered tables; with --tables, "
                      "name only the tables you want")
+    if args.command in ("backup", "prune"):
+        policy = RetentionPolicy.from_args(args)
+        if policy.calendar and (policy.keep or policy.keep_days):
+            parser.error("--keep/--keep-days cannot be combined with --keep-last/--keep-daily/"
+                         "--keep-weekly/--keep-monthly (--keep N is --keep-last N)")
+        if args.command == "prune" and not policy.active:
+            parser.error("prune needs a rule: --keep-last, --keep-daily, --keep-weekly, "
+                         "--keep-monthly, --keep or --keep-days")
+    if getattr(args, "to", None) and not is_remote(args.to):
+        parser.error(f"--to/--remote takes an s3://bucket/prefix/ URL, not {args.to!r}")
 
 
 def one_line(text, limit=300):

@@ -3,7 +3,7 @@
 PostgREST-compatible API.
 
     python tests/local_supabase.py [--schema demo | --sql FILE] [--env-file PATH]
-                                   [--max-rows N] [--statement-timeout 8s] [--port P]
+                                   [--max-rows N] [--statement-timeout 8s] [--port P] [--s3]
 
 starts PostgreSQL (pip-installed, see requirements-dev.txt; as an unprivileged
 user when run as root), creates Supabase's roles and grants, loads the demo
@@ -11,6 +11,8 @@ travel-booking schema (tests/demo_schema.sql) or your own schema dump, serves
 the API on 127.0.0.1 under /rest/v1, prints SUPABASE_URL,
 SUPABASE_SERVICE_ROLE_KEY, SUPABASE_ANON_KEY and DATABASE_URL (and writes them
 to --env-file), and runs until Ctrl-C, then removes everything it started.
+With --s3 it also starts an S3-compatible server (moto's) on 127.0.0.1 with a
+bucket, and prints the AWS_* settings and BACKUP_REMOTE that `backup --to` uses.
 
 Tests import it: ``with LocalSupabase() as stack: ...`` gives ``stack.url``,
 the keys, ``stack.database_url``, ``stack.faults`` (fault injection),
@@ -2182,9 +2184,9 @@ class LocalSupabase:
                 "SUPABASE_PUBLISHABLE_KEY": self.publishable_key,
                 "DATABASE_URL": self.database_url}
 
-    def write_env_file(self, path: str | Path) -> None:
+    def write_env_file(self, path: str | Path, extra: dict[str, str] | None = None) -> None:
         path = Path(path)
-        path.write_text("".join(f"{k}={v}\n" for k, v in self.env().items()))
+        path.write_text("".join(f"{k}={v}\n" for k, v in {**self.env(), **(extra or {})}.items()))
         path.chmod(0o600)
 
     def writes(self, table: str | None = None) -> int:
@@ -2205,6 +2207,29 @@ class LocalSupabase:
 
 # --- Command line -------------------------------------------------------------
 
+S3_BUCKET = "local-backups"
+
+
+def start_s3():
+    """moto's S3 server on 127.0.0.1 with one bucket; returns (server, its settings)."""
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    settings = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "local",
+                "AWS_SECRET_ACCESS_KEY": "local-secret", "AWS_REGION": "us-east-1",
+                "BACKUP_REMOTE": f"s3://{S3_BUCKET}/supabase/"}
+    boto3.client("s3", endpoint_url=settings["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                 aws_access_key_id="local",
+                 aws_secret_access_key="local-secret").create_bucket(Bucket=S3_BUCKET)
+    return server, settings
+
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -2222,6 +2247,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="statement timeout of every API request (default 8s, as Supabase)")
     parser.add_argument("--port", type=int, default=0, help="API port (default: a free one)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every request")
+    parser.add_argument("--s3", action="store_true",
+                        help="also start an S3-compatible server (moto) with a bucket, for "
+                             "`backup --to`; prints the AWS_* settings and BACKUP_REMOTE")
     args = parser.parse_args(argv)
     for path in args.sql:
         if not Path(path).is_file():
@@ -2248,11 +2276,19 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         print(f"local_supabase: could not start: {exc}", file=sys.stderr)
         return 1
+    s3_server, s3_env = None, {}
     try:
-        for key, value in stack.env().items():
+        if args.s3:
+            try:
+                s3_server, s3_env = start_s3()
+            except Exception as exc:
+                print(f"local_supabase: could not start the S3 server ({exc}); install "
+                      f"requirements-dev.txt", file=sys.stderr)
+                return 1
+        for key, value in {**stack.env(), **s3_env}.items():
             print(f"{key}={value}")
         if args.env_file:
-            stack.write_env_file(args.env_file)
+            stack.write_env_file(args.env_file, s3_env)
         print(f"# up in {time.monotonic() - started:.1f}s; tables: "
               f"{', '.join(stack.schema_cache()) or '(none)'}; Ctrl-C stops and removes it",
               file=sys.stderr)
@@ -2260,6 +2296,8 @@ def main(argv: list[str] | None = None) -> int:
         while not stop.wait(0.5):
             pass
     finally:
+        if s3_server is not None:
+            s3_server.stop()
         stack.stop()
         if args.env_file:
             Path(args.env_file).unlink(missing_ok=True)
