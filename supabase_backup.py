@@ -87,6 +87,31 @@ The service key is never printed or logged, nor the AWS secret key, nor an age
 identity.
 """
 
+# The map of this file: its numbered sections, in the order data flows through them.
+#
+#    1 Constants and exceptions          12 Restore step 3: the counts and the plan
+#    2 Configuration                     13 Restore step 4: writing
+#    3 Supabase access (all requests)    14 Restore steps 5 and 7: verify, roll back
+#    4 Schema: what the API says         15 The restore run (RestoreRun, RollbackRun)
+#    5 Backup file format                16 Retention and the heartbeat
+#    6 Encryption at rest (age)          17 Inventory: backups/, safety_backups/, diff
+#    7 Off-site copies (S3)              18 Logs and output
+#    8 Background work and progress      19 Commands: backup, check, list
+#    9 Backup: reading tables            20 Commands: restore, rollback, ..., diff
+#   10 Restore steps 0 and 2: checking   21 Command line (build_parser, main)
+#   11 Comparing a file with live rows
+#
+# The restore flow (SAFETY.md), run by RestoreRun.run(), one method per step:
+#   0 read    RestoreRun.read_file      -> scan_backup (every checksum and key), discover_tables
+#   1 SAFETY  RestoreRun.safety_backup  -> snapshot (as a backup: read_table per table)
+#   2 VALIDATE RestoreRun.validate      -> validate_backup, write_order
+#   3 RECORD  RestoreRun.record         -> record_counts (PlanComparison / KeylessComparison)
+#   4 RESTORE RestoreRun.restore        -> upsert_restore (write_rows); RollbackRun: delete_extra
+#   5 VERIFY  RestoreRun.verify         -> verify_restore (TableComparison)
+#   6 LOG     RestoreRun.write_log      -> write_restore_log
+#   7 ROLLBACK RestoreRun.recover (a failure in 4-5) -> snapshot of the failed state, rollback
+# A backup is cmd_backup -> run_backup -> snapshot; diff is diff_tables (TableComparison).
+
 import argparse
 import base64
 import collections
@@ -120,6 +145,8 @@ try:
     from dotenv import dotenv_values
 except ImportError:  # a Python without the requirements: missing_package() says what to do
     dotenv_values = None
+
+# --- 1. Constants and exceptions ------------------------------------------------------------------
 
 TOOL_VERSION = "0.5.0"
 FORMAT_NAME = "supabase_backup"
@@ -260,7 +287,12 @@ class InterruptedRestore(BackupError):
                          f"restored: to return to the state before, run: {rollback_command}")
 
 
-# --- Configuration ----------------------------------------------------------------------------
+class Cancelled(Exception):
+    """Control flow: the person answered no at a confirmation question; nothing was done."""
+
+
+# --- 2. Configuration -----------------------------------------------------------------------------
+# The settings (environment, then .env files), the data folder and its lock.
 
 URL_PATTERN = re.compile(r"https?://[^/\s]+(/\S*)?")
 
@@ -441,10 +473,36 @@ def data_paths(config):
                        for name in (BACKUP_DIR, SAFETY_DIR, SUMMARY_DIR, LOG_DIR)))
 
 
-# --- Supabase access --------------------------------------------------------------------------
-# The only code that makes requests. Everything goes through the official supabase client; the
-# OpenAPI document, which the client has no call for, is fetched through the client's own HTTP
-# session, so it carries the same URL, key and keep-alive connection.
+LOCK_FILE_NAME = ".supabase_backup.lock"
+
+
+@contextlib.contextmanager
+def data_lock(data_dir, command):
+    """Hold the data folder's lock for the whole run: one backup or restore at a time."""
+    path = Path(data_dir) / LOCK_FILE_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the lock file {path}: {exc.strerror or exc}; choose a "
+                          f"data folder you can write to (--data-dir)") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another run"
+            raise LockedError(f"{holder} is using {data_dir}; wait for it to finish (one backup "
+                              f"or restore at a time), then run {command} again") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"supabase_backup {command} (pid {os.getpid()})".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock, also when the process dies
+
+
+# --- 3. Supabase access ---------------------------------------------------------------------------
+# The only code that makes requests to the project: SupabaseApi.request, the one retry loop,
+# through the supabase client's own HTTP session (its URL, key and kept-alive connection), and
+# the PostgREST filters it sends, every identifier and value quoted as PostgREST reads quotes.
 
 SERVICE_ROLE = "service_role"
 SECRET_KEY_PREFIX = "sb_secret_"
@@ -458,10 +516,6 @@ TRANSIENT_CODES = {"408", "429", "500", "502", "503", "504", "520", "521", "522"
 TRANSIENT_PREFIXES = ("08", "53", "57P", "XX")
 AUTH_CODES = {"401", "PGRST301", "PGRST302", "PGRST303", "22023"}
 MISSING_TABLE_CODES = {"PGRST205", "42P01"}
-
-
-class Cancelled(Exception):
-    """Control flow: the person answered no at a confirmation question; nothing was done."""
 
 
 class StatementTimeout(Exception):
@@ -849,6 +903,10 @@ def after_branches(columns, values):
     return ",".join(branches)
 
 
+# --- 4. Schema: what the API says of each table ---------------------------------------------------
+# Pure functions over the OpenAPI document: the tables, their columns, keys and foreign keys,
+# how each column's values are read and kept (stored_form), and the order tables are written in.
+
 def discover_tables(openapi):
     """Every relation of the OpenAPI document: name -> its metadata (columns, keys, writable)."""
     paths = openapi.get("paths") or {}
@@ -970,12 +1028,35 @@ def read_order(meta):
     return columns, "offset"
 
 
-# --- Backup file format -----------------------------------------------------------------------
+def write_order(tables, foreign_keys):
+    """Tables ordered parents before children by their foreign keys (self-references ignored).
+
+    Tables in a cycle keep name order among themselves; their rows still land, because a batch
+    refused for a missing parent row (23503) is retried after the others (see upsert_restore).
+    Returns (order, cycles) where cycles lists the tables found in a cycle.
+    """
+    names = set(tables)
+    parents = {t: {fk["references_table"] for fk in foreign_keys.get(t, [])
+                   if fk["references_table"] in names and fk["references_table"] != t}
+               for t in tables}
+    order, placed = [], set()
+    while len(order) < len(tables):
+        ready = sorted(t for t in tables if t not in placed and parents[t] <= placed)
+        if not ready:
+            cycle = sorted(t for t in tables if t not in placed)
+            order.extend(cycle)
+            return order, cycle
+        order.extend(ready)
+        placed.update(ready)
+    return order, []
+
+
+# --- 5. Backup file format ------------------------------------------------------------------------
 # One gzip-compressed JSON document that json.load and jq read whole. The writer lays it out one
 # row per line, with the metadata of each table on the line before its rows and the count and
 # checksum on the line after, so that the reader can stream it in constant memory:
 #
-#   {"format":"supabase_backup","format_version":1,...,"tables":{
+#   {"format":"supabase_backup","format_version":2,...,"tables":{
 #   "bookings":{"name":"bookings","columns":[...],"primary_key":["id"],...,"rows":[
 #   {"id":1,...}
 #   ,{"id":2,...}
@@ -1045,61 +1126,6 @@ def clear_partial_files(folder):
     if removed:
         log.info("removed %d unfinished file(s) left by an earlier run that died: %s",
                  len(removed), ", ".join(removed))
-
-
-class CompressingWriter:
-    """Bytes written here are compressed and written to `target` (a GzipFile) by a thread of its
-    own, 256 KB at a time: zlib lets go of the interpreter while it compresses, so that runs
-    on another core beside reading and encoding the next page. An error there (a full disk) is
-    raised by the next write(), or by close()."""
-
-    CHUNK = 1 << 18
-
-    def __init__(self, target):
-        self.target = target
-        self._parts, self._size = [], 0
-        self._chunks = queue.Queue(maxsize=2)
-        self._error, self._dropping = None, False
-        self._thread = threading.Thread(target=self._compress, name="compress", daemon=True)
-        self._thread.start()
-
-    def _compress(self):
-        while True:
-            data = self._chunks.get()
-            if data is None:
-                return
-            if self._error is None and not self._dropping:
-                try:
-                    self.target.write(data)
-                except BaseException as exc:  # raised by write() or close(), in their thread
-                    self._error = exc
-
-    def _raise(self):
-        if self._error is not None:
-            raise self._error
-
-    def write(self, data):
-        self._raise()
-        self._parts.append(data)
-        self._size += len(data)
-        if self._size >= self.CHUNK:
-            self._chunks.put(b"".join(self._parts))
-            self._parts, self._size = [], 0
-
-    def close(self):
-        """Compress what is left and wait until everything is written."""
-        if self._parts:
-            self._chunks.put(b"".join(self._parts))
-            self._parts, self._size = [], 0
-        self._chunks.put(None)
-        self._thread.join()
-        self._raise()
-
-    def abort(self):
-        """Drop what is not written yet and stop the thread."""
-        self._dropping, self._parts = True, []
-        self._chunks.put(None)
-        self._thread.join()
 
 
 class BackupWriter:
@@ -1287,14 +1313,46 @@ def read_backup(path, parse_rows=True, as_bytes=False, on_read=None):
         stream.close()
 
 
-def read_with_progress(label, path, **options):
-    """read_backup(path, **options) with a progress bar over the file, labelled with label and
-    the table being read."""
-    with progress.over_file(label, path) as on_read:
-        for event in read_backup(path, on_read=on_read, **options):
-            if event[0] == "table":
-                progress.describe(f"{label}: {event[1]}")
-            yield event
+class BackupTable:
+    """One table of a backup file, as read_tables() yields it: name, meta (its metadata), rows
+    (an iterator, read once: each row parsed, or the bytes of its line with as_bytes) and, once
+    the rows are read, trailer (row_count, sha256 and the counts of the backup)."""
+
+    def __init__(self, name, meta, events):
+        self.name, self.meta, self.trailer = name, meta, None
+        self.columns = [column["name"] for column in meta.get("columns") or []]
+        self._events = events
+        self.rows = self._rows()
+
+    def _rows(self):
+        for event in self._events:
+            if event[0] != "row":  # the end of the table
+                self.trailer = event[2]
+                return
+            yield event[2]
+
+    def finish(self):
+        """Read past the rows not taken (the next table follows them in the file)."""
+        for _ in self.rows:
+            pass
+
+
+def read_tables(path, parse_rows=True, as_bytes=False, label=None, header=None):
+    """The tables of a backup file in file order, as BackupTable objects: the one way the file
+    is read (read_backup checks format, checksums and completeness as it goes, and raises
+    ValidationError). header, a dict, receives the file's header; with label, a progress bar
+    over the file says which table is being read."""
+    with (progress.over_file(label, path) if label else contextlib.nullcontext()) as on_read:
+        events = read_backup(path, parse_rows, as_bytes, on_read)
+        for event in events:
+            if event[0] == "header" and header is not None:
+                header.update(event[1])
+            elif event[0] == "table":
+                if label:
+                    progress.describe(f"{label}: {event[1]}")
+                table = BackupTable(event[1], event[2], events)
+                yield table
+                table.finish()
 
 
 def parse_row(line):
@@ -1425,20 +1483,17 @@ def _read_whole(path, data, as_bytes=False):
 
 def check_backup(path):
     """Read a whole backup, verifying it; returns (header, {table: trailer}) or raises."""
-    header, tables = None, {}
+    header, tables = {}, {}
     # The checksums are over the rows' bytes: a file whose checksums match holds exactly the
     # rows that were written, so the rows need not be parsed here.
-    for event in read_with_progress(f"checking {Path(path).name}", path, parse_rows=False):
-        if event[0] == "header":
-            header = event[1]
-        elif event[0] == "table":
-            tables[event[1]] = {"meta": event[2]}
-        elif event[0] == "end_table":
-            tables[event[1]].update(event[2])
+    for table in read_tables(path, parse_rows=False, label=f"checking {Path(path).name}",
+                             header=header):
+        table.finish()
+        tables[table.name] = {"meta": table.meta, **table.trailer}
     return header, tables
 
 
-# --- Encryption at rest (age) -----------------------------------------------------------------
+# --- 6. Encryption at rest (age) ------------------------------------------------------------------
 # A backup encrypted to an age recipient is the whole .json.gz file run through age
 # (https://age-encryption.org/v1): name.json.gz.age, which `age -d -i key.txt` turns back into
 # the same .json.gz. pyrage's encrypt_io/decrypt_io stream 64 KiB chunks, so memory stays flat
@@ -1636,7 +1691,7 @@ def readable_backup(source, settings, identity=None, data_dir=None):
         yield BackupSource(target, shown, True)
 
 
-# --- Off-site copies (S3) ---------------------------------------------------------------------
+# --- 7. Off-site copies (S3) ----------------------------------------------------------------------
 # The only code that talks to S3-compatible storage (AWS S3, R2, B2, MinIO, Supabase Storage),
 # through boto3, imported here only. Credentials, region and endpoint are boto3's own settings
 # (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE, AWS_REGION,
@@ -1936,33 +1991,157 @@ def delete_remote(client, location, names):
     return deleted
 
 
-# --- Snapshot, validate, record counts, restore, verify, rollback, diff -----------------------
-# The steps of SAFETY.md's restore flow, in that order, then the comparison diff makes.
+# --- 8. Background work and progress --------------------------------------------------------------
+# All the threading: work done ahead of its consumer (read_ahead: the next page, the next
+# batch; RangeRead: a key range's first page), compression beside encoding (CompressingWriter);
+# and the one progress display.
 
-LOCK_FILE_NAME = ".supabase_backup.lock"
+class _Failed(NamedTuple):
+    error: BaseException
 
 
-@contextlib.contextmanager
-def data_lock(data_dir, command):
-    """Hold the data folder's lock for the whole run: one backup or restore at a time."""
-    path = Path(data_dir) / LOCK_FILE_NAME
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError as exc:
-        raise ConfigError(f"cannot create the lock file {path}: {exc.strerror or exc}; choose a "
-                          f"data folder you can write to (--data-dir)") from None
-    try:
+def read_ahead(items, depth=2):
+    """The items of an iterator, made up to `depth` ahead by a thread of their own: reading and
+    parsing the next batch then overlaps waiting for the server's answer to this one. Only the
+    making is ahead; whoever consumes them still does one thing at a time, in order. An error
+    of the iterator is raised here, in its place."""
+    queue = collections.deque()
+    ready = threading.Condition()
+    finished = object()
+    stop = False
+
+    def put(item):
+        with ready:
+            while len(queue) >= depth and not stop:
+                ready.wait()
+            queue.append(item)
+            ready.notify_all()
+
+    def make():
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another run"
-            raise LockedError(f"{holder} is using {data_dir}; wait for it to finish (one backup "
-                              f"or restore at a time), then run {command} again") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"supabase_backup {command} (pid {os.getpid()})".encode(), 0)
-        yield
+            for item in items:
+                put(item)
+                if stop:
+                    return
+            put(finished)
+        except BaseException as exc:  # handed to the consumer, raised there
+            put(_Failed(exc))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=make, name="read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            with ready:
+                while not queue:
+                    ready.wait()
+                item = queue.popleft()
+                ready.notify_all()
+            if item is finished:
+                return
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
     finally:
-        os.close(fd)  # closing releases the lock, also when the process dies
+        with ready:
+            stop = True
+            ready.notify_all()
+        # Done, or stopped early (an error, Ctrl-C): a request in flight may take its time, and
+        # the thread only reads, so it gets a moment, not a wait for the request's timeout.
+        thread.join(THREAD_GRACE)
+
+
+class RangeRead:
+    """The live rows of one key range (TablePages with after and until): its first page is read
+    by a thread of its own from the start, so that it overlaps comparing the range before; the
+    rest of the range, when it has more, as it is iterated. Reads only."""
+
+    def __init__(self, api, name, meta, after, until):
+        self.pages = TablePages(api, name, meta, after, until)
+        self._iterator = iter(self.pages)
+        self._first, self._error = None, None
+        self._thread = threading.Thread(target=self._read_first, name="range-read", daemon=True)
+        self._thread.start()
+
+    def _read_first(self):
+        try:
+            self._first = next(self._iterator, None)
+        except BaseException as exc:  # raised by first_page(), in the caller's thread
+            self._error = exc
+
+    def first_page(self):
+        """The range's first page, or None when it holds no rows; raises what reading raised."""
+        self.join()
+        if self._error is not None:
+            raise self._error
+        return self._first
+
+    def join(self, timeout=None):
+        self._thread.join(timeout)
+
+    def __iter__(self):
+        first = self.first_page()
+        if first is not None:
+            yield first
+            yield from self._iterator
+
+
+class CompressingWriter:
+    """Bytes written here are compressed and written to `target` (a GzipFile) by a thread of its
+    own, 256 KB at a time: zlib lets go of the interpreter while it compresses, so that runs
+    on another core beside reading and encoding the next page. An error there (a full disk) is
+    raised by the next write(), or by close()."""
+
+    CHUNK = 1 << 18
+
+    def __init__(self, target):
+        self.target = target
+        self._parts, self._size = [], 0
+        self._chunks = queue.Queue(maxsize=2)
+        self._error, self._dropping = None, False
+        self._thread = threading.Thread(target=self._compress, name="compress", daemon=True)
+        self._thread.start()
+
+    def _compress(self):
+        while True:
+            data = self._chunks.get()
+            if data is None:
+                return
+            if self._error is None and not self._dropping:
+                try:
+                    self.target.write(data)
+                except BaseException as exc:  # raised by write() or close(), in their thread
+                    self._error = exc
+
+    def _raise(self):
+        if self._error is not None:
+            raise self._error
+
+    def write(self, data):
+        self._raise()
+        self._parts.append(data)
+        self._size += len(data)
+        if self._size >= self.CHUNK:
+            self._chunks.put(b"".join(self._parts))
+            self._parts, self._size = [], 0
+
+    def close(self):
+        """Compress what is left and wait until everything is written."""
+        if self._parts:
+            self._chunks.put(b"".join(self._parts))
+            self._parts, self._size = [], 0
+        self._chunks.put(None)
+        self._thread.join()
+        self._raise()
+
+    def abort(self):
+        """Drop what is not written yet and stop the thread."""
+        self._dropping, self._parts = True, []
+        self._chunks.put(None)
+        self._thread.join()
 
 
 class Progress:
@@ -2030,6 +2209,19 @@ class Progress:
 
 progress = Progress()
 
+
+def chunks(items, size):
+    """Lists of up to size items from any iterable."""
+    iterator = iter(items)
+    while True:
+        chunk = list(itertools.islice(iterator, size))
+        if not chunk:
+            return
+        yield chunk
+
+
+# --- 9. Backup: reading tables (snapshot) ---------------------------------------------------------
+# A backup and a safety backup alike: every table read completely, in key order, into a new file.
 
 def count_rows(api, name, method="exact"):
     """(count, method) of a table: the exact count, or PostgreSQL's estimate ("planned") when
@@ -2265,6 +2457,10 @@ def snapshot(api, tables, discovered, path, project_host, role, progress, note=N
     return summary
 
 
+# --- 10. Restore steps 0 and 2: checking a file ---------------------------------------------------
+# scan_backup reads the whole file before anything else (step 0); validate_backup holds it against
+# the live schema (step 2).
+
 def row_key(row, primary_key):
     """A row's primary key as a hashable string (JSON of the key values in key order)."""
     return compact_json([row.get(column) for column in primary_key])
@@ -2298,17 +2494,19 @@ def _rises(before, key):
 def _repeated_keys(path, names):
     """The second pass of scan_backup for tables whose keys did not keep rising: a set of each
     one's keys, one table at a time."""
-    problems, keys, pk = [], set(), None
-    for event in read_with_progress("checking keys", path, as_bytes=True):
-        if event[0] == "table":
-            keys, pk = set(), (event[2].get("primary_key") or [] if event[1] in names else None)
-        elif event[0] == "row" and pk:
-            row = parse_row(event[2])
+    problems = []
+    for table in read_tables(path, as_bytes=True, label="checking keys"):
+        pk = table.meta.get("primary_key") or []
+        if table.name not in names or not pk:
+            continue
+        keys = set()
+        for line in table.rows:
+            row = parse_row(line)
             if not isinstance(row, dict) or any(row.get(c) is None for c in pk):
                 continue  # named by the first pass already
             key = seen_key(row, pk)
             if key in keys:
-                problems.append(f"{event[1]}: key {row_key(row, pk)} appears twice")
+                problems.append(f"{table.name}: key {row_key(row, pk)} appears twice")
             keys.add(key)
     return problems
 
@@ -2331,47 +2529,14 @@ def scan_backup(path, tables_wanted=None):
     ints, uuids and most keys) cannot repeat, so only the last one is kept. A table whose keys
     do not keep rising in Python's order (text under a collation, an edited file) is checked
     again in a second pass with a set of its keys."""
-    header, tables, problems = None, {}, []
-    name, meta, unsorted, last = None, None, set(), None
-    for event in read_with_progress(f"reading {Path(path).name}", path):
-        kind = event[0]
-        if kind == "header":
-            header = event[1]
-        elif kind == "table":
-            name, meta, last = event[1], event[2], None
-            known = {c["name"] for c in meta.get("columns") or []}
-            pk = meta.get("primary_key") or []
-            tables[name] = {"meta": meta, "bad_rows": 0}
-        elif kind == "row":
-            if tables_wanted is not None and name not in tables_wanted:
-                continue
-            row = event[2]
-            if not isinstance(row, dict):
-                problems.append(f"{name}: a row is not a JSON object")
-                continue
-            if len(row) != len(known) or row.keys() != known:
-                extra, lacking = set(row) - known, known - set(row)
-                if extra:
-                    problems.append(f"{name}: a row has columns the table's metadata does not "
-                                    f"list ({', '.join(sorted(extra))})")
-                if lacking:
-                    problems.append(f"{name}: a row lacks column(s) {', '.join(sorted(lacking))} "
-                                    f"(a backup row holds every column of its table)")
-            if pk:
-                missing = [c for c in pk if row.get(c) is None]
-                if missing:
-                    problems.append(f"{name}: a row has no value for key column "
-                                    f"{', '.join(missing)}")
-                    continue
-                if name not in unsorted:
-                    key = seen_key(row, pk)
-                    if last is None or _rises(last, key):
-                        last = key
-                    else:
-                        unsorted.add(name)
-        elif kind == "end_table":
-            tables[event[1]].update(row_count=event[2].get("row_count"),
-                                    sha256=event[2].get("sha256"))
+    header, tables, problems, unsorted = {}, {}, [], set()
+    for table in read_tables(path, label=f"reading {Path(path).name}", header=header):
+        if tables_wanted is None or table.name in tables_wanted:
+            if not scan_rows(table, problems):
+                unsorted.add(table.name)
+        table.finish()
+        tables[table.name] = {"meta": table.meta, "row_count": table.trailer.get("row_count"),
+                              "sha256": table.trailer.get("sha256")}
     if unsorted:
         problems.extend(_repeated_keys(path, unsorted))
     if problems:
@@ -2381,27 +2546,36 @@ def scan_backup(path, tables_wanted=None):
     return BackupScan(Path(path), header, tables)
 
 
-def write_order(tables, foreign_keys):
-    """Tables ordered parents before children by their foreign keys (self-references ignored).
-
-    Tables in a cycle keep name order among themselves; their rows still land, because a batch
-    refused for a missing parent row (23503) is retried after the others (see upsert_restore).
-    Returns (order, cycles) where cycles lists the tables found in a cycle.
-    """
-    names = set(tables)
-    parents = {t: {fk["references_table"] for fk in foreign_keys.get(t, [])
-                   if fk["references_table"] in names and fk["references_table"] != t}
-               for t in tables}
-    order, placed = [], set()
-    while len(order) < len(tables):
-        ready = sorted(t for t in tables if t not in placed and parents[t] <= placed)
-        if not ready:
-            cycle = sorted(t for t in tables if t not in placed)
-            order.extend(cycle)
-            return order, cycle
-        order.extend(ready)
-        placed.update(ready)
-    return order, []
+def scan_rows(table, problems):
+    """scan_backup's checks of one table's rows (problems collects what is wrong); returns
+    whether its keys kept rising (when not, they are checked again with a set: _repeated_keys)."""
+    name, known = table.name, set(table.columns)
+    pk, last, rising = table.meta.get("primary_key") or [], None, True
+    for row in table.rows:
+        if not isinstance(row, dict):
+            problems.append(f"{name}: a row is not a JSON object")
+            continue
+        if len(row) != len(known) or row.keys() != known:
+            extra, lacking = set(row) - known, known - set(row)
+            if extra:
+                problems.append(f"{name}: a row has columns the table's metadata does not "
+                                f"list ({', '.join(sorted(extra))})")
+            if lacking:
+                problems.append(f"{name}: a row lacks column(s) {', '.join(sorted(lacking))} "
+                                f"(a backup row holds every column of its table)")
+        if not pk:
+            continue
+        missing = [c for c in pk if row.get(c) is None]
+        if missing:
+            problems.append(f"{name}: a row has no value for key column {', '.join(missing)}")
+            continue
+        if rising:
+            key = seen_key(row, pk)
+            if last is None or _rises(last, key):
+                last = key
+            else:
+                rising = False
+    return rising
 
 
 def validate_backup(scan, live_tables, restore_tables, critical):
@@ -2441,6 +2615,28 @@ def validate_backup(scan, live_tables, restore_tables, critical):
                                             for n in restore_tables})
     return order
 
+
+def choose_restore_tables(scan, wanted):
+    """(tables to restore, {skipped table: why}) from the backup and --tables."""
+    if wanted:
+        missing = [name for name in wanted if name not in scan.tables]
+        if missing:
+            raise ValidationError(f"{', '.join(missing)} not in {scan.path.name} (it holds "
+                                  f"{', '.join(scan.tables) or 'no table'}); check --tables")
+    tables, skipped = [], {}
+    for name in wanted or scan.tables:
+        meta = scan.tables[name]["meta"]
+        if meta.get("writable") is False:
+            skipped[name] = "read-only relation (a view?): nothing to write back"
+        else:
+            tables.append(name)
+    return tables, skipped
+
+
+# --- 11. Comparing a file with the live rows ------------------------------------------------------
+# Steps 3 and 5 and diff read the live rows in the file's forms, in key ranges (TableComparison),
+# or as a multiset for a table without a key (KeylessComparison); the plan (TablePlan) is what a
+# table's restore will do and did.
 
 class RestoreFailure(Exception):
     """Control flow: a table (or, table None, the run) could not be restored; the caller rolls
@@ -2511,41 +2707,6 @@ class TablePlan:
                 "deleted": self.deleted, "unchanged": self.unchanged, "errors": self.errors,
                 "planned_inserts": self.inserts, "planned_updates": self.updates,
                 "planned_deletes": len(self.extra_keys)}
-
-
-class RangeRead:
-    """The live rows of one key range (TablePages with after and until): its first page is read
-    by a thread of its own from the start, so that it overlaps comparing the range before; the
-    rest of the range, when it has more, as it is iterated. Reads only."""
-
-    def __init__(self, api, name, meta, after, until):
-        self.pages = TablePages(api, name, meta, after, until)
-        self._iterator = iter(self.pages)
-        self._first, self._error = None, None
-        self._thread = threading.Thread(target=self._read_first, name="range-read", daemon=True)
-        self._thread.start()
-
-    def _read_first(self):
-        try:
-            self._first = next(self._iterator, None)
-        except BaseException as exc:  # raised by first_page(), in the caller's thread
-            self._error = exc
-
-    def first_page(self):
-        """The range's first page, or None when it holds no rows; raises what reading raised."""
-        self.join()
-        if self._error is not None:
-            raise self._error
-        return self._first
-
-    def join(self, timeout=None):
-        self._thread.join(timeout)
-
-    def __iter__(self):
-        first = self.first_page()
-        if first is not None:
-            yield first
-            yield from self._iterator
 
 
 class TableComparison:
@@ -2852,10 +3013,6 @@ class PlanComparison(TableComparison):
             os.unlink(fixed)
 
 
-# Tables without a primary key: their rows are told apart by their values only, so such a table
-# is compared as a multiset (each distinct row and how often it occurs), which holds the live
-# table's rows in memory (as the diff of such a table always has).
-
 def live_multiset(api, plan, forms, columns, where=(), json_null_ok=False):
     """Counter of the live rows of a keyless table (or those a filter matches), read in the
     file's forms, by row_value over columns (the file's)."""
@@ -2950,13 +3107,11 @@ class KeylessReconcile:
     def __init__(self, api, plan, path):
         self.api, self.plan = api, plan
         self.target, meta = collections.Counter(), None
-        for event in read_backup(path):
-            if event[0] == "table" and event[1] == plan.name:
-                meta = event[2]
-            elif event[0] == "row" and event[1] == plan.name:
-                self.target[row_value(event[2], [c["name"] for c in meta["columns"]])] += 1
+        for table in read_tables(path):
+            if table.name == plan.name:
+                meta, self.columns = table.meta, table.columns
+                self.target.update(row_value(row, self.columns) for row in table.rows)
         self.forms = file_forms(meta)
-        self.columns = [c["name"] for c in meta["columns"]]
         live_meta = with_stored_forms(plan.live_meta, self.forms)
         formats = {c["name"]: (c.get("format") or "") for c in live_meta["columns"]}
         self.comparable = [c for c in self.columns
@@ -3021,6 +3176,10 @@ NO_EQUALITY_FORMATS = {"json", "xml", "point", "polygon", "jsonpath", "txid_snap
                        "pg_snapshot", "refcursor"}
 
 
+# --- 12. Restore step 3: the counts and the plan --------------------------------------------------
+# record_counts compares the file with the live rows and spools the rows to write; a row no
+# request can write (a NOT NULL foreign-key cycle) is found here, before the first write.
+
 def record_counts(api, scan, plans, spool_dir, extra_keys=False):
     """Step 3: which backup rows will be inserted, updated or left alone, by comparing the file
     with the live rows in key ranges; rows to write are spooled per table to spool_dir. Returns
@@ -3028,28 +3187,21 @@ def record_counts(api, scan, plans, spool_dir, extra_keys=False):
 
     With extra_keys, also the live rows whose keys the file does not hold (a rollback deletes
     them, so that the table ends up exactly as the file)."""
-    counts, comparison = {}, None
-    try:
-        for event in read_with_progress("comparing with the live rows", scan.path,
-                                        as_bytes=True):
-            if event[0] == "table" and event[1] in plans:
-                plan = plans[event[1]]
-                spool = spool_dir / f"{len(counts)}.jsonl"
-                comparison = (PlanComparison(api, plan, spool, file_forms(event[2]))
-                              if plan.primary_key else
-                              KeylessComparison(api, plan, event[2], spool))
-                counts[plan.name] = None
-            elif event[0] == "row" and comparison is not None:
-                comparison.add(event[2])
-            elif event[0] == "end_table" and comparison is not None:
-                comparison.finish()
-                counts[comparison.name] = comparison.live_rows
-                if extra_keys:
-                    comparison.plan.extra_keys = list(comparison.only_live)
-                comparison = None
-    finally:
-        if comparison is not None:
-            comparison.close()
+    counts = {}
+    for table in read_tables(scan.path, as_bytes=True, label="comparing with the live rows"):
+        plan = plans.get(table.name)
+        if plan is None:
+            continue
+        spool = spool_dir / f"{len(counts)}.jsonl"
+        comparison = (PlanComparison(api, plan, spool, file_forms(table.meta)) if plan.primary_key
+                      else KeylessComparison(api, plan, table.meta, spool))
+        with contextlib.closing(comparison):
+            for line in table.rows:
+                comparison.add(line)
+            comparison.finish()
+        counts[plan.name] = comparison.live_rows
+        if extra_keys:
+            plan.extra_keys = list(comparison.only_live)
     for plan in plans.values():
         plan.sent_rows = bytearray(plan.inserts + plan.updates)
     for name, plan in plans.items():
@@ -3166,6 +3318,10 @@ def spool_parents_first(plan, columns):
             os.unlink(level.name)
 
 
+# --- 13. Restore step 4: writing ------------------------------------------------------------------
+# upsert_restore writes the spooled rows in batches, parents before children, learning from
+# refusals (a statement timeout, a generated column, a missing parent row).
+
 class Batch(list):
     """Rows to write, (is_insert, row) pairs, that are consecutive lines of a table's spool
     from line `start` on: what a rollback undoes is then found by line, not kept by key.
@@ -3202,64 +3358,6 @@ def _spooled_batch(lines, start):
     # own bytes are the line less its "[true," or "[false," and "]\n".
     return Batch([tuple(item) for item in json.loads(b"[" + b",".join(lines) + b"]")], start,
                  [line[6 if line.startswith(b"[true,") else 7:-2] for line in lines])
-
-
-class _Failed(NamedTuple):
-    error: BaseException
-
-
-def read_ahead(items, depth=2):
-    """The items of an iterator, made up to `depth` ahead by a thread of their own: reading and
-    parsing the next batch then overlaps waiting for the server's answer to this one. Only the
-    making is ahead; whoever consumes them still does one thing at a time, in order. An error
-    of the iterator is raised here, in its place."""
-    queue = collections.deque()
-    ready = threading.Condition()
-    finished = object()
-    stop = False
-
-    def put(item):
-        with ready:
-            while len(queue) >= depth and not stop:
-                ready.wait()
-            queue.append(item)
-            ready.notify_all()
-
-    def make():
-        try:
-            for item in items:
-                put(item)
-                if stop:
-                    return
-            put(finished)
-        except BaseException as exc:  # handed to the consumer, raised there
-            put(_Failed(exc))
-        finally:
-            close = getattr(items, "close", None)
-            if close is not None:
-                close()
-
-    thread = threading.Thread(target=make, name="read-ahead", daemon=True)
-    thread.start()
-    try:
-        while True:
-            with ready:
-                while not queue:
-                    ready.wait()
-                item = queue.popleft()
-                ready.notify_all()
-            if item is finished:
-                return
-            if isinstance(item, _Failed):
-                raise item.error
-            yield item
-    finally:
-        with ready:
-            stop = True
-            ready.notify_all()
-        # Done, or stopped early (an error, Ctrl-C): a request in flight may take its time, and
-        # the thread only reads, so it gets a moment, not a wait for the request's timeout.
-        thread.join(THREAD_GRACE)
 
 
 def at_most(batch, plan):
@@ -3499,6 +3597,10 @@ def write_unlinked(api, pending):
     return wrote
 
 
+# --- 14. Restore steps 5 and 7: verify, roll back -------------------------------------------------
+# verify_restore holds the live rows against the file; rollback brings touched tables back to the
+# safety backup and verifies them against it.
+
 def exact_count(api, name):
     """A table's exact row count, or None when counting hits the statement timeout."""
     try:
@@ -3523,49 +3625,40 @@ def verify_restore(api, plans, reference_path, expected_counts, ignore_columns=(
     memory does not grow with the table. Values are compared as PostgREST returns them;
     ignore_columns are left out.
     """
-    mismatches, comparison = Mismatches(), None
+    mismatches = Mismatches()
     # A count that hits the statement timeout is left to the comparison, which reads every live
     # row anyway (then it skips no range).
     counted = {name: exact_count(api, name) for name in plans}
-    try:
-        for event in read_with_progress("verifying", reference_path, as_bytes=True):
-            if event[0] == "table" and event[1] in plans and not plans[event[1]].primary_key:
-                comparison = KeylessComparison(api, plans[event[1]], event[2],
-                                               json_null_ok=json_null_ok)
-            elif event[0] == "table" and event[1] in plans:
-                plan = plans[event[1]]
-                comparison = TableComparison(api, plan.name, plan.live_meta, plan.primary_key,
-                                             compared_columns(plan, ignore_columns, event[2]),
-                                             file_forms(event[2]), listed=MISMATCHES_LISTED,
-                                             json_null_ok=json_null_ok,
-                                             live_total=(math.inf if counted[plan.name] is None
-                                                         else counted[plan.name]))
-            elif event[0] == "row" and comparison is not None:
-                comparison.add(event[2])
-            elif event[0] == "end_table" and comparison is not None:
-                comparison.finish()
-                name = comparison.name
-                if counted[name] is None:
-                    counted[name] = comparison.live_rows
-                if name in expected_counts and counted[name] != expected_counts[name]:
-                    mismatches.append({"table": name, "key": None, "problem":
-                                       f"{counted[name]} rows, expected {expected_counts[name]}"})
-                    mismatches.total += 1
-                mismatches.total += comparison.changed + (
-                    comparison.missing if isinstance(comparison, KeylessComparison)
-                    else len(comparison.only_file))
-                mismatches.extend({"table": comparison.name, "key": one_line(key, 200),
-                                   "problem": "missing"}
-                                  for key in itertools.islice(comparison.only_file,
-                                                              MISMATCHES_LISTED))
-                mismatches.extend({"table": comparison.name, "key": key,
-                                   "problem": "different values", "columns": columns,
-                                   "live_values": comparison.changed_live.get(key, {})}
-                                  for key, columns in comparison.changed_keys.items())
-                comparison = None
-    finally:
-        if comparison is not None:
-            comparison.close()
+    for table in read_tables(reference_path, as_bytes=True, label="verifying"):
+        plan, name = plans.get(table.name), table.name
+        if plan is None:
+            continue
+        if plan.primary_key:
+            comparison = TableComparison(
+                api, name, plan.live_meta, plan.primary_key,
+                compared_columns(plan, ignore_columns, table.meta), file_forms(table.meta),
+                listed=MISMATCHES_LISTED, json_null_ok=json_null_ok,
+                live_total=math.inf if counted[name] is None else counted[name])
+        else:
+            comparison = KeylessComparison(api, plan, table.meta, json_null_ok=json_null_ok)
+        with contextlib.closing(comparison):
+            for line in table.rows:
+                comparison.add(line)
+            comparison.finish()
+        if counted[name] is None:
+            counted[name] = comparison.live_rows
+        if name in expected_counts and counted[name] != expected_counts[name]:
+            mismatches.append({"table": name, "key": None,
+                               "problem": f"{counted[name]} rows, expected {expected_counts[name]}"})
+            mismatches.total += 1
+        mismatches.total += comparison.changed + (
+            comparison.missing if isinstance(comparison, KeylessComparison)
+            else len(comparison.only_file))
+        mismatches.extend({"table": name, "key": one_line(key, 200), "problem": "missing"}
+                          for key in itertools.islice(comparison.only_file, MISMATCHES_LISTED))
+        mismatches.extend({"table": name, "key": key, "problem": "different values",
+                           "columns": columns, "live_values": comparison.changed_live.get(key, {})}
+                          for key, columns in comparison.changed_keys.items())
     return mismatches
 
 
@@ -3726,16 +3819,6 @@ def clear_references(api, pending):
     return cleared
 
 
-def chunks(items, size):
-    """Lists of up to size items from any iterable."""
-    iterator = iter(items)
-    while True:
-        chunk = list(itertools.islice(iterator, size))
-        if not chunk:
-            return
-        yield chunk
-
-
 def delete_extra(api, plans, order, path):
     """A rollback's last write: delete the live rows whose keys the file does not hold; a
     table without a key is made to hold exactly the file's rows (KeylessReconcile: its surplus
@@ -3784,28 +3867,20 @@ def rollback(api, plans, order, safety_path, progress, ignore_columns=(), json_n
         clone.rewrite = {key for is_insert, key in plan.sent_spool_keys()
                          if not is_insert} | plan.deleted_keys
     with tempfile.TemporaryDirectory(dir=safety_path.parent, prefix=TEMP_PREFIX) as spool_dir:
-        spools = {}
-        try:
-            for event in read_backup(safety_path):
-                if event[0] == "table" and event[1] in plans:
-                    # The safety backup's own columns: it may hold one added since the backup.
-                    rollback_plans[event[1]].json_columns = json_text_columns(event[2])
-                    rollback_plans[event[1]].columns = [c["name"] for c in event[2]["columns"]]
-                if event[0] != "row" or event[1] not in plans:
-                    continue
-                plan, row = plans[event[1]], event[2]
-                if row_key(row, plan.primary_key) in rollback_plans[plan.name].rewrite:
-                    spool = spools.get(plan.name)
-                    if spool is None:
-                        spool = spools[plan.name] = open(
-                            Path(spool_dir) / f"{len(spools)}.jsonl", "w", encoding="utf-8",
-                            opener=private_opener)
-                        rollback_plans[plan.name].spool = Path(spool.name)
-                    spool.write(compact_json([False, row]) + "\n")
-                    rollback_plans[plan.name].updates += 1
-        finally:
-            for spool in spools.values():
-                spool.close()
+        for table in read_tables(safety_path, label="reading the safety backup"):
+            clone = rollback_plans.get(table.name)
+            if clone is None:
+                continue
+            # The safety backup's own columns: it may hold one added since the backup.
+            clone.json_columns, clone.columns = json_text_columns(table.meta), table.columns
+            path = Path(spool_dir) / f"{list(rollback_plans).index(table.name)}.jsonl"
+            with open(path, "w", encoding="utf-8", opener=private_opener) as spool:
+                for row in table.rows:
+                    if row_key(row, clone.primary_key) in clone.rewrite:
+                        spool.write(compact_json([False, row]) + "\n")
+                        clone.updates += 1
+            if clone.updates:
+                clone.spool = path
         for clone in rollback_plans.values():
             clone.sent_rows = bytearray(clone.updates)
         upsert_restore(api, rollback_plans, order, progress)
@@ -3816,91 +3891,568 @@ def rollback(api, plans, order, safety_path, progress, ignore_columns=(), json_n
     return verify_restore(api, touched, safety_path, expected, ignore_columns, json_null_ok)
 
 
-def diff_tables(api, path, tables, live_tables):
-    """Compare the given tables of a backup file with the live data; returns {table: result}.
+# --- 15. The restore run: SAFETY.md's flow, step by step ------------------------------------------
+# RestoreRun.run() is the flow; one method per step. A rollback to a file is the same run with
+# the differences in RollbackRun.
 
-    A table with the same primary key in the file and live is compared in key ranges
-    (TableComparison): memory holds a chunk of rows and the differences, not the table. A table
-    without one is compared as a multiset of whole rows, which holds a digest per live row.
-    Values are compared over the columns both sides have, as PostgREST returns them.
-    """
-    results, wanted, current = {}, set(tables), None
-    try:
-        for event in read_with_progress("comparing", path, as_bytes=True):
-            kind = event[0]
-            if kind == "table" and event[1] in wanted:
-                name, meta = event[1], event[2]
-                file_columns = [c["name"] for c in meta.get("columns") or []]
-                result = results[name] = {"file_rows": 0, "live_rows": 0, "only_in_file": 0,
-                                          "only_live": 0, "changed": 0, "only_in_file_keys": [],
-                                          "only_live_keys": [], "changed_keys": [],
-                                          "changed_columns": {}, "columns_only_in_file": [],
-                                          "columns_only_live": []}
-                live_meta = live_tables.get(name)
-                if live_meta is None:
-                    result["missing_live"] = True
-                    current = ("missing", result)
-                    continue
-                live_columns = [c["name"] for c in live_meta["columns"]]
-                result["columns_only_in_file"] = [c for c in file_columns if c not in live_columns]
-                result["columns_only_live"] = [c for c in live_columns if c not in file_columns]
-                columns = [c for c in file_columns if c in live_columns]
-                pk = list(meta.get("primary_key") or [])
-                if pk and pk == list(live_meta["primary_key"]):
-                    current = ("keyed", result, TableComparison(api, name, live_meta, pk, columns,
-                                                                file_forms(meta)))
-                else:
-                    result["compared_as"] = "whole rows (no primary key)"
-                    live_rows = collections.Counter()
-                    for page in TablePages(api, name, with_stored_forms(live_meta,
-                                                                        file_forms(meta))):
-                        result["live_rows"] += len(page)
-                        live_rows.update(row_digest(row, columns) for row in page)
-                    current = ("whole", result, live_rows, columns)
-            elif kind == "row" and current is not None:
-                result = current[1]
-                result["file_rows"] += 1
-                if current[0] == "missing":
-                    result["only_in_file"] += 1
-                elif current[0] == "keyed":
-                    current[2].add(event[2])
-                else:
-                    live_rows, digest = current[2], row_digest(parse_row(event[2]), current[3])
-                    if live_rows[digest] > 0:
-                        live_rows[digest] -= 1
-                    else:
-                        result["only_in_file"] += 1
-            elif kind == "end_table" and current is not None:
-                result = current[1]
-                if current[0] == "keyed":
-                    comparison = current[2].finish()
-                    result.update(
-                        live_rows=comparison.live_rows, only_in_file=len(comparison.only_file),
-                        only_live=len(comparison.only_live), changed=comparison.changed,
-                        only_in_file_keys=list(itertools.islice(comparison.only_file,
-                                                                DIFF_EXAMPLES)),
-                        only_live_keys=list(itertools.islice(comparison.only_live, DIFF_EXAMPLES)),
-                        changed_keys=list(comparison.changed_keys),
-                        changed_columns={k: v for k, v in comparison.changed_keys.items() if v})
-                elif current[0] == "whole":
-                    result["only_live"] = sum(current[2].values())
-                current = None
-    finally:
-        if current is not None and current[0] == "keyed":
-            current[2].close()
-    for name in tables:
-        if name not in results:
-            raise ValidationError(f"{name} is not in {Path(path).name}; check --tables")
-    return results
+class RestoreRun:
+    """One restore: SAFETY.md's numbered flow, one method per step, run() in that order. A
+    rollback to a file is the same run; RollbackRun holds what differs."""
+
+    mode = "restore"
+    deletes = False  # whether the run deletes the live rows the file lacks (a rollback does)
+
+    def __init__(self, api, config, paths, args, file_path, source=None):
+        self.api, self.config, self.paths, self.args = api, config, paths, args
+        self.file_path = file_path
+        self.source = source or str(file_path)  # as the user named it: a path or an s3:// URL
+        self.progress = progress
+        self.safe = self.deletes or args.safe
+        self.dry_run = args.dry_run
+        self.plans, self.order, self.live, self.safety_path = {}, [], {}, None
+        self.restore_log = None
+        self.rewritten = {}  # table -> columns the failed verification found rewritten
+        self.started = None  # when the run began: a trigger's rewritten times come after it
+        self._step, self.writing = None, False
+        self.safety_recipients = None  # SAFETY_ENCRYPT_TO, read when the run starts
+        self.safety_read_path = None  # the plain safety backup a rollback reads
+        self.plain_copies = []  # plain copies of encrypted safety backups, removed at the end
+
+    def run(self):
+        """0 read the file, 1 safety backup, 2 validate, 3 record the counts and the plan,
+        4 restore, 5 verify, 6 log; a failure in 4 or 5 (Ctrl-C included) is rolled back (7)."""
+        try:
+            scan = self.read_file()
+            self.safety_backup()
+            self.validate(scan)
+            with tempfile.TemporaryDirectory(dir=self.paths.safety_backups,
+                                             prefix=TEMP_PREFIX) as spool_dir:
+                before = self.record(scan, Path(spool_dir))
+                if self.dry_run:
+                    return self.show_plan(before)
+                self.writing = True
+                try:
+                    self.restore()
+                    self.verify(before)
+                except BaseException as exc:
+                    return self.recover(self.failure(exc))
+            return self.write_log()
+        except BaseException as exc:
+            self.close_log(exc)
+            raise
+        finally:
+            for path in self.plain_copies:  # the encrypted safety backups stay
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
+    def close_log(self, exc):
+        """Whatever stopped the run, its log must not read like a run still going on."""
+        if self.restore_log is None or self.restore_log.data["status"] != "in_progress":
+            return
+        reason = ("interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt)
+                  else one_line(exc, 800))
+        steps = self.restore_log.data["steps"]
+        if steps and steps[-1]["status"] == "running":
+            self.fail_step("failed", reason)
+        if self.writing:
+            write_restore_log(self.restore_log, status="failed", error=reason)
+        else:
+            write_restore_log(self.restore_log, status="aborted",
+                              error=f"{reason}; stopped before writing anything")
+
+    # -- 0. Read the file, then the live schema; the plans and the log --------------------------
+
+    def read_file(self):
+        """Step 0: the whole file checked (scan_backup) before any request writes; the live
+        schema read; the restore log started and a plan made for each table."""
+        self.started = utc_now()
+        # Read now: a typo in a setting must not fail a restore half-way.
+        self.critical_tables, self.ignored = self.critical(), self.ignore_columns()
+        if self.config.settings.get("SAFETY_ENCRYPT_TO") and self.safe and not self.dry_run:
+            self.safety_recipients = age_recipients(self.config.settings["SAFETY_ENCRYPT_TO"],
+                                                    "SAFETY_ENCRYPT_TO")
+        log.info("reading %s", self.source)
+        try:
+            scan = scan_backup(self.file_path)
+        except ValidationError as exc:
+            raise ValidationError(f"{exc}; the database was not touched") from None
+        self.tables, skipped = choose_restore_tables(scan, getattr(self.args, "tables", None))
+        for name, why in skipped.items():
+            log.warning("%s is left alone: %s", name, why)
+        self.live = discover_tables(self.api.openapi())
+        if not self.dry_run:
+            self.restore_log = RestoreLog(
+                new_file_path(self.paths.summaries, f"{self.mode}_log", ".json"),
+                kind=self.mode, started_at=self.started.isoformat(),
+                backup_file=self.source, safe=self.safe, tables=self.tables,
+                tables_skipped=skipped, pid=os.getpid())
+        for name in self.tables:
+            meta = scan.tables[name]["meta"]
+            plan = self.plans[name] = TablePlan(name, list(meta["primary_key"]),
+                                                [c["name"] for c in meta["columns"]])
+            plan.live_meta, plan.json_columns = self.live.get(name), json_text_columns(meta)
+            plan.plain_json_columns = {c["name"] for c in meta["columns"]
+                                       if c["name"] in plan.json_columns
+                                       and c.get("format") == "json"}
+        return scan
+
+    # -- 1. Safety backup -------------------------------------------------------------------------
+
+    def safety_backup(self):
+        """Step 1: every table the run will touch, backed up completely first (snapshot)."""
+        present = [name for name in self.tables if name in self.live]
+        if not self.safe or self.dry_run:
+            self.step(1, "SAFETY", f"skipped ({'dry run' if self.dry_run else 'no --safe'})")
+            self.done("no safety backup")
+            return
+        self.safety_path = self.safety_file_path("safety_backup")
+        self.step(1, "SAFETY", f"safety backup of {len(present)} table(s) -> {self.safety_path}")
+        summary, self.safety_read_path = self.safety_snapshot(
+            self.safety_path, present, self.live,
+            f"safety backup before {self.mode} of {self.file_path.name}")
+        self.restore_log.update(safety_backup_file=str(self.safety_path))
+        self.done(f"{summary['rows']} rows in {len(present)} tables, re-read and checked")
+        for name, table in summary["tables"].items():
+            self.plans[name].safety_count = table["rows"]  # what a rollback brings back
+
+    # -- 2. Validate ------------------------------------------------------------------------------
+
+    def validate(self, scan):
+        """Step 2: the file against the live schema (validate_backup); the write order."""
+        critical = self.critical_tables
+        self.step(2, "VALIDATE", f"{self.file_path.name}: checksums, keys, critical tables, "
+                  f"schema")
+        try:
+            self.order = validate_backup(scan, self.live, self.tables, critical)
+        except ValidationError as exc:
+            self.refuse(str(exc))
+        self.done("ok" + (f"; critical tables present: {', '.join(critical)}" if critical else ""))
+
+    def refuse(self, error):
+        """Before the first write: refused, the log says so, nothing written (exit 7)."""
+        self.fail_step("refused", error)
+        if self.restore_log:
+            write_restore_log(self.restore_log, status="refused", error=error)
+        raise ValidationError(error)
+
+    # -- 3. Record the counts before, and the plan ------------------------------------------------
+
+    def record(self, scan, spool_dir):
+        """Step 3: the live row counts and, per row of the file, insert, update or nothing
+        (record_counts); rows no request could write are refused here. Returns the counts."""
+        self.step(3, "RECORD", "row counts before, and which rows will be inserted or updated"
+                  + (" or deleted" if self.deletes else ""))
+        before = record_counts(self.api, scan, self.plans, spool_dir, extra_keys=self.deletes)
+        for name in self.order:
+            plan = self.plans[name]
+            log.info("  %s: %d rows now; %d to insert, %d to update, %s%d unchanged", name,
+                     before.get(name, 0), plan.inserts, plan.updates,
+                     f"{len(plan.extra_keys)} to delete, " if self.deletes else "",
+                     plan.unchanged)
+            # Live rows whose key (or, without a key, whose values) the file does not hold.
+            extra = before.get(name, 0) - plan.unchanged - plan.updates
+            if extra > 0 and not self.deletes:
+                log.info("    %d row(s) added since the backup: left alone", extra)
+        self.json_changes = self.check_json_changes()
+        self.check_cycles(scan)
+        self.plan_summary = {name: {"insert": p.inserts, "update": p.updates,
+                                    "delete": len(p.extra_keys), "unchanged": p.unchanged}
+                             for name, p in self.plans.items()}
+        if not self.dry_run:
+            self.confirm()
+            self.restore_log.update(before_counts=before, plan=self.plan_summary)
+            if self.json_changes:
+                self.restore_log.update(json_changes=self.json_changes)
+            self.done(self.totals(inserts=sum(p.inserts for p in self.plans.values()),
+                                  updates=sum(p.updates for p in self.plans.values()),
+                                  deletes=sum(len(p.extra_keys) for p in self.plans.values()),
+                                  verb="to "))
+        return before
+
+    def totals(self, inserts, updates, deletes, verb=""):
+        """"3 to insert, 1 to update" (and deletes where the run deletes)."""
+        return (f"{inserts} {verb}insert{'' if verb else 'ed'}, {updates} {verb}update"
+                f"{'' if verb else 'd'}" + (f", {deletes} {verb}delete{'' if verb else 'd'}"
+                                            if self.deletes else ""))
+
+    def confirm(self):
+        """Before the first write: nothing to ask for a restore (rollback asks)."""
+
+    def show_plan(self, before):
+        """A dry run ends after step 3: the plan, nothing written."""
+        self.done("dry run: nothing written")
+        if self.args.json:
+            emit(json.dumps({"status": "dry_run", "file": self.source, "before_counts": before,
+                             "plan": self.plan_summary, "json_changes": self.json_changes},
+                            indent=2))
+        return EXIT_OK
+
+    # -- 4. Restore -------------------------------------------------------------------------------
+
+    def restore(self):
+        """Step 4: the planned rows written, parents before children (upsert_restore)."""
+        self.step(4, "RESTORE", "upsert on the primary key, parents before children"
+                  + ("; then delete the rows the file does not hold, children first"
+                     if self.deletes else ""))
+        upsert_restore(self.api, self.plans, self.order, self.progress)
+        self.delete_extra()
+        self.restore_log.tables(self.plans)
+        data = self.restore_log.data
+        self.done(self.totals(data["total_inserted"], data["total_updated"],
+                              data["total_deleted"]))
+
+    def delete_extra(self):
+        """A restore deletes nothing (rollback deletes the rows the file lacks)."""
+
+    # -- 5. Verify --------------------------------------------------------------------------------
+
+    def verify(self, before):
+        """Step 5: counts, and every row of the file in the table with equal values."""
+        self.step(5, "VERIFY", "counts, and every row of the file in the table with equal values")
+        expected = {name: (before.get(name, 0) + p.written_inserts - len(p.extra_keys))
+                    for name, p in self.plans.items()}
+        mismatches = verify_restore(self.api, self.plans, self.file_path, expected, self.ignored,
+                                    self.accept_json_null)
+        if mismatches:
+            self.restore_log.update(mismatches=mismatches[:100])
+            self.rewritten = rewritten_columns(mismatches, self.started)
+            raise RestoreFailure(None, mismatch_message(mismatches, self.mode, self.started))
+        self.done("every row matches")
+
+    def failure(self, exc):
+        """A failure in step 4 or 5, as the RestoreFailure that recover() rolls back. Ctrl-C is
+        a failure like any other (a second Ctrl-C stops the rollback, and its message names the
+        command that finishes it); a bug must not bypass the safety net either."""
+        if isinstance(exc, (RestoreFailure, BackupError)):
+            return exc
+        if isinstance(exc, KeyboardInterrupt):
+            progress.close()
+            if self.safe and not getattr(self.args, "no_rollback", False):
+                log.warning("interrupted (Ctrl-C): rolling back to %s; press Ctrl-C again to "
+                            "stop the rollback", self.safety_path.name)
+            return RestoreFailure(None, "interrupted (Ctrl-C)")
+        if not isinstance(exc, Exception):
+            raise exc  # SystemExit and the like: not the run's to handle
+        log.error("unexpected error during the %s", self.mode, exc_info=exc,
+                  extra={FILE_ONLY: True})
+        return RestoreFailure(None, f"unexpected internal error: {type(exc).__name__}: {exc} "
+                                    f"(a bug: the traceback is in {current_log_file()})")
+
+    # -- 6. The log -------------------------------------------------------------------------------
+
+    def write_log(self):
+        """Step 6: the restore log in summaries/; the sequences' SQL; the last line."""
+        after = {name: exact_count(self.api, name) for name in self.plans}
+        sql = sequence_sql(self.plans, self.live)
+        self.step(6, "LOG", f"{self.restore_log.path}")
+        write_restore_log(self.restore_log, status="succeeded", after_counts=after,
+                          sequence_sql=sql)
+        self.done("saved")
+        if sql:
+            log.warning("run this in the SQL editor so that new rows do not collide with "
+                        "restored keys:\n  %s", "\n  ".join(sql))
+        data = self.restore_log.data
+        skipped = data.get("tables_skipped") or {}
+        log.info("%s complete: %s, %d unchanged%s", self.mode,
+                 self.totals(data["total_inserted"], data["total_updated"],
+                             data["total_deleted"]),
+                 sum(p.unchanged for p in self.plans.values()),
+                 "; NOT restored: " + "; ".join(f"{name} ({why})" for name, why in skipped.items())
+                 if skipped else "")
+        if self.args.json:
+            emit(json.dumps(data, indent=2, default=str))
+        return EXIT_NOT_ALL_RESTORED if skipped else EXIT_OK
+
+    def recover(self, exc):
+        """A step 4 or 5 failure: roll back to the safety backup, or say what is left."""
+        reason = one_line(exc, 800)
+        failed = self.plans.get(getattr(exc, "table", None))
+        if failed is not None and failed.failure is None:
+            failed.failure = reason
+        self.restore_log.tables(self.plans)
+        self.fail_step("failed", reason)
+        # A warning: the one error line is the outcome, printed last, after the rollback.
+        log.warning("%s failed: %s", self.mode, reason)
+        if not self.safe:
+            write_restore_log(self.restore_log, status="failed", error=reason)
+            raise PartialRestoreError(f"{self.mode} failed and there is no safety backup to "
+                                      f"return to (no --safe): {reason}; the tables may be "
+                                      f"partly restored, see {self.restore_log.path}")
+        if getattr(self.args, "no_rollback", False):
+            write_restore_log(self.restore_log, status="failed_kept", error=reason)
+            raise PartialRestoreError(f"{self.mode} failed: {reason}; kept as it is "
+                                      f"(--no-rollback); to undo it run: {self.rollback_hint()}")
+        failed_path = self.safety_file_path("failed_state")
+        # A column a trigger rewrites on every write (the failed verification found one, or the
+        # user named it) is rewritten by the rollback's writes too: no API write can put its old
+        # values back, so it is left out of the rollback's verification, and the message says so.
+        leave_out = self.ignore_columns() | {f"{name}.{column}" for name, columns
+                                             in self.rewritten.items() for column in columns}
+        failed_path = new_file_path(self.paths.safety_backups, "failed_state")
+        try:
+            # 7. Roll back: first a snapshot of the failed state (double safety). From its
+            # announcement on, a Ctrl-C stops the rollback with the command that finishes it.
+            self.step(7, "ROLLBACK", f"snapshot of the failed state -> {failed_path}, then back "
+                      f"to {self.safety_path.name}")
+            self.safety_snapshot(failed_path, list(self.plans),
+                                 discover_tables(self.api.openapi()),
+                                 f"state after a failed {self.mode} of {self.file_path.name}")
+            mismatches = rollback(self.api, self.plans, self.order, self.safety_read_path,
+                                  self.progress, leave_out, self.accept_json_null)
+        except KeyboardInterrupt:
+            write_restore_log(self.restore_log, status="interrupted",
+                              error="interrupted during rollback")
+            raise InterruptedRestore(self.rollback_hint()) from None
+        except Exception as rollback_exc:  # whatever it was, the rollback did not finish
+            if not isinstance(rollback_exc, (RestoreFailure, BackupError)):
+                log.error("unexpected error during the rollback", exc_info=True,
+                          extra={FILE_ONLY: True})
+            mismatches = [{"table": None, "key": None, "problem": one_line(rollback_exc, 300)}]
+        not_verified, written_back = {}, {}
+        for name, plan in self.plans.items():
+            columns = [c for c in plan.columns if c not in compared_columns(plan, leave_out)]
+            written_back[name] = sum(1 for is_insert, _ in plan.sent_spool_keys()
+                                     if not is_insert)
+            if written_back[name] and columns:
+                not_verified[name] = columns
+        rollback_info = {"failed_state_file": str(failed_path), "mismatches": mismatches[:100],
+                         "verified": not mismatches, "not_verified": not_verified}
+        if mismatches:
+            write_restore_log(self.restore_log, status="rollback_failed", error=reason,
+                              rollback=rollback_info)
+            problem = (mismatch_message(mismatches, "rollback", self.started)
+                       if mismatches[0]["table"]
+                       else mismatches[0]["problem"])
+            self.fail_step("failed", problem)
+            raise RollbackFailedError(f"{self.mode} failed ({reason}) and so did the automatic "
+                                      f"rollback ({problem})", self.rollback_hint())
+        after = {name: exact_count(self.api, name) for name in self.plans}
+        write_restore_log(self.restore_log, status="rolled_back", error=reason,
+                          rollback=rollback_info, after_counts=after)
+        except_columns = "".join(
+            f", except {name}.{', '.join(columns)} in the {written_back[name]} "
+            f"row(s) written back, left out of the comparison because a trigger may rewrite it "
+            f"on every write (then it holds the time of the rollback)"
+            for name, columns in not_verified.items())
+        self.done(f"rolled back and verified against the safety backup{except_columns}")
+        raise RestoreError(f"{self.mode} failed ({reason}); every table it touched was rolled "
+                           f"back to {self.safety_path.name} and verified: the database is as "
+                           f"before{except_columns} (log: {self.restore_log.path})")
+
+    @property
+    def accept_json_null(self):
+        return bool(getattr(self.args, "accept_json_null", False))
+
+    def check_json_changes(self):
+        """Before any write: the json values the API would change on the way in (json_change),
+        in rows of the file to write, or in live rows the restore overwrites (a rollback would
+        write them back). Refused; a JSON null only unless --accept-json-null. Returns what was
+        found, for the plan and the log."""
+        found = [{"table": plan.name, "column": column, "change": change, "rows": count,
+                  "first_keys": keys,
+                  "in": "the file" if side == "file" else "live rows the restore overwrites"}
+                 for plan in self.plans.values()
+                 for (side, column, change), (count, keys) in sorted(plan.json_changes.items())]
+        if not found:
+            return []
+        refused = [f for f in found if f["change"] != JSON_NULL or not self.accept_json_null]
+        text = "; ".join(f"{f['table']}.{f['column']}: {f['change']}, in {f['rows']} row(s) of "
+                         f"{f['in']} (first key(s) {', '.join(f['first_keys'])})"
+                         for f in (refused or found)[:5])
+        if refused and not self.dry_run:
+            self.fail_step("refused", text)
+            nulls_only = all(f["change"] == JSON_NULL for f in refused)
+            error = (f"the API would change these json values on the way in: {text}; the "
+                     f"database was not touched; "
+                     + ("to restore them as SQL NULL, run again with --accept-json-null"
+                        if nulls_only else
+                        "restore the other tables (--tables) and put these rows back in the SQL "
+                        "editor"))
+            if self.restore_log:
+                write_restore_log(self.restore_log, status="refused", error=error)
+            raise ValidationError(error)
+        log.warning("the API will change these json values on the way in%s: %s",
+                    " (refused without --accept-json-null)" if refused else "", text)
+        return found
+
+    def check_cycles(self, scan):
+        """Before any write: refuse rows that only a transaction could write (see
+        unwritable_cycle)."""
+        cycle = unwritable_cycle(scan, self.plans)
+        if not cycle:
+            return
+        rows = " -> ".join(f"{table} {key}" for table, key in cycle[:6])
+        columns = ", ".join(f"{table}.{fk['column']} -> {fk['references_table']}"
+                            for table in dict.fromkeys(t for t, _ in cycle)
+                            for fk in scan.tables[table]["meta"].get("foreign_keys") or []
+                            if fk["references_table"] in {t for t, _ in cycle})
+        error = (f"rows to insert refer to each other through NOT NULL foreign keys ({columns}: "
+                 f"{rows} -> back to the first): the API writes each request in its own transaction, so "
+                 f"none of them can be written first; the database was not touched; insert "
+                 f"these rows in one transaction in the SQL editor, or make one of the foreign "
+                 f"keys nullable, then restore again")
+        self.fail_step("refused", error)
+        if self.restore_log:
+            write_restore_log(self.restore_log, status="refused", error=error)
+        raise ValidationError(error)
+
+    def safety_file_path(self, prefix):
+        """A new name in safety_backups/ (.json.gz.age when safety backups are encrypted)."""
+        return new_file_path(self.paths.safety_backups, prefix,
+                             ".json.gz" + (AGE_SUFFIX if self.safety_recipients else ""))
+
+    def safety_snapshot(self, path, tables, live, note):
+        """Snapshot tables to path, a safety backup; returns (summary, the plain file a rollback
+        reads). Encrypted to SAFETY_ENCRYPT_TO when it is set: the plain file is then written
+        and verified under a temporary name, encrypted to path, and kept for this run's
+        automatic rollback only."""
+        if not self.safety_recipients:
+            return snapshot(self.api, tables, live, path, self.config.host, SERVICE_ROLE,
+                            self.progress, note=note), path
+        plain = path.parent / f"{TEMP_PREFIX}{os.getpid()}-plain-{plain_name(path.name)}"
+        self.plain_copies.append(plain)
+        summary = snapshot(self.api, tables, live, plain, self.config.host, SERVICE_ROLE,
+                           self.progress, note=note)
+        encrypt_backup(plain, path, self.safety_recipients)
+        return summary, plain
+
+    def rollback_hint(self):
+        if self.safety_path is None:
+            return "(no safety backup was taken)"
+        identity = (" --identity YOUR_AGE_IDENTITY_FILE" if self.safety_recipients and not
+                    self.config.settings.get("BACKUP_AGE_IDENTITY") else "")
+        return f"python {PROG} rollback {self.safety_path.name}{identity}"
+
+    def critical(self):
+        return getattr(self.args, "critical", None) or self.setting_list("CRITICAL_TABLES")
+
+    def ignore_columns(self):
+        return set(getattr(self.args, "ignore_columns", None) or
+                   self.setting_list("VERIFY_IGNORE_COLUMNS"))
+
+    def setting_list(self, name):
+        """A comma-separated setting as a list ([] when unset); ConfigError when malformed."""
+        try:
+            return table_list(self.config.settings[name]) if self.config.settings.get(name) else []
+        except argparse.ArgumentTypeError as exc:
+            raise ConfigError(f"{name}: {exc}") from None
+
+    def step(self, number, tag, text):
+        self._step = (number, tag)
+        log.info("%d. [%s] %s", number, tag, text)
+        if self.restore_log:
+            self.restore_log.step(number, tag)
+
+    def done(self, detail):
+        log.info("   -> %s", detail)
+        if self.restore_log:
+            self.restore_log.step(*self._step, detail=detail, status="ok")
+
+    def fail_step(self, status, detail):
+        if self.restore_log and self._step:
+            self.restore_log.step(*self._step, detail=detail, status=status)
 
 
-def has_differences(result):
-    return bool(result["only_in_file"] or result["only_live"] or result["changed"] or
-                result["columns_only_in_file"] or result["columns_only_live"] or
-                result.get("missing_live"))
+class RollbackRun(RestoreRun):
+    """A rollback to a file (a safety backup): a restore that also deletes the live rows the
+    file lacks, so that every table ends up exactly as the file; always behind its own safety
+    backup, asking first on a terminal."""
+
+    mode = "rollback"
+    deletes = True
+
+    def critical(self):
+        return []  # a rollback brings back the recorded state, empty tables included
+
+    def confirm(self):
+        """On a terminal, a rollback (which deletes rows) shows its plan and asks before the
+        first write; --yes answers for the person, and elsewhere (cron, scripts) it goes on."""
+        if getattr(self.args, "yes", False) or not sys.stdin.isatty():
+            return
+        plans = self.plans.values()
+        totals = (f"{sum(p.inserts for p in plans)} to insert, "
+                  f"{sum(p.updates for p in plans)} to update, "
+                  f"{sum(len(p.extra_keys) for p in plans)} to DELETE")
+        progress.close()
+        answer = input(f"Roll back {len(self.plans)} table(s) to {self.file_path.name}: {totals}. "
+                       f"Type 'rollback' to go on: ")
+        if answer.strip() != "rollback":
+            self.fail_step("cancelled", "the person answered no")
+            write_restore_log(self.restore_log, status="aborted",
+                              error="cancelled at the question; nothing was written")
+            raise Cancelled("rollback cancelled; nothing was written")
+
+    def delete_extra(self):
+        """Step 4's last writes: the live rows the file does not hold, children first."""
+        delete_extra(self.api, self.plans, self.order, self.file_path)
+        for name in self.order:
+            plan = self.plans[name]
+            plan.deleted = len(plan.extra_keys)
+            if plan.deleted:
+                log.info("  %s: %d deleted (rows the file does not hold)", name, plan.deleted)
 
 
-# --- Retention and the heartbeat --------------------------------------------------------------
+def confirm_unsafe_restore(args, backup_path):
+    """Without --safe there is no safety net: warn loudly, and ask (or insist on --yes)."""
+    log.warning("restore WITHOUT --safe: no safety backup is taken, so a failed restore cannot be "
+                "rolled back; use `restore --safe` on production data")
+    if args.yes:
+        return
+    if not sys.stdin.isatty():
+        raise ConfigError("restore without --safe needs --yes when not run from a terminal "
+                          "(better: use --safe); the database was not touched")
+    answer = input(f"Restore {backup_path.name} without a safety backup? Type 'restore' to go on: ")
+    if answer.strip() != "restore":
+        raise Cancelled("restore cancelled; nothing was done")
+
+
+def sequence_sql(plans, live):
+    """The SQL that moves each integer key's sequence past the restored maximum."""
+    statements = []
+    for name, plan in plans.items():
+        if plan.written_inserts == 0 or len(plan.primary_key) != 1:
+            continue
+        column = plan.primary_key[0]
+        formats = {c["name"]: c.get("format") for c in live[name]["columns"]}
+        if formats.get(column) not in INTEGER_FORMATS:
+            continue
+        # The API does not show whether a key has a sequence (PostgREST's OpenAPI leaves a
+        # nextval() default out), so the statement finds out itself, and does nothing without
+        # one. pg_get_serial_sequence parses its first argument as SQL (quoted identifiers) and
+        # takes the second literally.
+        table = sql_literal(f"public.{quote_sql_ident(name)}")
+        statements.append(
+            f"SELECT setval(s, m) FROM (SELECT pg_get_serial_sequence({table}, "
+            f"{sql_literal(column)}) AS s, (SELECT max({quote_sql_ident(column)}) FROM "
+            f"public.{quote_sql_ident(name)}) AS m) AS x WHERE s IS NOT NULL AND m IS NOT NULL;")
+    return statements
+
+
+def sql_literal(text):
+    return "'" + text.replace("'", "''") + "'"
+
+
+def quote_sql_ident(name):
+    """An identifier as SQL: bare when it can be, double-quoted otherwise."""
+    if re.fullmatch(r"[a-z_][a-z0-9_]*", name) and name not in SQL_RESERVED:
+        return name
+    return '"' + name.replace('"', '""') + '"'
+
+
+# PostgreSQL's reserved key words (its documentation's appendix C, "reserved" and "reserved (can
+# be function or type)"): not an identifier unless quoted.
+SQL_RESERVED = set("""all analyse analyze and any array as asc asymmetric authorization binary both
+case cast check collate collation column concurrently constraint create cross current_catalog
+current_date current_role current_schema current_time current_timestamp current_user default
+deferrable desc distinct do else end except false fetch for foreign freeze from full grant group
+having ilike in initially inner intersect into is isnull join lateral leading left like limit
+localtime localtimestamp natural not notnull null offset on only or order outer overlaps placing
+primary references returning right select session_user similar some symmetric system_user table
+tablesample then to trailing true union unique user using variadic verbose when where window
+with""".split())
+
+
+# --- 16. Retention and the heartbeat --------------------------------------------------------------
 # Which backups to keep, in backups/ and at the off-site location alike, judged by the UTC time
 # in their names; and the pings that tell a monitor (healthchecks.io and the like) how a
 # scheduled backup went.
@@ -4073,70 +4625,99 @@ def ping_url(text):
     return text
 
 
-# --- Logs and summaries -----------------------------------------------------------------------
-# The restore log in summaries/, and the one logging setup.
+# --- 17. Inventory: what backups/ and safety_backups/ hold, and diff ------------------------------
 
-class RestoreLog:
-    """The restore log in summaries/: written when the restore starts and after every step,
-    atomically, so that a restore that is killed leaves an honest log (status in_progress)."""
-
-    def __init__(self, path, **fields):
-        self.path = Path(path)
-        self.data = {"kind": "restore", "status": "in_progress", "started_at": None,
-                     "finished_at": None, "backup_file": None, "safety_backup_file": None,
-                     "before_counts": {}, "after_counts": {}, "tables_restored": {},
-                     "tables_failed": [], "tables_skipped": {}, "total_inserted": 0,
-                     "total_updated": 0, "total_deleted": 0, "total_errors": 0,
-                     "mismatches": [], "steps": [],
-                     "rollback": None, "sequence_sql": [], "error": None}
-        self.data.update(fields)
-        self._step_started = None
-        self.save()
-
-    def step(self, number, name, detail=None, status="running"):
-        """Record the start (or outcome) of a numbered step, print it, and save."""
-        now = time.monotonic()
-        if status == "running":
-            self._step_started = now
-            self.data["steps"].append({"step": number, "name": name, "status": status})
-        else:
-            entry = self.data["steps"][-1]
-            entry.update(status=status, seconds=round(now - (self._step_started or now), 3))
-            if detail:
-                entry["detail"] = detail
-        self.save()
-
-    def update(self, **fields):
-        self.data.update(fields)
-        self.save()
-
-    def tables(self, plans):
-        """Copy the per-table outcome of the plans into the log."""
-        self.data["tables_restored"] = {name: plan.summary() for name, plan in plans.items()}
-        self.data["total_inserted"] = sum(p.written_inserts for p in plans.values())
-        self.data["total_updated"] = sum(p.written_updates for p in plans.values())
-        self.data["total_deleted"] = sum(p.deleted for p in plans.values())
-        self.data["total_errors"] = sum(p.errors for p in plans.values())
-        self.data["tables_failed"] = [name for name, plan in plans.items() if plan.failure]
-
-    def save(self):
-        write_json_atomically(self.path, self.data)
+def backup_summary(path, settings=None, identity=None, data_dir=None):
+    """created_at, tables and rows of a backup, read from its content (the whole file, decrypted
+    when it is encrypted and an identity is at hand); status says what was found."""
+    stat = path.stat()
+    entry = {"file": path.name, "bytes": stat.st_size}
+    encrypted = is_encrypted(path)
+    known = read_index(index_path(path)).get(index_key(path))
+    if known and known.get("size") == stat.st_size and known.get("mtime_ns") == stat.st_mtime_ns:
+        return {**entry, "created_at": known["created_at"], "encrypted": encrypted,
+                "tables": known["tables"], "rows": known["rows"], "status": "ok"}
+    if encrypted and not (identity or (settings or {}).get("BACKUP_AGE_IDENTITY")):
+        return {**entry, "created_at": name_time(path.name), "encrypted": True,
+                "status": "encrypted (age): give --identity or BACKUP_AGE_IDENTITY to check it"}
+    try:
+        with readable_backup(path, settings or {}, identity, data_dir) as backup:
+            header, tables = check_backup(backup.path)
+    except (ValidationError, ConfigError) as exc:
+        kind = "damaged" if isinstance(exc, ValidationError) else "unreadable"
+        return {**entry, "status": f"{kind}: {exc}"}
+    record_in_index(path, header, tables)
+    return {**entry, "created_at": header.get("created_at"), "encrypted": encrypted,
+            "tables": len(tables), "rows": sum(t["row_count"] for t in tables.values()),
+            "status": "ok"}
 
 
-def write_json_atomically(path, data):
-    """Write a JSON file under a temporary name, fsync, rename: never a half-written file."""
-    temp = path.parent / f"{TEMP_PREFIX}{os.getpid()}-{path.name}"
-    with open(temp, "w", encoding="utf-8", opener=private_opener) as out:
-        json.dump(data, out, indent=2, ensure_ascii=False, default=str)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(temp, path)
+# Beside backups/ in the data folder: what list shows of each backup (created, tables, rows), by
+# its size and modification time, recorded when a backup is finished or first checked, so that
+# `list` need not read every file every time (`check` always does).
+INDEX_FILE_NAME = ".backup_index.json"
 
 
-def write_restore_log(restore_log, **fields):
-    """Step 6: the final state of the restore log."""
-    restore_log.update(finished_at=utc_now().isoformat(), **fields)
-    return restore_log.path
+def index_path(path):
+    return path.parent.parent / INDEX_FILE_NAME
+
+
+def index_key(path):
+    """A file's key in the index: its folder and name (backups/NAME, safety_backups/NAME)."""
+    return f"{path.parent.name}/{path.name}"
+
+
+def record_in_index(path, header, tables):
+    """Record what list shows of a backup just checked (a read-only folder: not recorded)."""
+    stat = path.stat()
+    index = {key: entry for key, entry in read_index(index_path(path)).items()
+             if (path.parent.parent / key).exists()}
+    index[index_key(path)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                        "created_at": header.get("created_at"), "tables": len(tables),
+                        "rows": sum(t["row_count"] for t in tables.values())}
+    try:
+        write_json_atomically(index_path(path), index)
+    except OSError:
+        pass
+
+
+def read_index(path):
+    """The backups folder's index ({} when missing or unreadable: it is only a shortcut)."""
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return index if isinstance(index, dict) else {}
+
+
+def name_time(name):
+    """The ISO time in a backup's or safety backup's name, or None."""
+    match = BACKUP_NAME_PATTERN.fullmatch(name) or SAFETY_NAME_PATTERN.fullmatch(name)
+    if not match:
+        return None
+    stamp = datetime.datetime.strptime(match.groups()[-1], "%Y%m%d_%H%M%S")
+    return stamp.replace(tzinfo=datetime.timezone.utc).isoformat()
+
+
+def remote_listing(url, settings):
+    """The backups at an s3:// location, newest first, from their objects' metadata (recorded at
+    upload; `check --file` fetches one and verifies it)."""
+    location = parse_remote(url, "list")
+    client = s3_client(settings)
+    entries = []
+    for name, size in sorted(remote_backups(client, location), reverse=True):
+        head = s3_call("cannot read", location, client.head_object, location.prefix + name,
+                       Bucket=location.bucket, Key=location.prefix + name)
+        meta = head.get("Metadata") or {}
+        entries.append({"file": location.url(name), "bytes": size,
+                        "created_at": meta.get("created-at") or name_time(name),
+                        "encrypted": meta.get("encrypted") == "age",
+                        "tables": int(meta["tables"]) if meta.get("tables", "").isdigit() else None,
+                        "rows": int(meta["rows"]) if meta.get("rows", "").isdigit() else None,
+                        "sha256": meta.get("sha256"),
+                        "status": "listed" if meta.get("sha256") else
+                                  "no SHA-256 recorded: not uploaded by this tool"})
+    return entries
 
 
 SAFETY_NAME_PATTERN = re.compile(r"(safety_backup|failed_state)_(\d{8}_\d{6})\.json\.gz(?:\.age)?")
@@ -4255,6 +4836,142 @@ def safety_inventory(data_dir, running=None, now=None):
     entries.sort(key=lambda e: (e["created_at"], Path(e["path"]).stat().st_mtime_ns),
                  reverse=True)
     return entries
+
+
+def diff_tables(api, path, tables, live_tables):
+    """Compare the given tables of a backup file with the live data; returns {table: result}.
+
+    A table with the same primary key in the file and live is compared in key ranges
+    (TableComparison): memory holds a chunk of rows and the differences, not the table. A table
+    without one is compared as a multiset of whole rows, which holds a digest per live row.
+    Values are compared over the columns both sides have, read in the file's forms.
+    """
+    results = {}
+    for table in read_tables(path, as_bytes=True, label="comparing"):
+        if table.name in tables:
+            results[table.name] = diff_table(api, table, live_tables.get(table.name))
+    for name in tables:
+        if name not in results:
+            raise ValidationError(f"{name} is not in {Path(path).name}; check --tables")
+    return results
+
+
+def diff_table(api, table, live_meta):
+    """diff_tables for one table of the file (a BackupTable) against its live rows."""
+    result = {"file_rows": 0, "live_rows": 0, "only_in_file": 0, "only_live": 0, "changed": 0,
+              "only_in_file_keys": [], "only_live_keys": [], "changed_keys": [],
+              "changed_columns": {}, "columns_only_in_file": [], "columns_only_live": []}
+    if live_meta is None:
+        result["missing_live"] = True
+        result["file_rows"] = result["only_in_file"] = sum(1 for _ in table.rows)
+        return result
+    live_columns = [c["name"] for c in live_meta["columns"]]
+    result["columns_only_in_file"] = [c for c in table.columns if c not in live_columns]
+    result["columns_only_live"] = [c for c in live_columns if c not in table.columns]
+    columns = [c for c in table.columns if c in live_columns]
+    pk = list(table.meta.get("primary_key") or [])
+    if not pk or pk != list(live_meta["primary_key"]):
+        result["compared_as"] = "whole rows (no primary key)"
+        live_rows = collections.Counter()
+        for page in TablePages(api, table.name, with_stored_forms(live_meta,
+                                                                  file_forms(table.meta))):
+            result["live_rows"] += len(page)
+            live_rows.update(row_digest(row, columns) for row in page)
+        for line in table.rows:
+            result["file_rows"] += 1
+            digest = row_digest(parse_row(line), columns)
+            if live_rows[digest] > 0:
+                live_rows[digest] -= 1
+            else:
+                result["only_in_file"] += 1
+        result["only_live"] = sum(live_rows.values())
+        return result
+    with contextlib.closing(TableComparison(api, table.name, live_meta, pk, columns,
+                                            file_forms(table.meta))) as comparison:
+        for line in table.rows:
+            result["file_rows"] += 1
+            comparison.add(line)
+        comparison.finish()
+    result.update(live_rows=comparison.live_rows, only_in_file=len(comparison.only_file),
+                  only_live=len(comparison.only_live), changed=comparison.changed,
+                  only_in_file_keys=list(itertools.islice(comparison.only_file, DIFF_EXAMPLES)),
+                  only_live_keys=list(itertools.islice(comparison.only_live, DIFF_EXAMPLES)),
+                  changed_keys=list(comparison.changed_keys),
+                  changed_columns={k: v for k, v in comparison.changed_keys.items() if v})
+    return result
+
+
+def has_differences(result):
+    return bool(result["only_in_file"] or result["only_live"] or result["changed"] or
+                result["columns_only_in_file"] or result["columns_only_live"] or
+                result.get("missing_live"))
+
+
+# --- 18. Logs and output --------------------------------------------------------------------------
+# The restore log in summaries/; the one logging setup (stderr for people, the log file in
+# logs/); data for stdout (emit).
+
+class RestoreLog:
+    """The restore log in summaries/: written when the restore starts and after every step,
+    atomically, so that a restore that is killed leaves an honest log (status in_progress)."""
+
+    def __init__(self, path, **fields):
+        self.path = Path(path)
+        self.data = {"kind": "restore", "status": "in_progress", "started_at": None,
+                     "finished_at": None, "backup_file": None, "safety_backup_file": None,
+                     "before_counts": {}, "after_counts": {}, "tables_restored": {},
+                     "tables_failed": [], "tables_skipped": {}, "total_inserted": 0,
+                     "total_updated": 0, "total_deleted": 0, "total_errors": 0,
+                     "mismatches": [], "steps": [],
+                     "rollback": None, "sequence_sql": [], "error": None}
+        self.data.update(fields)
+        self._step_started = None
+        self.save()
+
+    def step(self, number, name, detail=None, status="running"):
+        """Record the start (or outcome) of a numbered step, print it, and save."""
+        now = time.monotonic()
+        if status == "running":
+            self._step_started = now
+            self.data["steps"].append({"step": number, "name": name, "status": status})
+        else:
+            entry = self.data["steps"][-1]
+            entry.update(status=status, seconds=round(now - (self._step_started or now), 3))
+            if detail:
+                entry["detail"] = detail
+        self.save()
+
+    def update(self, **fields):
+        self.data.update(fields)
+        self.save()
+
+    def tables(self, plans):
+        """Copy the per-table outcome of the plans into the log."""
+        self.data["tables_restored"] = {name: plan.summary() for name, plan in plans.items()}
+        self.data["total_inserted"] = sum(p.written_inserts for p in plans.values())
+        self.data["total_updated"] = sum(p.written_updates for p in plans.values())
+        self.data["total_deleted"] = sum(p.deleted for p in plans.values())
+        self.data["total_errors"] = sum(p.errors for p in plans.values())
+        self.data["tables_failed"] = [name for name, plan in plans.items() if plan.failure]
+
+    def save(self):
+        write_json_atomically(self.path, self.data)
+
+
+def write_json_atomically(path, data):
+    """Write a JSON file under a temporary name, fsync, rename: never a half-written file."""
+    temp = path.parent / f"{TEMP_PREFIX}{os.getpid()}-{path.name}"
+    with open(temp, "w", encoding="utf-8", opener=private_opener) as out:
+        json.dump(data, out, indent=2, ensure_ascii=False, default=str)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(temp, path)
+
+
+def write_restore_log(restore_log, **fields):
+    """Step 6: the final state of the restore log."""
+    restore_log.update(finished_at=utc_now().isoformat(), **fields)
+    return restore_log.path
 
 
 FILE_ONLY = "file_only"  # log(..., extra={FILE_ONLY: True}) keeps a record out of the terminal
@@ -4389,7 +5106,7 @@ def close_logging():
         handler.close()
 
 
-# --- Commands ---------------------------------------------------------------------------------
+# --- 19. Commands: backup, check, list ------------------------------------------------------------
 
 def begin_run(args):
     """Every command's first step: load the configuration, make the data folders, start the log."""
@@ -4400,6 +5117,23 @@ def begin_run(args):
               "settings from %s", TOOL_VERSION, args.command, config.host, config.key_setting,
               config.data_dir, ", ".join(config.sources))
     return config, paths
+
+
+def local_data_dir(args):
+    """The data folder for the commands that only read local files (no URL or key needed)."""
+    return resolve_data_dir(args, merge_settings(setting_layers()))
+
+
+def setup_local_run(args):
+    """Start the log file of a command that reads only local files."""
+    logs = local_data_dir(args) / LOG_DIR
+    if logs.is_dir():
+        attach_log_file(logs)
+
+
+def local_settings():
+    """Every setting (environment over .env files), for the commands that need no project."""
+    return merge_settings(setting_layers())
 
 
 def wanted_tables(args, config):
@@ -4474,11 +5208,6 @@ def backup_output_path(args, paths, suffix=".json.gz"):
                         ".json.gz says so to the next person (and to list)", args.output)
         return output.resolve()
     return new_file_path(paths.backups, "supabase_backup", suffix)
-
-
-def local_settings():
-    """Every setting (environment over .env files), for the commands that need no project."""
-    return merge_settings(setting_layers())
 
 
 def backup_remote(args, settings):
@@ -4667,99 +5396,6 @@ def cmd_check(args):
     return EXIT_OK
 
 
-def backup_summary(path, settings=None, identity=None, data_dir=None):
-    """created_at, tables and rows of a backup, read from its content (the whole file, decrypted
-    when it is encrypted and an identity is at hand); status says what was found."""
-    stat = path.stat()
-    entry = {"file": path.name, "bytes": stat.st_size}
-    encrypted = is_encrypted(path)
-    known = read_index(index_path(path)).get(index_key(path))
-    if known and known.get("size") == stat.st_size and known.get("mtime_ns") == stat.st_mtime_ns:
-        return {**entry, "created_at": known["created_at"], "encrypted": encrypted,
-                "tables": known["tables"], "rows": known["rows"], "status": "ok"}
-    if encrypted and not (identity or (settings or {}).get("BACKUP_AGE_IDENTITY")):
-        return {**entry, "created_at": name_time(path.name), "encrypted": True,
-                "status": "encrypted (age): give --identity or BACKUP_AGE_IDENTITY to check it"}
-    try:
-        with readable_backup(path, settings or {}, identity, data_dir) as backup:
-            header, tables = check_backup(backup.path)
-    except (ValidationError, ConfigError) as exc:
-        kind = "damaged" if isinstance(exc, ValidationError) else "unreadable"
-        return {**entry, "status": f"{kind}: {exc}"}
-    record_in_index(path, header, tables)
-    return {**entry, "created_at": header.get("created_at"), "encrypted": encrypted,
-            "tables": len(tables), "rows": sum(t["row_count"] for t in tables.values()),
-            "status": "ok"}
-
-
-# Beside backups/ in the data folder: what list shows of each backup (created, tables, rows), by
-# its size and modification time, recorded when a backup is finished or first checked, so that
-# `list` need not read every file every time (`check` always does).
-INDEX_FILE_NAME = ".backup_index.json"
-
-
-def index_path(path):
-    return path.parent.parent / INDEX_FILE_NAME
-
-
-def index_key(path):
-    """A file's key in the index: its folder and name (backups/NAME, safety_backups/NAME)."""
-    return f"{path.parent.name}/{path.name}"
-
-
-def record_in_index(path, header, tables):
-    """Record what list shows of a backup just checked (a read-only folder: not recorded)."""
-    stat = path.stat()
-    index = {key: entry for key, entry in read_index(index_path(path)).items()
-             if (path.parent.parent / key).exists()}
-    index[index_key(path)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                        "created_at": header.get("created_at"), "tables": len(tables),
-                        "rows": sum(t["row_count"] for t in tables.values())}
-    try:
-        write_json_atomically(index_path(path), index)
-    except OSError:
-        pass
-
-
-def read_index(path):
-    """The backups folder's index ({} when missing or unreadable: it is only a shortcut)."""
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return index if isinstance(index, dict) else {}
-
-
-def name_time(name):
-    """The ISO time in a backup's or safety backup's name, or None."""
-    match = BACKUP_NAME_PATTERN.fullmatch(name) or SAFETY_NAME_PATTERN.fullmatch(name)
-    if not match:
-        return None
-    stamp = datetime.datetime.strptime(match.groups()[-1], "%Y%m%d_%H%M%S")
-    return stamp.replace(tzinfo=datetime.timezone.utc).isoformat()
-
-
-def remote_listing(url, settings):
-    """The backups at an s3:// location, newest first, from their objects' metadata (recorded at
-    upload; `check --file` fetches one and verifies it)."""
-    location = parse_remote(url, "list")
-    client = s3_client(settings)
-    entries = []
-    for name, size in sorted(remote_backups(client, location), reverse=True):
-        head = s3_call("cannot read", location, client.head_object, location.prefix + name,
-                       Bucket=location.bucket, Key=location.prefix + name)
-        meta = head.get("Metadata") or {}
-        entries.append({"file": location.url(name), "bytes": size,
-                        "created_at": meta.get("created-at") or name_time(name),
-                        "encrypted": meta.get("encrypted") == "age",
-                        "tables": int(meta["tables"]) if meta.get("tables", "").isdigit() else None,
-                        "rows": int(meta["rows"]) if meta.get("rows", "").isdigit() else None,
-                        "sha256": meta.get("sha256"),
-                        "status": "listed" if meta.get("sha256") else
-                                  "no SHA-256 recorded: not uploaded by this tool"})
-    return entries
-
-
 def cmd_list(args):
     """List the backups in backups/ (or at an s3:// location), newest first."""
     setup_local_run(args)
@@ -4802,518 +5438,7 @@ def cmd_list(args):
     return EXIT_OK
 
 
-def local_data_dir(args):
-    """The data folder for the commands that only read local files (no URL or key needed)."""
-    return resolve_data_dir(args, merge_settings(setting_layers()))
-
-
-def setup_local_run(args):
-    """Start the log file of a command that reads only local files."""
-    logs = local_data_dir(args) / LOG_DIR
-    if logs.is_dir():
-        attach_log_file(logs)
-
-
-def choose_restore_tables(scan, wanted):
-    """(tables to restore, {skipped table: why}) from the backup and --tables."""
-    if wanted:
-        missing = [name for name in wanted if name not in scan.tables]
-        if missing:
-            raise ValidationError(f"{', '.join(missing)} not in {scan.path.name} (it holds "
-                                  f"{', '.join(scan.tables) or 'no table'}); check --tables")
-    tables, skipped = [], {}
-    for name in wanted or scan.tables:
-        meta = scan.tables[name]["meta"]
-        if meta.get("writable") is False:
-            skipped[name] = "read-only relation (a view?): nothing to write back"
-        else:
-            tables.append(name)
-    return tables, skipped
-
-
-def confirm_unsafe_restore(args, backup_path):
-    """Without --safe there is no safety net: warn loudly, and ask (or insist on --yes)."""
-    log.warning("restore WITHOUT --safe: no safety backup is taken, so a failed restore cannot be "
-                "rolled back; use `restore --safe` on production data")
-    if args.yes:
-        return
-    if not sys.stdin.isatty():
-        raise ConfigError("restore without --safe needs --yes when not run from a terminal "
-                          "(better: use --safe); the database was not touched")
-    answer = input(f"Restore {backup_path.name} without a safety backup? Type 'restore' to go on: ")
-    if answer.strip() != "restore":
-        raise Cancelled("restore cancelled; nothing was done")
-
-
-def sequence_sql(plans, live):
-    """The SQL that moves each integer key's sequence past the restored maximum."""
-    statements = []
-    for name, plan in plans.items():
-        if plan.written_inserts == 0 or len(plan.primary_key) != 1:
-            continue
-        column = plan.primary_key[0]
-        formats = {c["name"]: c.get("format") for c in live[name]["columns"]}
-        if formats.get(column) not in INTEGER_FORMATS:
-            continue
-        # The API does not show whether a key has a sequence (PostgREST's OpenAPI leaves a
-        # nextval() default out), so the statement finds out itself, and does nothing without
-        # one. pg_get_serial_sequence parses its first argument as SQL (quoted identifiers) and
-        # takes the second literally.
-        table = sql_literal(f"public.{quote_sql_ident(name)}")
-        statements.append(
-            f"SELECT setval(s, m) FROM (SELECT pg_get_serial_sequence({table}, "
-            f"{sql_literal(column)}) AS s, (SELECT max({quote_sql_ident(column)}) FROM "
-            f"public.{quote_sql_ident(name)}) AS m) AS x WHERE s IS NOT NULL AND m IS NOT NULL;")
-    return statements
-
-
-def sql_literal(text):
-    return "'" + text.replace("'", "''") + "'"
-
-
-def quote_sql_ident(name):
-    """An identifier as SQL: bare when it can be, double-quoted otherwise."""
-    if re.fullmatch(r"[a-z_][a-z0-9_]*", name) and name not in SQL_RESERVED:
-        return name
-    return '"' + name.replace('"', '""') + '"'
-
-
-# PostgreSQL's reserved key words (its documentation's appendix C, "reserved" and "reserved (can
-# be function or type)"): not an identifier unless quoted.
-SQL_RESERVED = set("""all analyse analyze and any array as asc asymmetric authorization binary both
-case cast check collate collation column concurrently constraint create cross current_catalog
-current_date current_role current_schema current_time current_timestamp current_user default
-deferrable desc distinct do else end except false fetch for foreign freeze from full grant group
-having ilike in initially inner intersect into is isnull join lateral leading left like limit
-localtime localtimestamp natural not notnull null offset on only or order outer overlaps placing
-primary references returning right select session_user similar some symmetric system_user table
-tablesample then to trailing true union unique user using variadic verbose when where window
-with""".split())
-
-
-class RestoreRun:
-    """One restore (or rollback to a file): the numbered steps of SAFETY.md, in order."""
-
-    def __init__(self, api, config, paths, args, file_path, mode="restore", source=None):
-        self.api, self.config, self.paths, self.args = api, config, paths, args
-        self.file_path, self.mode = file_path, mode
-        self.source = source or str(file_path)  # as the user named it: a path or an s3:// URL
-        self.progress = progress
-        self.safe = mode == "rollback" or args.safe
-        self.dry_run = args.dry_run
-        self.plans, self.order, self.safety_path = {}, [], None
-        self.restore_log = None
-        self.rewritten = {}  # table -> columns the failed verification found rewritten
-        self.started = None  # when the run began: a trigger's rewritten times come after it
-        self._step, self.writing = None, False
-        self.safety_recipients = None  # SAFETY_ENCRYPT_TO, read when the run starts
-        self.safety_read_path = None  # the plain safety backup a rollback reads
-        self.plain_copies = []  # plain copies of encrypted safety backups, removed at the end
-
-    def say_step(self, number, tag, text):
-        log.info("%d. [%s] %s", number, tag, text)
-
-    def run(self):
-        try:
-            return self._run()
-        except BaseException as exc:
-            if self.restore_log is not None and self.restore_log.data["status"] == "in_progress":
-                # Whatever stopped the run, its log must not read like a run still going on.
-                reason = ("interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt)
-                          else one_line(exc, 800))
-                steps = self.restore_log.data["steps"]
-                if steps and steps[-1]["status"] == "running":
-                    self.fail_step("failed", reason)
-                if self.writing:
-                    write_restore_log(self.restore_log, status="failed", error=reason)
-                else:
-                    write_restore_log(self.restore_log, status="aborted",
-                                      error=f"{reason}; stopped before writing anything")
-            raise
-        finally:
-            for path in self.plain_copies:  # the encrypted safety backups stay
-                with contextlib.suppress(OSError):
-                    path.unlink()
-
-    def _run(self):
-        args, api = self.args, self.api
-        started = self.started = utc_now()
-        # Read now: a typo in a setting must not fail a restore half-way.
-        critical, ignore_columns = self.critical(), self.ignore_columns()
-        if self.config.settings.get("SAFETY_ENCRYPT_TO") and self.safe and not self.dry_run:
-            self.safety_recipients = age_recipients(self.config.settings["SAFETY_ENCRYPT_TO"],
-                                                    "SAFETY_ENCRYPT_TO")
-        log.info("reading %s", self.source)
-        try:
-            scan = scan_backup(self.file_path)
-        except ValidationError as exc:
-            raise ValidationError(f"{exc}; the database was not touched") from None
-        tables, skipped = choose_restore_tables(scan, getattr(args, "tables", None))
-        for name, why in skipped.items():
-            log.warning("%s is left alone: %s", name, why)
-        live = discover_tables(api.openapi())
-        if not self.dry_run:
-            self.restore_log = RestoreLog(
-                new_file_path(self.paths.summaries, f"{self.mode}_log", ".json"),
-                kind=self.mode, started_at=started.isoformat(),
-                backup_file=self.source, safe=self.safe, tables=tables,
-                tables_skipped=skipped, pid=os.getpid())
-        for name in tables:
-            meta = scan.tables[name]["meta"]
-            plan = self.plans[name] = TablePlan(name, list(meta["primary_key"]),
-                                                [c["name"] for c in meta["columns"]])
-            plan.live_meta, plan.json_columns = live.get(name), json_text_columns(meta)
-            plan.plain_json_columns = {c["name"] for c in meta["columns"]
-                                       if c["name"] in plan.json_columns and c.get("format") == "json"}
-        present = [name for name in tables if name in live]
-
-        # 1. Safety backup of the current state.
-        if self.safe and not self.dry_run:
-            self.safety_path = self.safety_file_path("safety_backup")
-            self.step(1, "SAFETY", f"safety backup of {len(present)} table(s) -> "
-                      f"{self.safety_path}")
-            summary, self.safety_read_path = self.safety_snapshot(
-                self.safety_path, present, live,
-                f"safety backup before {self.mode} of {self.file_path.name}")
-            self.restore_log.update(safety_backup_file=str(self.safety_path))
-            self.done(f"{summary['rows']} rows in {len(present)} tables, re-read and checked")
-            for name, table in summary["tables"].items():
-                self.plans[name].safety_count = table["rows"]  # what a rollback brings back
-        else:
-            self.step(1, "SAFETY", f"skipped ({'dry run' if self.dry_run else 'no --safe'})")
-            self.done("no safety backup")
-
-        # 2. Validate.
-        self.step(2, "VALIDATE", f"{self.file_path.name}: checksums, keys, critical tables, "
-                  f"schema")
-        try:
-            self.order = validate_backup(scan, live, tables, critical)
-        except ValidationError as exc:
-            self.fail_step("refused", str(exc))
-            if self.restore_log:
-                write_restore_log(self.restore_log, status="refused", error=str(exc))
-            raise
-        self.done("ok" + (f"; critical tables present: {', '.join(critical)}" if critical else ""))
-
-        # 3. Record the state before, and the plan.
-        self.step(3, "RECORD", "row counts before, and which rows will be inserted or updated"
-                  + (" or deleted" if self.mode == "rollback" else ""))
-        spool_root = self.paths.safety_backups
-        with tempfile.TemporaryDirectory(dir=spool_root, prefix=TEMP_PREFIX) as spool_dir:
-            before = record_counts(api, scan, self.plans, Path(spool_dir),
-                                   extra_keys=(self.mode == "rollback"))
-            for name in self.order:
-                plan = self.plans[name]
-                # Live rows whose key (or, without a key, whose values) the file does not hold.
-                extra = before.get(name, 0) - plan.unchanged - plan.updates
-                log.info("  %s: %d rows now; %d to insert, %d to update, %s%d unchanged", name,
-                         before.get(name, 0), plan.inserts, plan.updates,
-                         f"{len(plan.extra_keys)} to delete, " if self.mode == "rollback" else "",
-                         plan.unchanged)
-                if extra > 0 and self.mode != "rollback":
-                    log.info("    %d row(s) added since the backup: left alone", extra)
-            plan_summary = {name: {"insert": p.inserts, "update": p.updates,
-                                   "delete": len(p.extra_keys), "unchanged": p.unchanged}
-                            for name, p in self.plans.items()}
-            json_changes = self.check_json_changes()
-            self.check_cycles(scan)
-            if self.mode == "rollback" and not self.dry_run:
-                self.confirm_rollback()
-            if self.dry_run:
-                self.done("dry run: nothing written")
-                if args.json:
-                    emit(json.dumps({"status": "dry_run", "file": self.source,
-                                      "before_counts": before, "plan": plan_summary,
-                                      "json_changes": json_changes}, indent=2))
-                return EXIT_OK
-            self.restore_log.update(before_counts=before, plan=plan_summary)
-            if json_changes:
-                self.restore_log.update(json_changes=json_changes)
-            self.done(f"{sum(p.inserts for p in self.plans.values())} to insert, "
-                      f"{sum(p.updates for p in self.plans.values())} to update"
-                      + (f", {sum(len(p.extra_keys) for p in self.plans.values())} to delete"
-                         if self.mode == "rollback" else ""))
-
-            # 4-5. Restore, verify; any failure rolls back.
-            self.writing = True
-            try:
-                self.step(4, "RESTORE", "upsert on the primary key, parents before children"
-                          + ("; then delete the rows the file does not hold, children first"
-                             if self.mode == "rollback" else ""))
-                upsert_restore(api, self.plans, self.order, self.progress)
-                if self.mode == "rollback":
-                    delete_extra(api, self.plans, self.order, self.file_path)
-                    for name in self.order:
-                        plan = self.plans[name]
-                        plan.deleted = len(plan.extra_keys)
-                        if plan.deleted:
-                            log.info("  %s: %d deleted (rows the file does not hold)", name,
-                                     plan.deleted)
-                self.restore_log.tables(self.plans)
-                self.done(f"{self.restore_log.data['total_inserted']} inserted, "
-                          f"{self.restore_log.data['total_updated']} updated"
-                          + (f", {self.restore_log.data['total_deleted']} deleted"
-                             if self.mode == "rollback" else ""))
-                self.step(5, "VERIFY", "counts, and every row of the file in the table with "
-                          "equal values")
-                expected = {name: (before.get(name, 0) + p.written_inserts
-                                   - len(p.extra_keys)) for name, p in self.plans.items()}
-                mismatches = verify_restore(api, self.plans, self.file_path, expected,
-                                            ignore_columns, self.accept_json_null)
-                if mismatches:
-                    self.restore_log.update(mismatches=mismatches[:100])
-                    self.rewritten = rewritten_columns(mismatches, self.started)
-                    raise RestoreFailure(None, mismatch_message(mismatches, self.mode,
-                                                                self.started))
-                self.done("every row matches")
-            except (RestoreFailure, BackupError) as exc:
-                return self.recover(exc)
-            except KeyboardInterrupt:
-                # Ctrl-C is a failure like any other: what was written is rolled back (a second
-                # Ctrl-C stops the rollback, and the message names the command that finishes it).
-                progress.close()
-                if self.safe and not getattr(self.args, "no_rollback", False):
-                    log.warning("interrupted (Ctrl-C): rolling back to %s; press Ctrl-C again to "
-                                "stop the rollback", self.safety_path.name)
-                return self.recover(RestoreFailure(None, "interrupted (Ctrl-C)"))
-            except Exception as exc:
-                # A bug must not bypass the safety net: roll back as for any other failure.
-                log.error("unexpected error during the %s", self.mode, exc_info=True,
-                          extra={FILE_ONLY: True})
-                return self.recover(RestoreFailure(None, f"unexpected internal error: "
-                                                   f"{type(exc).__name__}: {exc} (a bug: the "
-                                                   f"traceback is in {current_log_file()})"))
-
-        # 6. The log.
-        after = {name: exact_count(api, name) for name in self.plans}
-        sql = sequence_sql(self.plans, live)
-        self.step(6, "LOG", f"{self.restore_log.path}")
-        write_restore_log(self.restore_log, status="succeeded", after_counts=after,
-                          sequence_sql=sql)
-        self.done("saved")
-        if sql:
-            log.warning("run this in the SQL editor so that new rows do not collide with "
-                        "restored keys:\n  %s", "\n  ".join(sql))
-        skipped = self.restore_log.data.get("tables_skipped") or {}
-        log.info("%s complete: %d inserted, %d updated, %s%d unchanged%s", self.mode,
-                 self.restore_log.data["total_inserted"], self.restore_log.data["total_updated"],
-                 f"{self.restore_log.data['total_deleted']} deleted, "
-                 if self.mode == "rollback" else "", sum(p.unchanged for p in self.plans.values()),
-                 "; NOT restored: " + "; ".join(f"{name} ({why})" for name, why in skipped.items())
-                 if skipped else "")
-        if args.json:
-            emit(json.dumps(self.restore_log.data, indent=2, default=str))
-        return EXIT_NOT_ALL_RESTORED if skipped else EXIT_OK
-
-    def recover(self, exc):
-        """A step 4 or 5 failure: roll back to the safety backup, or say what is left."""
-        reason = one_line(exc, 800)
-        failed = self.plans.get(getattr(exc, "table", None))
-        if failed is not None and failed.failure is None:
-            failed.failure = reason
-        self.restore_log.tables(self.plans)
-        self.fail_step("failed", reason)
-        # A warning: the one error line is the outcome, printed last, after the rollback.
-        log.warning("%s failed: %s", self.mode, reason)
-        if not self.safe:
-            write_restore_log(self.restore_log, status="failed", error=reason)
-            raise PartialRestoreError(f"{self.mode} failed and there is no safety backup to "
-                                      f"return to (no --safe): {reason}; the tables may be "
-                                      f"partly restored, see {self.restore_log.path}")
-        if getattr(self.args, "no_rollback", False):
-            write_restore_log(self.restore_log, status="failed_kept", error=reason)
-            raise PartialRestoreError(f"{self.mode} failed: {reason}; kept as it is "
-                                      f"(--no-rollback); to undo it run: {self.rollback_hint()}")
-        failed_path = self.safety_file_path("failed_state")
-        # A column a trigger rewrites on every write (the failed verification found one, or the
-        # user named it) is rewritten by the rollback's writes too: no API write can put its old
-        # values back, so it is left out of the rollback's verification, and the message says so.
-        leave_out = self.ignore_columns() | {f"{name}.{column}" for name, columns
-                                             in self.rewritten.items() for column in columns}
-        failed_path = new_file_path(self.paths.safety_backups, "failed_state")
-        try:
-            # 7. Roll back: first a snapshot of the failed state (double safety). From its
-            # announcement on, a Ctrl-C stops the rollback with the command that finishes it.
-            self.step(7, "ROLLBACK", f"snapshot of the failed state -> {failed_path}, then back "
-                      f"to {self.safety_path.name}")
-            self.safety_snapshot(failed_path, list(self.plans),
-                                 discover_tables(self.api.openapi()),
-                                 f"state after a failed {self.mode} of {self.file_path.name}")
-            mismatches = rollback(self.api, self.plans, self.order, self.safety_read_path,
-                                  self.progress, leave_out, self.accept_json_null)
-        except KeyboardInterrupt:
-            write_restore_log(self.restore_log, status="interrupted",
-                              error="interrupted during rollback")
-            raise InterruptedRestore(self.rollback_hint()) from None
-        except Exception as rollback_exc:  # whatever it was, the rollback did not finish
-            if not isinstance(rollback_exc, (RestoreFailure, BackupError)):
-                log.error("unexpected error during the rollback", exc_info=True,
-                          extra={FILE_ONLY: True})
-            mismatches = [{"table": None, "key": None, "problem": one_line(rollback_exc, 300)}]
-        not_verified, written_back = {}, {}
-        for name, plan in self.plans.items():
-            columns = [c for c in plan.columns if c not in compared_columns(plan, leave_out)]
-            written_back[name] = sum(1 for is_insert, _ in plan.sent_spool_keys()
-                                     if not is_insert)
-            if written_back[name] and columns:
-                not_verified[name] = columns
-        rollback_info = {"failed_state_file": str(failed_path), "mismatches": mismatches[:100],
-                         "verified": not mismatches, "not_verified": not_verified}
-        if mismatches:
-            write_restore_log(self.restore_log, status="rollback_failed", error=reason,
-                              rollback=rollback_info)
-            problem = (mismatch_message(mismatches, "rollback", self.started)
-                       if mismatches[0]["table"]
-                       else mismatches[0]["problem"])
-            self.fail_step("failed", problem)
-            raise RollbackFailedError(f"{self.mode} failed ({reason}) and so did the automatic "
-                                      f"rollback ({problem})", self.rollback_hint())
-        after = {name: exact_count(self.api, name) for name in self.plans}
-        write_restore_log(self.restore_log, status="rolled_back", error=reason,
-                          rollback=rollback_info, after_counts=after)
-        except_columns = "".join(
-            f", except {name}.{', '.join(columns)} in the {written_back[name]} "
-            f"row(s) written back, left out of the comparison because a trigger may rewrite it "
-            f"on every write (then it holds the time of the rollback)"
-            for name, columns in not_verified.items())
-        self.done(f"rolled back and verified against the safety backup{except_columns}")
-        raise RestoreError(f"{self.mode} failed ({reason}); every table it touched was rolled "
-                           f"back to {self.safety_path.name} and verified: the database is as "
-                           f"before{except_columns} (log: {self.restore_log.path})")
-
-    @property
-    def accept_json_null(self):
-        return bool(getattr(self.args, "accept_json_null", False))
-
-    def check_json_changes(self):
-        """Before any write: the json values the API would change on the way in (json_change),
-        in rows of the file to write, or in live rows the restore overwrites (a rollback would
-        write them back). Refused; a JSON null only unless --accept-json-null. Returns what was
-        found, for the plan and the log."""
-        found = [{"table": plan.name, "column": column, "change": change, "rows": count,
-                  "first_keys": keys,
-                  "in": "the file" if side == "file" else "live rows the restore overwrites"}
-                 for plan in self.plans.values()
-                 for (side, column, change), (count, keys) in sorted(plan.json_changes.items())]
-        if not found:
-            return []
-        refused = [f for f in found if f["change"] != JSON_NULL or not self.accept_json_null]
-        text = "; ".join(f"{f['table']}.{f['column']}: {f['change']}, in {f['rows']} row(s) of "
-                         f"{f['in']} (first key(s) {', '.join(f['first_keys'])})"
-                         for f in (refused or found)[:5])
-        if refused and not self.dry_run:
-            self.fail_step("refused", text)
-            nulls_only = all(f["change"] == JSON_NULL for f in refused)
-            error = (f"the API would change these json values on the way in: {text}; the "
-                     f"database was not touched; "
-                     + ("to restore them as SQL NULL, run again with --accept-json-null"
-                        if nulls_only else
-                        "restore the other tables (--tables) and put these rows back in the SQL "
-                        "editor"))
-            if self.restore_log:
-                write_restore_log(self.restore_log, status="refused", error=error)
-            raise ValidationError(error)
-        log.warning("the API will change these json values on the way in%s: %s",
-                    " (refused without --accept-json-null)" if refused else "", text)
-        return found
-
-    def confirm_rollback(self):
-        """On a terminal, a rollback (which deletes rows) shows its plan and asks before the
-        first write; --yes answers for the person, and elsewhere (cron, scripts) it goes on."""
-        if getattr(self.args, "yes", False) or not sys.stdin.isatty():
-            return
-        plans = self.plans.values()
-        totals = (f"{sum(p.inserts for p in plans)} to insert, "
-                  f"{sum(p.updates for p in plans)} to update, "
-                  f"{sum(len(p.extra_keys) for p in plans)} to DELETE")
-        progress.close()
-        answer = input(f"Roll back {len(self.plans)} table(s) to {self.file_path.name}: {totals}. "
-                       f"Type 'rollback' to go on: ")
-        if answer.strip() != "rollback":
-            self.fail_step("cancelled", "the person answered no")
-            write_restore_log(self.restore_log, status="aborted",
-                              error="cancelled at the question; nothing was written")
-            raise Cancelled("rollback cancelled; nothing was written")
-
-    def check_cycles(self, scan):
-        """Before any write: refuse rows that only a transaction could write (see
-        unwritable_cycle)."""
-        cycle = unwritable_cycle(scan, self.plans)
-        if not cycle:
-            return
-        rows = " -> ".join(f"{table} {key}" for table, key in cycle[:6])
-        columns = ", ".join(f"{table}.{fk['column']} -> {fk['references_table']}"
-                            for table in dict.fromkeys(t for t, _ in cycle)
-                            for fk in scan.tables[table]["meta"].get("foreign_keys") or []
-                            if fk["references_table"] in {t for t, _ in cycle})
-        error = (f"rows to insert refer to each other through NOT NULL foreign keys ({columns}: "
-                 f"{rows} -> back to the first): the API writes each request in its own transaction, so "
-                 f"none of them can be written first; the database was not touched; insert "
-                 f"these rows in one transaction in the SQL editor, or make one of the foreign "
-                 f"keys nullable, then restore again")
-        self.fail_step("refused", error)
-        if self.restore_log:
-            write_restore_log(self.restore_log, status="refused", error=error)
-        raise ValidationError(error)
-
-    def safety_file_path(self, prefix):
-        """A new name in safety_backups/ (.json.gz.age when safety backups are encrypted)."""
-        return new_file_path(self.paths.safety_backups, prefix,
-                             ".json.gz" + (AGE_SUFFIX if self.safety_recipients else ""))
-
-    def safety_snapshot(self, path, tables, live, note):
-        """Snapshot tables to path, a safety backup; returns (summary, the plain file a rollback
-        reads). Encrypted to SAFETY_ENCRYPT_TO when it is set: the plain file is then written
-        and verified under a temporary name, encrypted to path, and kept for this run's
-        automatic rollback only."""
-        if not self.safety_recipients:
-            return snapshot(self.api, tables, live, path, self.config.host, SERVICE_ROLE,
-                            self.progress, note=note), path
-        plain = path.parent / f"{TEMP_PREFIX}{os.getpid()}-plain-{plain_name(path.name)}"
-        self.plain_copies.append(plain)
-        summary = snapshot(self.api, tables, live, plain, self.config.host, SERVICE_ROLE,
-                           self.progress, note=note)
-        encrypt_backup(plain, path, self.safety_recipients)
-        return summary, plain
-
-    def rollback_hint(self):
-        if self.safety_path is None:
-            return "(no safety backup was taken)"
-        identity = (" --identity YOUR_AGE_IDENTITY_FILE" if self.safety_recipients and not
-                    self.config.settings.get("BACKUP_AGE_IDENTITY") else "")
-        return f"python {PROG} rollback {self.safety_path.name}{identity}"
-
-    def critical(self):
-        if self.mode == "rollback":
-            return []  # a rollback brings back the recorded state, empty tables included
-        return getattr(self.args, "critical", None) or self.setting_list("CRITICAL_TABLES")
-
-    def ignore_columns(self):
-        return set(getattr(self.args, "ignore_columns", None) or
-                   self.setting_list("VERIFY_IGNORE_COLUMNS"))
-
-    def setting_list(self, name):
-        """A comma-separated setting as a list ([] when unset); ConfigError when malformed."""
-        try:
-            return table_list(self.config.settings[name]) if self.config.settings.get(name) else []
-        except argparse.ArgumentTypeError as exc:
-            raise ConfigError(f"{name}: {exc}") from None
-
-    def step(self, number, tag, text):
-        self._step = (number, tag)
-        self.say_step(number, tag, text)
-        if self.restore_log:
-            self.restore_log.step(number, tag)
-
-    def done(self, detail):
-        log.info("   -> %s", detail)
-        if self.restore_log:
-            self.restore_log.step(*self._step, detail=detail, status="ok")
-
-    def fail_step(self, status, detail):
-        if self.restore_log and self._step:
-            self.restore_log.step(*self._step, detail=detail, status=status)
-
+# --- 20. Commands: restore, rollback, list-safety, cleanup-safety, prune, diff --------------------
 
 def cmd_restore(args):
     """Restore a backup file behind the safety net (SAFETY.md's numbered flow)."""
@@ -5350,7 +5475,7 @@ def cmd_rollback(args):
                 clear_partial_files(folder)
             api = SupabaseApi(config)
             try:
-                return RestoreRun(api, config, paths, args, backup.path, mode="rollback",
+                return RollbackRun(api, config, paths, args, backup.path,
                                   source=backup.shown).run()
             finally:
                 api.close()
@@ -5578,7 +5703,7 @@ def diff_text(name, result):
     return "\n".join(lines)
 
 
-# --- Command line -----------------------------------------------------------------------------
+# --- 21. Command line -----------------------------------------------------------------------------
 
 def table_list(text):
     """argparse type: 'a, b,c' -> ['a', 'b', 'c'], refusing empty names."""

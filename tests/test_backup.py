@@ -122,7 +122,7 @@ def test_reader_accepts_plain_json_and_a_reindented_document(capsys, data, tmp_p
         assert header["format"] == "supabase_backup"
         assert {name: t["row_count"] for name, t in tables.items()} == {
             "app_settings": 5, "package_tags": 900}
-        rows = [event[2] for event in supabase_backup.read_backup(copy) if event[0] == "row"]
+        rows = [row for table in supabase_backup.read_tables(copy) for row in table.rows]
         assert rows == document["tables"]["app_settings"]["rows"] + \
             document["tables"]["package_tags"]["rows"]
 
