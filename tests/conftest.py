@@ -22,7 +22,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import FAST_RETRIES, REPO_ROOT, isolated_work_dir, make_client  # noqa: E402
+from helpers import (  # noqa: E402
+    FAST_RETRIES, REPO_ROOT, isolated_work_dir, make_backup, make_client, wait_for)
 from local_supabase import LocalSupabase  # noqa: E402
 
 import supabase_backup  # noqa: E402
@@ -56,6 +57,19 @@ def stack(local_stack):
 def fresh_stack(stack):
     stack.dirty = True
     return stack
+
+
+@pytest.fixture
+def slow_restore_of_users(fresh_stack, db, data, capsys):
+    """A backup of users, every user changed since, and writes to users that take 0.5 s."""
+    path = make_backup(capsys, data, "--tables", "users")
+    db.execute("UPDATE users SET full_name = 'changed'")
+    slow = fresh_stack.faults.add(kind="write", table="users", action="latency", delay=0.5)
+    yield path
+    # The server finishes the request the stopped process was waiting for: let it, so that it
+    # lands in this test and not in the next one.
+    wait_for(lambda: fresh_stack.writes("users") == slow.seen,
+             what="the server to answer the last write")
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ import supabase_backup  # noqa: E402
 from helpers import (  # noqa: E402
     DEMO_TABLES, NO_UPDATED_AT, OUTLASTS_RETRIES, assert_same_state, counts,
     database_state, error_line, files_in, make_backup, plus, restore_log, rewrite_backup,
-    rows_where, run, safety_backup, start_restore, table_rows, wait_for, write_requests)
+    rows_where, run, safety_backup, start_restore, table_rows, write_requests)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:supabase")
 
@@ -669,19 +669,6 @@ def test_when_the_rollback_fails_too_exit_9_names_the_rollback_command(fresh_sta
 
 
 # --- interruptions and the lock -------------------------------------------------------------------
-
-@pytest.fixture
-def slow_restore_of_users(fresh_stack, db, data, capsys):
-    """A backup of users, every user changed since, and writes to users that take 0.5 s."""
-    path = make_backup(capsys, data, "--tables", "users")
-    db.execute("UPDATE users SET full_name = 'changed'")
-    slow = fresh_stack.faults.add(kind="write", table="users", action="latency", delay=0.5)
-    yield path
-    # The server finishes the request the stopped process was waiting for: let it, so that it
-    # lands in this test and not in the next one.
-    wait_for(lambda: fresh_stack.writes("users") == slow.seen,
-             what="the server to answer the last write")
-
 
 def test_kill_9_mid_restore_leaves_the_safety_backup_and_an_in_progress_log(
         fresh_stack, data, capsys, tmp_path, slow_restore_of_users):

@@ -94,17 +94,6 @@ class Terminal:
                 self.text.replace("\r\n", "\n").split("\n")]
 
 
-@pytest.fixture
-def slow_users(fresh_stack, db, data, capsys):
-    """A backup of users, every user changed since, and writes to users that take 0.5 s."""
-    path = make_backup(capsys, data, "--tables", "users")
-    db.execute("UPDATE users SET full_name = 'changed'")
-    slow = fresh_stack.faults.add(kind="write", table="users", action="latency", delay=0.5)
-    yield path
-    wait_for(lambda: fresh_stack.writes("users") == slow.seen,
-             what="the server to answer the last write")
-
-
 # --- progress -----------------------------------------------------------------------------------
 
 def test_a_restore_on_a_terminal_shows_progress_with_percentages(fresh_stack, db, data, capsys):
@@ -133,9 +122,9 @@ def test_no_progress_bars_under_quiet_or_without_a_terminal(fresh_stack, data, c
 # --- Ctrl-C -------------------------------------------------------------------------------------
 
 def test_ctrl_c_on_a_terminal_rolls_back_and_never_glues_a_message_to_a_bar(fresh_stack, db, data,
-                                                                            slow_users):
+                                                                            slow_restore_of_users):
     before = database_state(db)
-    terminal = Terminal(fresh_stack, data, "restore", "--safe", "--file", slow_users.name)
+    terminal = Terminal(fresh_stack, data, "restore", "--safe", "--file", slow_restore_of_users.name)
     wait_for(lambda: fresh_stack.writes("users") >= 1, what="the restore to write")
     terminal.read()
     terminal.interrupt()
