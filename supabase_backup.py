@@ -3389,6 +3389,15 @@ def encode_row(row, raw=(), skip=()):
                           for k, v in row.items() if k not in skip) + "}"
 
 
+def refused_row(plan, row, exc):
+    """The RestoreFailure naming the one row the server refused (counted as the table's error),
+    as every write names it."""
+    plan.errors += 1
+    return RestoreFailure(plan.name, f"the row with key {row_key(row, plan.primary_key)} was "
+                                     f"refused: {exc.code} {exc.message}"
+                                     f"{' (' + exc.details + ')' if exc.details else ''}")
+
+
 def refused_column(exc):
     """The column named by a 428C9 refusal ('cannot insert a non-DEFAULT value into column "x"')."""
     match = re.search(r'column "([^"]+)"', exc.message or "")
@@ -3431,11 +3440,7 @@ def write_rows(api, plan, batch, count=True):
         if exc.code == FK_VIOLATION:
             raise MissingParent(plan, batch, exc) from None
         if len(batch) == 1:
-            plan.errors += 1
-            raise RestoreFailure(plan.name, f"the row with key "
-                                 f"{row_key(batch[0][1], plan.primary_key)} was refused: "
-                                 f"{exc.code} {exc.message}"
-                                 f"{' (' + exc.details + ')' if exc.details else ''}") from None
+            raise refused_row(plan, batch[0][1], exc) from None
         written = 0
         for part in halves(batch):
             written += write_rows(api, plan, part, count)
@@ -3496,11 +3501,7 @@ def patch_rows(api, plan, batch):
                 if exc.code == FK_VIOLATION:
                     count_written(plan, batch[:index])
                     raise MissingParent(plan, batch.part(index), exc) from None
-                plan.errors += 1
-                raise RestoreFailure(plan.name, f"the row with key "
-                                     f"{row_key(row, plan.primary_key)} was refused: {exc.code} "
-                                     f"{exc.message}"
-                                     f"{' (' + exc.details + ')' if exc.details else ''}") from None
+                raise refused_row(plan, row, exc) from None
             except StatementTimeout:
                 raise RestoreFailure(plan.name, f"updating the row with key "
                                      f"{row_key(row, plan.primary_key)} hits the server's "
@@ -3550,32 +3551,61 @@ def upsert_restore(api, plans, order, progress):
                       f"updated, {plan.unchanged} unchanged"
                       + (f", {sum(len(b) for p, b in pending if p is plan)} waiting for parent "
                          f"rows" if any(p is plan for p, _ in pending) else ""))
-    split = unlinked = False
+    errors, unlinked, split = {}, [], []
+
+    def attempt(plan, batch):
+        refused = []
+        # Once a round got nothing through, every batch is halved from round to round, to
+        # narrow down the rows that cannot land.
+        for part in (halves(batch) if split and len(batch) > 1 else [batch]):
+            try:
+                write(plan, part)
+            except MissingParent as missing:
+                errors[id(missing.batch)] = missing.error
+                refused.append(missing.batch)
+        return refused
+
+    def stuck(still):
+        if any(len(batch) > 1 for _, batch in still):
+            split.append(True)
+            return still
+        if not unlinked and write_unlinked(api, still):
+            # Rows that refer to each other (a cycle) went in without their nullable
+            # references; the next round writes them whole, which links them.
+            unlinked.append(True)
+            return still
+        (plan, batch), error = still[0], errors[id(still[0][1])]
+        plan.failure = (f"the row with key {row_key(batch[0][1], plan.primary_key)} refers to a "
+                        f"row that is neither in the backup nor in the project ({error.message}"
+                        f"{'; ' + error.details if error.details else ''})")
+        raise RestoreFailure(plan.name, plan.failure)
+
+    in_rounds(pending, attempt, stuck)
+
+
+def in_rounds(pending, attempt, stuck):
+    """The one way refused work is tried again: round after round, while a round gets anything
+    through. pending holds (plan, part) items; attempt(plan, part) returns the parts of it still
+    refused ([] when all went through); when a whole round gets nothing through, stuck(still)
+    returns the items to go on with (to be halved, to find the rows that cannot go, or after
+    clearing their way) or raises."""
     while pending:
-        waiting = sum(len(batch) for _, batch in pending)
-        still, errors = [], []
-        for plan, batch in pending:
-            for part in (halves(batch) if split and len(batch) > 1 else [batch]):
-                try:
-                    write(plan, part)
-                except MissingParent as missing:
-                    still.append((plan, missing.batch))
-                    errors.append(missing.error)
-        if still and sum(len(batch) for _, batch in still) == waiting:
-            if all(len(batch) == 1 for _, batch in still) and not unlinked and \
-                    write_unlinked(api, still):
-                # Rows that refer to each other (a cycle) went in without their nullable
-                # references; the next round writes them whole, which links them.
-                unlinked = True
-            elif all(len(batch) == 1 for _, batch in still):
-                (plan, batch), error = still[0], errors[0]
-                plan.failure = (f"the row with key {row_key(batch[0][1], plan.primary_key)} "
-                                f"refers to a row that is neither in the backup nor in the "
-                                f"project ({error.message}"
-                                f"{'; ' + error.details if error.details else ''})")
-                raise RestoreFailure(plan.name, f"{plan.failure}")
-            split = True  # no progress by whole batches: narrow down the rows that cannot land
+        waiting = sum(len(part) for _, part in pending)
+        still = [(plan, left) for plan, part in pending for left in attempt(plan, part)]
+        if still and sum(len(part) for _, part in still) == waiting:
+            still = stuck(still)
         pending = still
+
+
+def halved(items):
+    """(plan, part) items with each part of more than one row in two (a Batch by its lines)."""
+    out = []
+    for plan, part in items:
+        middle = len(part) // 2
+        pieces = ([part] if len(part) < 2 else halves(part) if isinstance(part, Batch)
+                  else [part[:middle], part[middle:]])
+        out.extend((plan, piece) for piece in pieces)
+    return out
 
 
 def write_unlinked(api, pending):
@@ -3768,28 +3798,28 @@ def retry_deletes(api, pending):
     deeper than a batch): their nullable foreign keys are cleared, which loses nothing, since
     they are being deleted. Only rows that others outside them still refer to stay: that is a
     RestoreFailure naming the table."""
-    cleared_at = None
-    while pending:
-        waiting = sum(len(keys) for _, keys in pending)
-        still, error = [], None
-        for plan, keys in pending:
-            refusal = deleted_or_refused(api, plan, keys)
-            if refusal is not None:
-                still.append((plan, keys))
-                error = refusal
+    refusals, cleared_at = [], []
+
+    def attempt(plan, keys):
+        refusal = deleted_or_refused(api, plan, keys)
+        if refusal is None:
+            return []
+        refusals.append(refusal)
+        return [keys]
+
+    def stuck(still):
+        if any(len(keys) > 1 for _, keys in still):
+            return halved(still)
         left = sum(len(keys) for _, keys in still)
-        if still and left == waiting:
-            if any(len(keys) > 1 for _, keys in still):
-                still = [(plan, part) for plan, keys in still for part in
-                         ([keys[:len(keys) // 2], keys[len(keys) // 2:]] if len(keys) > 1
-                          else [keys])]
-            elif cleared_at != left and clear_references(api, still):
-                cleared_at = left
-            else:
-                raise RestoreFailure(still[0][0].name, f"rows cannot be deleted because other "
-                                     f"rows still refer to them ({error.message}"
-                                     f"{'; ' + error.details if error.details else ''})")
-        pending = still
+        if left not in cleared_at and clear_references(api, still):
+            cleared_at.append(left)
+            return still
+        error = refusals[-1]
+        raise RestoreFailure(still[0][0].name, f"rows cannot be deleted because other rows "
+                             f"still refer to them ({error.message}"
+                             f"{'; ' + error.details if error.details else ''})")
+
+    in_rounds(pending, attempt, stuck)
 
 
 def nullable_references(plan):
