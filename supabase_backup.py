@@ -2000,93 +2000,103 @@ class _Failed(NamedTuple):
     error: BaseException
 
 
-def read_ahead(items, depth=2):
-    """The items of an iterator, made up to `depth` ahead by a thread of their own: reading and
-    parsing the next batch then overlaps waiting for the server's answer to this one. Only the
-    making is ahead; whoever consumes them still does one thing at a time, in order. An error
-    of the iterator is raised here, in its place."""
-    queue = collections.deque()
-    ready = threading.Condition()
-    finished = object()
-    stop = False
+class ReadAhead:
+    """The one way work is done in the background: the items of an iterator, made up to `depth`
+    ahead of their consumer by a thread of its own, from the moment this is made. Reading and
+    parsing the next batch then overlaps waiting for the server's answer to this one, and a key
+    range's first page is read while the range before is compared. Only the making is ahead;
+    whoever consumes the items still does one thing at a time, in order. An error of the
+    iterator is raised where its item would have been."""
 
-    def put(item):
-        with ready:
-            while len(queue) >= depth and not stop:
-                ready.wait()
-            queue.append(item)
-            ready.notify_all()
+    _FINISHED = object()
 
-    def make():
+    def __init__(self, items, depth=2):
+        self.items, self.depth = items, depth
+        self._queue, self._ready, self._stop = collections.deque(), threading.Condition(), False
+        self._thread = threading.Thread(target=self._make, name="read-ahead", daemon=True)
+        self._thread.start()
+
+    def _put(self, item):
+        with self._ready:
+            while len(self._queue) >= self.depth and not self._stop:
+                self._ready.wait()
+            self._queue.append(item)
+            self._ready.notify_all()
+
+    def _make(self):
         try:
-            for item in items:
-                put(item)
-                if stop:
+            for item in self.items:
+                self._put(item)
+                if self._stop:
                     return
-            put(finished)
+            self._put(self._FINISHED)
         except BaseException as exc:  # handed to the consumer, raised there
-            put(_Failed(exc))
+            self._put(_Failed(exc))
         finally:
-            close = getattr(items, "close", None)
+            close = getattr(self.items, "close", None)
             if close is not None:
                 close()
 
-    thread = threading.Thread(target=make, name="read-ahead", daemon=True)
-    thread.start()
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        with self._ready:
+            while not self._queue:
+                self._ready.wait()
+            item = self._queue.popleft()
+            if item is self._FINISHED or isinstance(item, _Failed):
+                self._queue.appendleft(item)  # the end stays the end
+            self._ready.notify_all()
+        if item is self._FINISHED:
+            raise StopIteration
+        if isinstance(item, _Failed):
+            raise item.error
+        return item
+
+    def close(self, timeout=THREAD_GRACE):
+        """Stop making items. A request in flight may take its time, and the thread only reads,
+        so it gets a moment (timeout), not a wait for the request's timeout."""
+        with self._ready:
+            self._stop = True
+            self._ready.notify_all()
+        self._thread.join(timeout)
+
+
+def read_ahead(items, depth=2):
+    """The items of an iterator, made ahead by ReadAhead; its thread is stopped when the
+    consumer stops, done or not (an error, Ctrl-C)."""
+    ahead = ReadAhead(items, depth)
     try:
-        while True:
-            with ready:
-                while not queue:
-                    ready.wait()
-                item = queue.popleft()
-                ready.notify_all()
-            if item is finished:
-                return
-            if isinstance(item, _Failed):
-                raise item.error
-            yield item
+        yield from ahead
     finally:
-        with ready:
-            stop = True
-            ready.notify_all()
-        # Done, or stopped early (an error, Ctrl-C): a request in flight may take its time, and
-        # the thread only reads, so it gets a moment, not a wait for the request's timeout.
-        thread.join(THREAD_GRACE)
+        ahead.close()
 
 
 class RangeRead:
-    """The live rows of one key range (TablePages with after and until): its first page is read
-    by a thread of its own from the start, so that it overlaps comparing the range before; the
-    rest of the range, when it has more, as it is iterated. Reads only."""
+    """The live rows of one key range (TablePages with after and until), read ahead (ReadAhead)
+    from the start, so that its first page overlaps comparing the range before. Reads only."""
 
     def __init__(self, api, name, meta, after, until):
         self.pages = TablePages(api, name, meta, after, until)
-        self._iterator = iter(self.pages)
-        self._first, self._error = None, None
-        self._thread = threading.Thread(target=self._read_first, name="range-read", daemon=True)
-        self._thread.start()
-
-    def _read_first(self):
-        try:
-            self._first = next(self._iterator, None)
-        except BaseException as exc:  # raised by first_page(), in the caller's thread
-            self._error = exc
+        self._ahead = ReadAhead(iter(self.pages), depth=1)
+        self._first, self._taken = None, False
 
     def first_page(self):
         """The range's first page, or None when it holds no rows; raises what reading raised."""
-        self.join()
-        if self._error is not None:
-            raise self._error
+        if not self._taken:
+            self._first, self._taken = next(self._ahead, None), True
         return self._first
 
     def join(self, timeout=None):
-        self._thread.join(timeout)
+        """After an error elsewhere: stop reading, giving a request in flight a moment."""
+        self._ahead.close(THREAD_GRACE if timeout is None else timeout)
 
     def __iter__(self):
         first = self.first_page()
         if first is not None:
             yield first
-            yield from self._iterator
+            yield from self._ahead
 
 
 class CompressingWriter:
