@@ -2681,7 +2681,8 @@ class TablePlan:
     written_updates: int = 0
     errors: int = 0
     failure: str | None = None
-    batch_size: int = WRITE_BATCH_SIZE
+    # The current setting when the plan is made (a test may set a smaller one).
+    batch_size: int = field(default_factory=lambda: WRITE_BATCH_SIZE)
     extra_keys: list = field(default_factory=list)  # live rows the file lacks (rollback deletes)
     live_meta: dict | None = None  # the live table's metadata (from the OpenAPI document)
     spool: Path | None = None  # the rows to write, spooled by record_counts()
@@ -3356,16 +3357,17 @@ def spooled_batches(plan):
         for line in spool:
             lines.append(line)
             if len(lines) >= plan.batch_size:
-                yield _spooled_batch(lines, start)
+                yield parse_batch(lines, start)
                 start += len(lines)
                 lines = []
     if lines:
-        yield _spooled_batch(lines, start)
+        yield parse_batch(lines, start)
 
 
-def _spooled_batch(lines, start):
-    # One parse for the batch: a JSON array of the spool's [is_insert, row] lines; each row's
-    # own bytes are the line less its "[true," or "[false," and "]\n".
+def parse_batch(lines, start):
+    """A Batch from consecutive spool lines from line `start` on: one parse for the batch (a
+    JSON array of the [is_insert, row] lines); each row's own bytes are its line less the
+    "[true," or "[false," and the "]\n"."""
     return Batch([tuple(item) for item in json.loads(b"[" + b",".join(lines) + b"]")], start,
                  [line[6 if line.startswith(b"[true,") else 7:-2] for line in lines])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -237,20 +238,35 @@ def start_restore(stack, data, tmp_path, path, command=None):
     return process
 
 
+@contextlib.contextmanager
+def running(process):
+    """A process of a test, killed if it is still running when the block ends (a failed
+    assertion must not leave it behind)."""
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def kill_9(process, timeout=10):
+    """kill -9 a process of a test and wait for it to be gone; returns what it left on its
+    pipes, (stdout, stderr)."""
+    os.kill(process.pid, signal.SIGKILL)
+    output = process.communicate(timeout=timeout)
+    assert process.returncode == -signal.SIGKILL
+    return output
+
+
 def kill_9_mid_write(stack, data, tmp_path, path, command=None):
     """Start a restore (or the command given) with writes to users slowed to 0.5 s, kill -9 it
     once it writes, and wait until the server has answered the write it was waiting for; the
     faults are cleared after."""
     writes_before = stack.writes("users")
     slow = stack.faults.add(kind="write", table="users", action="latency", delay=0.5)
-    process = start_restore(stack, data, tmp_path, path, command)
-    try:
-        os.kill(process.pid, signal.SIGKILL)
-        process.communicate(timeout=10)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    with running(start_restore(stack, data, tmp_path, path, command)) as process:
+        kill_9(process)
     wait_for(lambda: stack.writes("users") - writes_before == slow.seen,
              what="the server to answer the last write")
     stack.faults.clear()

@@ -14,7 +14,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import socket
 import stat
 import subprocess
@@ -33,8 +32,8 @@ if str(REPO_ROOT) not in sys.path:
 
 import supabase_backup  # noqa: E402
 from helpers import (  # noqa: E402
-    SETTINGS, backup_while_a_table_is_dropped, error_line, file_form_rows, make_backup, run,
-    wait_for)
+    SETTINGS, backup_while_a_table_is_dropped, error_line, file_form_rows, kill_9, make_backup,
+    run, running, wait_for)
 from local_supabase import make_jwt  # noqa: E402
 
 DEMO_TABLES = {"app_settings": 5, "audit_events": 1500, "bookings": 5000, "package_tags": 900,
@@ -349,7 +348,7 @@ def test_kill_9_mid_backup_leaves_no_final_file_and_the_next_run_cleans_up(stack
                                     "--tables", "users,bookings"],
                                    cwd=tmp_path, env=script_env(stack, data),
                                    stdout=subprocess.DEVNULL, stderr=stderr)
-    try:
+    with running(process):
         wait_for(lambda: len([r for r in reads_of(stack, "bookings") if r.method == "GET"]) >= 2,
                  what="the backup to be reading bookings")
 
@@ -361,12 +360,7 @@ def test_kill_9_mid_backup_leaves_no_final_file_and_the_next_run_cleans_up(stack
         line = error_line(err, alone=True)
         assert f"pid {process.pid}" in line and "wait for it to finish" in err
 
-        os.kill(process.pid, signal.SIGKILL)
-        assert process.wait(timeout=10) == -signal.SIGKILL
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        kill_9(process)
 
     # The run died while writing: its temporary file is there, and nothing under a final name.
     leftovers = backups_in(data)

@@ -12,12 +12,10 @@ Layers (see STYLE.md): main([...]) in-process with tmp_path, and a subprocess wh
 matters (kill -9, a file size limit).
 """
 
-import dataclasses
 import fcntl
 import gzip
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -29,8 +27,8 @@ import pytest
 import supabase_backup
 from helpers import (
     OUTLASTS_RETRIES, REPO_ROOT, SETTINGS, backup_while_a_table_is_dropped, database_state,
-    file_form_rows, files_in, kill_9_mid_write, make_backup, restore_log, rewrite_backup, rows_where, run,
-    safety_backup, table_rows, wait_for, write_requests)
+    file_form_rows, files_in, kill_9, kill_9_mid_write, make_backup, restore_log, rewrite_backup,
+    rows_where, run, running, safety_backup, table_rows, wait_for, write_requests)
 from local_supabase import make_jwt
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:supabase")
@@ -222,14 +220,9 @@ def test_kill_9_mid_backup_to_an_output_folder_and_the_next_run_cleans_up(
     process = subprocess.Popen([sys.executable, str(script_copy(tmp_path)), *argv], cwd=tmp_path,
                                env=script_env(stack, data), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-    try:
+    with running(process):
         wait_for(lambda: slow.seen >= 4, what="the backup to be reading bookings' pages")
-        os.kill(process.pid, signal.SIGKILL)
-        assert process.wait(timeout=10) == -signal.SIGKILL
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        kill_9(process)
     left = sorted(os.listdir(offsite))
     row.saw(f"after the kill: {left}", len(left) == 1 and left[0].startswith(
         f".partial-{process.pid}-"))
@@ -326,17 +319,8 @@ def test_a_table_dropped_between_discovery_and_its_first_read(stack, db, data, c
 
 @pytest.fixture
 def small_batches(monkeypatch):
-    """Upserts of BATCH rows, so that a few dozen changed rows make three batches per table.
-
-    TablePlan took WRITE_BATCH_SIZE as its default when the module was imported, so patching the
-    constant alone changes nothing: the plans are made from a subclass with the smaller default.
-    """
-    @dataclasses.dataclass
-    class SmallBatchPlan(supabase_backup.TablePlan):
-        batch_size: int = BATCH
-
+    """Upserts of BATCH rows, so that a few dozen changed rows make three batches per table."""
     monkeypatch.setattr(supabase_backup, "WRITE_BATCH_SIZE", BATCH)
-    monkeypatch.setattr(supabase_backup, "TablePlan", SmallBatchPlan)
 
 
 class Changed:

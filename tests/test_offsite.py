@@ -36,8 +36,8 @@ if str(REPO_ROOT) not in sys.path:
 
 import supabase_backup  # noqa: E402
 from helpers import (  # noqa: E402
-    SETTINGS, assert_same_state, database_state, error_line, files_in, make_backup, run,
-    wait_for)
+    SETTINGS, assert_same_state, database_state, error_line, files_in, kill_9, make_backup, run,
+    running, wait_for)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -332,13 +332,10 @@ def test_kill_9_mid_upload_leaves_nothing_under_the_final_name(stack, data, tmp_
             assert process.poll() is None, process.stderr.read().decode()
             return proxy.sent > 200 * 1024 and bucket.pending_uploads()
 
-        wait_for(half_uploaded, timeout=60, what="half of the upload to be sent")
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
+        with running(process):
+            wait_for(half_uploaded, timeout=60, what="half of the upload to be sent")
+            kill_9(process)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
         proxy.stop()
     assert bucket.keys() == []  # nothing under the final name, nor any other
     assert len(bucket.pending_uploads()) == 1

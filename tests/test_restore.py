@@ -8,7 +8,6 @@ lock).
 """
 
 import json
-import os
 import signal
 import sys
 from pathlib import Path
@@ -23,8 +22,8 @@ if str(REPO_ROOT) not in sys.path:
 import supabase_backup  # noqa: E402
 from helpers import (  # noqa: E402
     DEMO_TABLES, NO_UPDATED_AT, OUTLASTS_RETRIES, assert_same_state, counts,
-    database_state, error_line, files_in, make_backup, plus, restore_log, rewrite_backup,
-    rows_where, run, safety_backup, start_restore, table_rows, write_requests)
+    database_state, error_line, files_in, kill_9, make_backup, plus, restore_log, rewrite_backup,
+    rows_where, run, running, safety_backup, start_restore, table_rows, write_requests)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:supabase")
 
@@ -674,19 +673,13 @@ def test_kill_9_mid_restore_leaves_the_safety_backup_and_an_in_progress_log(
         fresh_stack, data, capsys, tmp_path, slow_restore_of_users):
     stack, path = fresh_stack, slow_restore_of_users
     process = start_restore(stack, data, tmp_path, path)
-    try:
+    with running(process):
         # While it runs, a second restore is refused at once: one run at a time.
         code, _, err = run(capsys, data, "restore", "--safe", "--file", path.name)
         assert code == 5
         assert f"pid {process.pid}" in error_line(err) and "wait for it to finish" in err
 
-        os.kill(process.pid, signal.SIGKILL)
-        process.communicate(timeout=10)
-        assert process.returncode == -signal.SIGKILL
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        kill_9(process)
 
     assert 1 <= stack.writes("users") < 4, "killed mid-restore"
     safety = safety_backup(data)
@@ -754,7 +747,7 @@ def test_a_spool_read_error_mid_write_rolls_back_to_exactly_the_state_before(
     path = make_backup(capsys, data, "--tables", "users")
     db.execute("UPDATE users SET full_name = 'changed' WHERE email ~ '^user1?[0-9]{1,3}@'")
     before = database_state(db)
-    real, calls = supabase_backup._spooled_batch, []
+    real, calls = supabase_backup.parse_batch, []
 
     def failing(lines, start):
         calls.append(start)
@@ -762,7 +755,7 @@ def test_a_spool_read_error_mid_write_rolls_back_to_exactly_the_state_before(
             raise OSError(5, "Input/output error")
         return real(lines, start)
 
-    monkeypatch.setattr(supabase_backup, "_spooled_batch", failing)
+    monkeypatch.setattr(supabase_backup, "parse_batch", failing)
 
     code, _, err = run(capsys, data, "restore", "--safe", "--file", path.name)
 
