@@ -2677,10 +2677,6 @@ class TablePlan:
     # back ("live").
     json_changes: dict = field(default_factory=dict)
     identity_always: str | None = None  # a GENERATED ALWAYS identity column: patch, never insert
-    written_inserts: int = 0
-    written_updates: int = 0
-    errors: int = 0
-    failure: str | None = None
     # The current setting when the plan is made (a test may set a smaller one).
     batch_size: int = field(default_factory=lambda: WRITE_BATCH_SIZE)
     extra_keys: list = field(default_factory=list)  # live rows the file lacks (rollback deletes)
@@ -2688,20 +2684,16 @@ class TablePlan:
     spool: Path | None = None  # the rows to write, spooled by record_counts()
     safety_count: int | None = None  # rows in the safety backup
     rewrite: set = field(default_factory=set)  # a rollback's keys to write back from the file
-    # What a rollback undoes: the spooled rows a write was sent for (one byte per spool line),
-    # and the live rows a rollback to a file deleted.
-    sent_rows: bytearray = field(default_factory=bytearray, repr=False)
-    deleted_keys: set = field(default_factory=set, repr=False)
-    deleted: int = 0  # rows a rollback to a file deleted (their keys are not in the file)
-    reconciled: bool = False  # a keyless table a rollback to a file rewrote (KeylessReconcile)
+    outcome: "TableOutcome" = field(default_factory=lambda: TableOutcome())  # what it did
 
     def mark_sent(self, batch):
         """Record that a write was sent for a batch: from then on its rows may have landed."""
-        self.sent_rows[batch.start:batch.start + len(batch)] = b"\x01" * len(batch)
+        self.outcome.sent_rows[batch.start:batch.start + len(batch)] = b"\x01" * len(batch)
 
     @property
     def touched(self):
-        return bool(self.deleted_keys) or self.reconciled or 1 in self.sent_rows
+        outcome = self.outcome
+        return bool(outcome.deleted_keys) or outcome.reconciled or 1 in outcome.sent_rows
 
     def sent_spool_keys(self):
         """(is_insert, key) of every spooled row a write was sent for, read from the spool."""
@@ -2709,15 +2701,32 @@ class TablePlan:
             return
         with open(self.spool, "rb") as spool:  # lines end at b"\n" only, as they were written
             for index, line in enumerate(spool):
-                if self.sent_rows[index]:
+                if self.outcome.sent_rows[index]:
                     is_insert, row = json.loads(line)
                     yield is_insert, row_key(row, self.primary_key)
 
     def summary(self):
-        return {"inserted": self.written_inserts, "updated": self.written_updates,
-                "deleted": self.deleted, "unchanged": self.unchanged, "errors": self.errors,
+        return {"inserted": self.outcome.inserted, "updated": self.outcome.updated,
+                "deleted": self.outcome.deleted, "unchanged": self.unchanged,
+                "errors": self.outcome.errors,
                 "planned_inserts": self.inserts, "planned_updates": self.updates,
                 "planned_deletes": len(self.extra_keys)}
+
+
+@dataclass
+class TableOutcome:
+    """What a restore did to one table (TablePlan.outcome): rows written, deleted, refused, and
+    what a rollback undoes, the spooled rows a write was sent for (one byte per spool line) and
+    the live rows a rollback to a file deleted."""
+
+    inserted: int = 0
+    updated: int = 0
+    deleted: int = 0  # rows a rollback to a file deleted (not in the file)
+    errors: int = 0
+    failure: str | None = None
+    sent_rows: bytearray = field(default_factory=bytearray, repr=False)
+    deleted_keys: set = field(default_factory=set, repr=False)
+    reconciled: bool = False  # a keyless table a rollback to a file rewrote (KeylessReconcile)
 
 
 class TableComparison:
@@ -3214,7 +3223,7 @@ def record_counts(api, scan, plans, spool_dir, extra_keys=False):
         if extra_keys:
             plan.extra_keys = list(comparison.only_live)
     for plan in plans.values():
-        plan.sent_rows = bytearray(plan.inserts + plan.updates)
+        plan.outcome.sent_rows = bytearray(plan.inserts + plan.updates)
     for name, plan in plans.items():
         pk = plan.primary_key
         columns = [fk["column"] for fk in scan.tables[name]["meta"].get("foreign_keys") or []
@@ -3404,7 +3413,7 @@ def encode_row(row, raw=(), skip=()):
 def refused_row(plan, row, exc):
     """The RestoreFailure naming the one row the server refused (counted as the table's error),
     as every write names it."""
-    plan.errors += 1
+    plan.outcome.errors += 1
     return RestoreFailure(plan.name, f"the row with key {row_key(row, plan.primary_key)} was "
                                      f"refused: {exc.code} {exc.message}"
                                      f"{' (' + exc.details + ')' if exc.details else ''}")
@@ -3477,8 +3486,8 @@ def halves(batch):
 
 def count_written(plan, batch):
     inserted = sum(1 for is_insert, _ in batch if is_insert)
-    plan.written_inserts += inserted
-    plan.written_updates += len(batch) - inserted
+    plan.outcome.inserted += inserted
+    plan.outcome.updated += len(batch) - inserted
 
 
 def patch_rows(api, plan, batch):
@@ -3545,7 +3554,7 @@ def upsert_restore(api, plans, order, progress):
         except MissingParent:
             raise
         except Exception as exc:
-            plan.failure = plan.failure or one_line(exc, 400)
+            plan.outcome.failure = plan.outcome.failure or one_line(exc, 400)
             raise
 
     pending = []
@@ -3559,7 +3568,7 @@ def upsert_restore(api, plans, order, progress):
                     progress.advance(write(plan, batch))
                 except MissingParent as missing:
                     pending.append((plan, missing.batch))
-        progress.done(f"  {name}: {plan.written_inserts} inserted, {plan.written_updates} "
+        progress.done(f"  {name}: {plan.outcome.inserted} inserted, {plan.outcome.updated} "
                       f"updated, {plan.unchanged} unchanged"
                       + (f", {sum(len(b) for p, b in pending if p is plan)} waiting for parent "
                          f"rows" if any(p is plan for p, _ in pending) else ""))
@@ -3587,10 +3596,11 @@ def upsert_restore(api, plans, order, progress):
             unlinked.append(True)
             return still
         (plan, batch), error = still[0], errors[id(still[0][1])]
-        plan.failure = (f"the row with key {row_key(batch[0][1], plan.primary_key)} refers to a "
-                        f"row that is neither in the backup nor in the project ({error.message}"
-                        f"{'; ' + error.details if error.details else ''})")
-        raise RestoreFailure(plan.name, plan.failure)
+        plan.outcome.failure = (
+            f"the row with key {row_key(batch[0][1], plan.primary_key)} refers to a row that is "
+            f"neither in the backup nor in the project ({error.message}"
+            f"{'; ' + error.details if error.details else ''})")
+        raise RestoreFailure(plan.name, plan.outcome.failure)
 
     in_rounds(pending, attempt, stuck)
 
@@ -3769,7 +3779,7 @@ def taken_since(value, since):
 def delete_rows(api, plans, order, which, record=False, defer=False):
     """Delete rows by key, children before parents: which(plan) gives the key strings (any
     iterable; it is consumed a batch at a time). With record, the keys sent go into
-    plan.deleted_keys, for a rollback of this deletion.
+    plan.outcome.deleted_keys, for a rollback of this deletion.
 
     A batch refused because other rows still refer to its rows (23503) is retried after the
     rest; when a round makes no progress that is a RestoreFailure naming the table. With defer,
@@ -3781,7 +3791,7 @@ def delete_rows(api, plans, order, which, record=False, defer=False):
         plan = plans[name]
         for batch in chunks(which(plan), DELETE_BATCH_SIZE):
             if record:
-                plan.deleted_keys.update(batch)
+                plan.outcome.deleted_keys.update(batch)
             keys = [json.loads(key) for key in batch]
             if deleted_or_refused(api, plan, keys) is not None:
                 pending.append((plan, keys))
@@ -3868,7 +3878,7 @@ def delete_extra(api, plans, order, path):
     keyless = [KeylessReconcile(api, plans[name], path) for name in reversed(order)
                if not plans[name].primary_key and plans[name].extra_keys]
     for reconcile in keyless:
-        reconcile.plan.reconciled = True
+        reconcile.plan.outcome.reconciled = True
         reconcile.delete_surplus()
     keyed = {name: plan for name, plan in plans.items() if plan.primary_key}
     delete_rows(api, keyed, [n for n in order if n in keyed], lambda plan: plan.extra_keys,
@@ -3907,7 +3917,7 @@ def rollback(api, plans, order, safety_path, progress, ignore_columns=(), json_n
         clone.skip_columns, clone.identity_always = set(plan.skip_columns), plan.identity_always
         clone.live_meta = plan.live_meta
         clone.rewrite = {key for is_insert, key in plan.sent_spool_keys()
-                         if not is_insert} | plan.deleted_keys
+                         if not is_insert} | plan.outcome.deleted_keys
     with tempfile.TemporaryDirectory(dir=safety_path.parent, prefix=TEMP_PREFIX) as spool_dir:
         for table in read_tables(safety_path, label="reading the safety backup"):
             clone = rollback_plans.get(table.name)
@@ -3924,7 +3934,7 @@ def rollback(api, plans, order, safety_path, progress, ignore_columns=(), json_n
             if clone.updates:
                 clone.spool = path
         for clone in rollback_plans.values():
-            clone.sent_rows = bytearray(clone.updates)
+            clone.outcome.sent_rows = bytearray(clone.updates)
         upsert_restore(api, rollback_plans, order, progress)
     retry_deletes(api, refused)
     for reconcile in reversed(keyless):
@@ -4151,7 +4161,7 @@ class RestoreRun:
     def verify(self, before):
         """Step 5: counts, and every row of the file in the table with equal values."""
         self.step(5, "VERIFY", "counts, and every row of the file in the table with equal values")
-        expected = {name: (before.get(name, 0) + p.written_inserts - len(p.extra_keys))
+        expected = {name: (before.get(name, 0) + p.outcome.inserted - len(p.extra_keys))
                     for name, p in self.plans.items()}
         mismatches = verify_restore(self.api, self.plans, self.file_path, expected, self.ignored,
                                     self.accept_json_null)
@@ -4209,8 +4219,8 @@ class RestoreRun:
         """A step 4 or 5 failure: roll back to the safety backup, or say what is left."""
         reason = one_line(exc, 800)
         failed = self.plans.get(getattr(exc, "table", None))
-        if failed is not None and failed.failure is None:
-            failed.failure = reason
+        if failed is not None and failed.outcome.failure is None:
+            failed.outcome.failure = reason
         self.restore_log.tables(self.plans)
         self.fail_step("failed", reason)
         # A warning: the one error line is the outcome, printed last, after the rollback.
@@ -4429,9 +4439,10 @@ class RollbackRun(RestoreRun):
         delete_extra(self.api, self.plans, self.order, self.file_path)
         for name in self.order:
             plan = self.plans[name]
-            plan.deleted = len(plan.extra_keys)
-            if plan.deleted:
-                log.info("  %s: %d deleted (rows the file does not hold)", name, plan.deleted)
+            plan.outcome.deleted = len(plan.extra_keys)
+            if plan.outcome.deleted:
+                log.info("  %s: %d deleted (rows the file does not hold)", name,
+                         plan.outcome.deleted)
 
 
 def confirm_unsafe_restore(args, backup_path):
@@ -4452,7 +4463,7 @@ def sequence_sql(plans, live):
     """The SQL that moves each integer key's sequence past the restored maximum."""
     statements = []
     for name, plan in plans.items():
-        if plan.written_inserts == 0 or len(plan.primary_key) != 1:
+        if plan.outcome.inserted == 0 or len(plan.primary_key) != 1:
             continue
         column = plan.primary_key[0]
         formats = {c["name"]: c.get("format") for c in live[name]["columns"]}
@@ -4989,12 +5000,13 @@ class RestoreLog:
 
     def tables(self, plans):
         """Copy the per-table outcome of the plans into the log."""
-        self.data["tables_restored"] = {name: plan.summary() for name, plan in plans.items()}
-        self.data["total_inserted"] = sum(p.written_inserts for p in plans.values())
-        self.data["total_updated"] = sum(p.written_updates for p in plans.values())
-        self.data["total_deleted"] = sum(p.deleted for p in plans.values())
-        self.data["total_errors"] = sum(p.errors for p in plans.values())
-        self.data["tables_failed"] = [name for name, plan in plans.items() if plan.failure]
+        tables = self.data["tables_restored"] = {name: plan.summary()
+                                                 for name, plan in plans.items()}
+        for total, key in (("total_inserted", "inserted"), ("total_updated", "updated"),
+                           ("total_deleted", "deleted"), ("total_errors", "errors")):
+            self.data[total] = sum(table[key] for table in tables.values())
+        self.data["tables_failed"] = [name for name, plan in plans.items()
+                                      if plan.outcome.failure]
 
     def save(self):
         write_json_atomically(self.path, self.data)

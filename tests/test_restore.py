@@ -390,7 +390,7 @@ def test_the_setval_sql_is_quoted_and_does_nothing_without_a_sequence(fresh_stac
     plans = {}
     for name, column in (("select", "from"), ("Serial Key", "my id")):
         plans[name] = supabase_backup.TablePlan(name, [column], [column])
-        plans[name].written_inserts = 2
+        plans[name].outcome.inserted = 2
 
     statements = supabase_backup.sequence_sql(plans, live)
 
