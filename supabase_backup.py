@@ -4234,39 +4234,13 @@ class RestoreRun:
             write_restore_log(self.restore_log, status="failed_kept", error=reason)
             raise PartialRestoreError(f"{self.mode} failed: {reason}; kept as it is "
                                       f"(--no-rollback); to undo it run: {self.rollback_hint()}")
-        failed_path = self.safety_file_path("failed_state")
         # A column a trigger rewrites on every write (the failed verification found one, or the
         # user named it) is rewritten by the rollback's writes too: no API write can put its old
         # values back, so it is left out of the rollback's verification, and the message says so.
         leave_out = self.ignore_columns() | {f"{name}.{column}" for name, columns
                                              in self.rewritten.items() for column in columns}
-        failed_path = new_file_path(self.paths.safety_backups, "failed_state")
-        try:
-            # 7. Roll back: first a snapshot of the failed state (double safety). From its
-            # announcement on, a Ctrl-C stops the rollback with the command that finishes it.
-            self.step(7, "ROLLBACK", f"snapshot of the failed state -> {failed_path}, then back "
-                      f"to {self.safety_path.name}")
-            self.safety_snapshot(failed_path, list(self.plans),
-                                 discover_tables(self.api.openapi()),
-                                 f"state after a failed {self.mode} of {self.file_path.name}")
-            mismatches = rollback(self.api, self.plans, self.order, self.safety_read_path,
-                                  self.progress, leave_out, self.accept_json_null)
-        except KeyboardInterrupt:
-            write_restore_log(self.restore_log, status="interrupted",
-                              error="interrupted during rollback")
-            raise InterruptedRestore(self.rollback_hint()) from None
-        except Exception as rollback_exc:  # whatever it was, the rollback did not finish
-            if not isinstance(rollback_exc, (RestoreFailure, BackupError)):
-                log.error("unexpected error during the rollback", exc_info=True,
-                          extra={FILE_ONLY: True})
-            mismatches = [{"table": None, "key": None, "problem": one_line(rollback_exc, 300)}]
-        not_verified, written_back = {}, {}
-        for name, plan in self.plans.items():
-            columns = [c for c in plan.columns if c not in compared_columns(plan, leave_out)]
-            written_back[name] = sum(1 for is_insert, _ in plan.sent_spool_keys()
-                                     if not is_insert)
-            if written_back[name] and columns:
-                not_verified[name] = columns
+        failed_path, mismatches = self.roll_back(leave_out)
+        written_back, not_verified = self.left_out(leave_out)
         rollback_info = {"failed_state_file": str(failed_path), "mismatches": mismatches[:100],
                          "verified": not mismatches, "not_verified": not_verified}
         if mismatches:
@@ -4367,6 +4341,42 @@ class RestoreRun:
                            self.progress, note=note)
         encrypt_backup(plain, path, self.safety_recipients)
         return summary, plain
+
+    def roll_back(self, leave_out):
+        """Step 7: a snapshot of the failed state (double safety), then back to the safety
+        backup (rollback), verified; returns (the failed state's file, the mismatches). From its
+        announcement on, a Ctrl-C stops the rollback with the command that finishes it."""
+        failed_path = self.safety_file_path("failed_state")
+        try:
+            self.step(7, "ROLLBACK", f"snapshot of the failed state -> {failed_path}, then back "
+                      f"to {self.safety_path.name}")
+            self.safety_snapshot(failed_path, list(self.plans),
+                                 discover_tables(self.api.openapi()),
+                                 f"state after a failed {self.mode} of {self.file_path.name}")
+            return failed_path, rollback(self.api, self.plans, self.order, self.safety_read_path,
+                                         self.progress, leave_out, self.accept_json_null)
+        except KeyboardInterrupt:
+            write_restore_log(self.restore_log, status="interrupted",
+                              error="interrupted during rollback")
+            raise InterruptedRestore(self.rollback_hint()) from None
+        except Exception as rollback_exc:  # whatever it was, the rollback did not finish
+            if not isinstance(rollback_exc, (RestoreFailure, BackupError)):
+                log.error("unexpected error during the rollback", exc_info=True,
+                          extra={FILE_ONLY: True})
+            return failed_path, [{"table": None, "key": None,
+                                  "problem": one_line(rollback_exc, 300)}]
+
+    def left_out(self, leave_out):
+        """({table: rows written back}, {table: columns left out of the rollback's
+        verification}) for the tables whose rows were written back."""
+        not_verified, written_back = {}, {}
+        for name, plan in self.plans.items():
+            columns = [c for c in plan.columns if c not in compared_columns(plan, leave_out)]
+            written_back[name] = sum(1 for is_insert, _ in plan.sent_spool_keys()
+                                     if not is_insert)
+            if written_back[name] and columns:
+                not_verified[name] = columns
+        return written_back, not_verified
 
     def rollback_hint(self):
         if self.safety_path is None:
@@ -5341,27 +5351,7 @@ def run_backup(args):
         # encrypted to the final name and removed.
         written = (output.parent / f"{TEMP_PREFIX}{os.getpid()}-plain-{plain_name(output.name)}"
                    if recipients else output)
-        api = SupabaseApi(config)
-        try:
-            if role == SERVICE_ROLE:
-                discovered = discover_tables(api.openapi())
-            else:
-                discovered = guess_tables(api, wanted_tables(args, config))
-            tables = resolve_tables(args, config, discovered)
-            if not tables:
-                raise ConfigError("there is no table to back up: the service role sees none in "
-                                  "the public schema (or --exclude left none)")
-            for name in tables:
-                if not discovered[name]["writable"]:
-                    log.info("  %s is read-only (a view?): backed up as asked, marked so that "
-                             "restore leaves it alone", name)
-            log.info("backing up %d table(s) from %s to %s", len(tables), config.host, output)
-            note = ("made with a key that is not the service role (--allow-rls-limited): row "
-                    "level security may have hidden rows" if role != SERVICE_ROLE else None)
-            summary = snapshot(api, tables, discovered, written, config.host, role,
-                               progress, note)
-        finally:
-            api.close()
+        summary = back_up_tables(args, config, role, written, output)
         if recipients:
             try:
                 encrypt_backup(written, output, recipients)
@@ -5378,24 +5368,57 @@ def run_backup(args):
                 raise
             abort_dead_uploads(client, output.parent)
             log.info("copied to %s and checked (size and SHA-256)", summary["remote"])
-        summary["deleted"] = []
-        if policy.active:
-            protect = output.name if output.parent == paths.backups else None
-            _, summary["deleted"] = apply_retention(paths.backups, policy, protect)
-            if remote:
-                try:
-                    _, deleted = apply_remote_retention(client, remote, policy, output.name)
-                    summary["deleted"] += [remote.url(name) for name in deleted]
-                except BackupError as exc:
-                    log.warning("retention at %s did not run: %s", remote.url(), exc)
-    summary.update(requests=api.requests, seconds=round(time.monotonic() - started, 3),
-                   status="ok")
+        summary["deleted"] = thin_backups(paths, output, policy, client, remote)
+    summary.update(seconds=round(time.monotonic() - started, 3), status="ok")
     for warning in summary["warnings"]:
         log.warning("%s", warning)
     log.info("backup complete: %s (%d tables, %d rows, %s, %d requests, %.1fs)", output,
              len(summary["tables"]), summary["rows"], human_size(summary["bytes"]),
-             api.requests, summary["seconds"])
+             summary["requests"], summary["seconds"])
     return summary
+
+
+def back_up_tables(args, config, role, path, shown):
+    """The tables the run asks for, read from the project into a new file at path (snapshot);
+    returns the backup's summary, with the requests it took. shown is the file's final name."""
+    api = SupabaseApi(config)
+    try:
+        if role == SERVICE_ROLE:
+            discovered = discover_tables(api.openapi())
+        else:
+            discovered = guess_tables(api, wanted_tables(args, config))
+        tables = resolve_tables(args, config, discovered)
+        if not tables:
+            raise ConfigError("there is no table to back up: the service role sees none in the "
+                              "public schema (or --exclude left none)")
+        for name in tables:
+            if not discovered[name]["writable"]:
+                log.info("  %s is read-only (a view?): backed up as asked, marked so that "
+                         "restore leaves it alone", name)
+        log.info("backing up %d table(s) from %s to %s", len(tables), config.host, shown)
+        note = ("made with a key that is not the service role (--allow-rls-limited): row level "
+                "security may have hidden rows" if role != SERVICE_ROLE else None)
+        summary = snapshot(api, tables, discovered, path, config.host, role, progress, note)
+    finally:
+        api.close()
+    summary["requests"] = api.requests
+    return summary
+
+
+def thin_backups(paths, output, policy, client, remote):
+    """Retention after a complete backup (never the one just written), locally and off-site;
+    returns what it deleted. Off-site retention that fails is a warning: the backup stands."""
+    if not policy.active:
+        return []
+    protect = output.name if output.parent == paths.backups else None
+    _, deleted = apply_retention(paths.backups, policy, protect)
+    if remote:
+        try:
+            _, gone = apply_remote_retention(client, remote, policy, output.name)
+            deleted += [remote.url(name) for name in gone]
+        except BackupError as exc:
+            log.warning("retention at %s did not run: %s", remote.url(), exc)
+    return deleted
 
 
 def human_size(size):
