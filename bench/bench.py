@@ -908,9 +908,9 @@ def wan_section(benches, wan):
         "3% more on a real wire). A turn is a connection's client speaking after the server "
         "had (or first): one per request for a client with one request in flight, one per "
         "query for pg_dump and psql; each costs at least one RTT. The API's answers cross "
-        "gzipped (the client accepts gzip); request bodies are never compressed (the "
-        "gateway compresses answers only) and neither is PostgreSQL's protocol. Not run across "
-        "the links: " + ", ".join(LABELS[op] for op in OPERATIONS if op not in WAN_OPERATIONS)
+        "gzipped (the client accepts gzip); request bodies cross as the client sends them (the "
+        "tool's and the floors' uncompressed), and PostgreSQL's protocol is never compressed. "
+        "Not run across the links: " + ", ".join(LABELS[op] for op in OPERATIONS if op not in WAN_OPERATIONS)
         + " (see WAN_OPERATIONS in bench.py).")
     add("")
     add("### Wall time")
