@@ -3,6 +3,7 @@
 
     python bench/bench.py [--sizes 100000,1000000] [--repeat 3] [--quick] [--out PATH]
                           [--statement-timeout 60s] [--tool PATH]
+                          [--link RTT_MS/MBIT ...] [--no-gzip]
 
 Starts its own local Supabase stack (tests/local_supabase.py, demo schema) in a separate
 process, so that the tool's peak RSS and CPU are its own; for each size builds
@@ -28,8 +29,24 @@ CPU; the stack's API process and PostgreSQL are metered from /proc, and the serv
 the requests. Writes a Markdown report (default bench/RESULTS.md): ratios, targets of
 issue #7, peak RSS, requests per 1000 rows, scaling, machine facts, date and the command.
 
-Not a test and not run by CI (tests/test_bench_smoke.py runs --quick so that it never rots).
-The machine is shared: read the spread, not one figure.
+Across the internet (issue 14): each --link RTT_MS/MBIT (e.g. --link 50/50 --link 150/20) is
+one bench/wanlink.py link, a userspace TCP proxy with RTT/2 of delay each way and one bandwidth
+cap per direction, with two proxies on it: one in front of the API (the tool's SUPABASE_URL and
+the floors' URL) and one in front of PostgreSQL (pg_dump's and psql's), so that both cross the
+same link. After the loopback operations of a round, each link's run the same operations
+(all but the format floor, which differs from the read floor in CPU only, and restore --safe
+into the emptied table, which is the plain restore and three requests) with the tool exactly
+as it is. The report then puts loopback and each link side by side: wall times, the ratios,
+the payload bytes each way, requests and turns (round trips) per operation, and what the link
+alone costs one request at a time (turns x RTT + bytes / bandwidth). With --link the report
+goes to bench/RESULTS-wan.md unless --out says otherwise.
+
+The local API gzips its answers for clients that accept gzip, as Supabase's gateway does (httpx
+asks for it by default); --no-gzip starts it without, for comparison. PostgreSQL's protocol is
+never compressed, so pg_dump's COPY crosses the link as text.
+
+Not a test and not run by CI (tests/test_bench_smoke.py runs --quick so that it never rots,
+once with a link). The machine is shared: read the spread, not one figure.
 """
 
 import argparse
@@ -40,6 +57,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import shutil
 import signal
@@ -48,13 +66,19 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from wanlink import Link  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 TOOL = REPO / "supabase_backup.py"
 STACK = REPO / "tests" / "local_supabase.py"
 DEFAULT_OUT = BENCH_DIR / "RESULTS.md"
+DEFAULT_WAN_OUT = BENCH_DIR / "RESULTS-wan.md"
 
 TABLE = "bench_bookings"
 # What the tool asks for (backup format 2): every column whose JSON is not exact as PostgreSQL's
@@ -88,6 +112,9 @@ LABELS = {"backup": "backup (tool)", "pg_dump": "pg_dump | gzip", "read_floor": 
           "diff": "diff of the backup with the full table",
           "rollback": "rollback to the backup, onto the full table"}
 RESTORES = ["restore", "restore_safe", "restore_safe_full", "rollback"]
+# Across a link: the format floor's wire traffic is the read floor's (it differs in CPU only),
+# and restore --safe into the emptied table is the plain restore and three requests.
+WAN_OPERATIONS = [op for op in OPERATIONS if op not in ("format_floor", "restore_safe")]
 
 # Runs one command and writes its own wall time, and the peak RSS and CPU of what it waited
 # for, to argv[1]: RUSAGE_CHILDREN of a fresh process covers that one command only.
@@ -114,10 +141,11 @@ def say(message):
 class Stack:
     """tests/local_supabase.py in its own process, and the ways to reach and meter it."""
 
-    def __init__(self, work, statement_timeout):
+    def __init__(self, work, statement_timeout, gzip=True):
         self.env_file = work / "stack.env"
         self.log_path = work / "stack.log"
         self.statement_timeout = statement_timeout
+        self.gzip = gzip
         self.proc = None
         self.settings = {}
         self.postmaster = None
@@ -127,7 +155,8 @@ class Stack:
         log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [sys.executable, str(STACK), "--env-file", str(self.env_file), "--max-rows",
-             str(PAGE), "--statement-timeout", self.statement_timeout],
+             str(PAGE), "--statement-timeout", self.statement_timeout,
+             *([] if self.gzip else ["--no-gzip"])],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, cwd=REPO)
         deadline = time.monotonic() + STACK_START_TIMEOUT
         while not self.env_file.exists():
@@ -408,16 +437,24 @@ def floor_write(path):
 
 # --- Measuring one run ----------------------------------------------------------------------
 
-def measure(stack, command, env=None, cwd=None, shell=False):
-    """Run a command through the launcher; returns its figures, the server's and its stdout."""
+def measure(stack, command, env=None, cwd=None, shell=False, link=None):
+    """Run a command through the launcher; returns its figures, the server's and its stdout,
+    and with a link what crossed it (payload bytes each way, connections, turns) and the CPU
+    the link's proxies took (this process's, where they run)."""
     work = Path(cwd or tempfile.gettempdir())
     stats_path = work / ".bench-run.json"
     argv = ["bash", "-o", "pipefail", "-c", command] if shell else command
     stack.clear_requests()
     server_before, pg_before = stack.cpu()
+    wire_before, link_cpu_before = (link.snapshot(), time.process_time()) if link else (None, 0)
     proc = subprocess.run([sys.executable, "-c", LAUNCHER, str(stats_path), *argv], env=env,
                           cwd=cwd, capture_output=True, text=True, timeout=RUN_TIMEOUT)
     server_after, pg_after = stack.cpu()
+    wire = None
+    if link:
+        link_cpu = time.process_time() - link_cpu_before
+        after = link.snapshot()
+        wire = {key: after[key] - wire_before[key] for key in after}
     stats = json.loads(stats_path.read_text())
     stats_path.unlink()
     if stats["rc"] != 0 or proc.returncode != 0:
@@ -429,29 +466,80 @@ def measure(stack, command, env=None, cwd=None, shell=False):
         by_method[record["method"]] = by_method.get(record["method"], 0) + 1
     # The client's port per request: one port for a whole run means one kept-alive connection.
     connections = len({record["peer"] for record in requests})
-    return {"wall": stats["wall"], "rss_mb": stats["rss_kb"] / 1024, "cpu": stats["cpu"],
-            "server_cpu": server_after - server_before, "pg_cpu": pg_after - pg_before,
-            "requests": len(requests), "by_method": by_method, "connections": connections,
-            "stdout": proc.stdout}
+    run = {"wall": stats["wall"], "rss_mb": stats["rss_kb"] / 1024, "cpu": stats["cpu"],
+           "server_cpu": server_after - server_before, "pg_cpu": pg_after - pg_before,
+           "requests": len(requests), "by_method": by_method, "connections": connections,
+           "stdout": proc.stdout}
+    if wire is not None:
+        run.update(wire_down=wire["down"], wire_up=wire["up"], turns=wire["turns"],
+                   link_connections=wire["connections"], link_cpu=link_cpu)
+    return run
 
 
-def tool_env(stack, data_dir):
+class Route:
+    """How the runs reach the project: straight to the stack (loopback), or across a link
+    (bench/wanlink.py) with one proxy in front of the API and one in front of PostgreSQL."""
+
+    def __init__(self, stack, rtt_ms=None, mbit=None):
+        self.stack = stack
+        self.link = None
+        self.url, self.database_url = stack.url, stack.database_url
+        if rtt_ms is not None:
+            self.link = Link(rtt_ms, mbit)
+            api = urllib.parse.urlsplit(stack.url)
+            self.url = f"http://127.0.0.1:{self.link.proxy(api.hostname, api.port)}"
+            db = urllib.parse.urlsplit(stack.database_url)
+            port = self.link.proxy(db.hostname, db.port)
+            netloc = db.netloc.rsplit("@", 1)
+            host = f"127.0.0.1:{port}"
+            self.database_url = urllib.parse.urlunsplit(
+                db._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host))
+
+    @property
+    def rtt(self):
+        """Seconds."""
+        return self.link.rtt if self.link else 0.0
+
+    @property
+    def bits_per_second(self):
+        return self.link.mbit * 1e6 if self.link else None
+
+    @property
+    def label(self):
+        if not self.link:
+            return "loopback"
+        return f"RTT {self.link.rtt * 1000:g} ms, {self.link.mbit:g} Mbit/s"
+
+    @property
+    def short(self):
+        return f"{self.link.rtt * 1000:g}/{self.link.mbit:g}" if self.link else "loopback"
+
+    def close(self):
+        if self.link:
+            self.link.close()
+
+
+def tool_env(route, data_dir):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SUPABASE_", "BACKUP_", "CRITICAL_", "VERIFY_"))}
-    env.update(SUPABASE_URL=stack.url, SUPABASE_SERVICE_ROLE_KEY=stack.key,
-               SUPABASE_BACKUP_DIR=str(data_dir), BENCH_URL=stack.url, BENCH_KEY=stack.key)
+    key = route.stack.key
+    env.update(SUPABASE_URL=route.url, SUPABASE_SERVICE_ROLE_KEY=key,
+               SUPABASE_BACKUP_DIR=str(data_dir), BENCH_URL=route.url, BENCH_KEY=key)
     return env
 
 
 class Bench:
-    """One size: the table, the files each operation leaves for the next, and the figures."""
+    """One size over one route: the files each operation leaves for the next, and the
+    figures. The table is built once per size (build()); every round leaves it full."""
 
-    def __init__(self, stack, tool, work, rows):
+    def __init__(self, stack, tool, work, rows, route=None):
         self.stack, self.tool, self.rows = stack, tool, rows
-        self.work = work / f"rows-{rows}"
+        self.route = route or Route(stack)
+        self.link = self.route.link
+        self.work = work / f"rows-{rows}" / self.route.short.replace("/", "-")
         self.data_dir = self.work / "data"
         self.data_dir.mkdir(parents=True)
-        self.env = tool_env(stack, self.data_dir)
+        self.env = tool_env(self.route, self.data_dir)
         self.backup_file = self.work / "tool.json.gz"
         self.dump_file = self.work / "pg_dump.sql.gz"
         self.floor_file = self.work / "floor.pages.gz"
@@ -461,8 +549,15 @@ class Bench:
     def record(self, op, run):
         self.runs[op].append(run)
         extra = f", {run['bytes'] / 1e6:.1f} MB" if run.get("bytes") else ""
-        say(f"  {self.rows} rows, {op}: {run['wall']:.2f}s, {run['rss_mb']:.0f} MB RSS, "
+        if self.link:
+            extra += (f", {run['wire_down'] / 1e6:.2f} MB down, {run['wire_up'] / 1e6:.2f} MB "
+                      f"up, {run['turns']} turns")
+        where = f" ({self.route.short})" if self.link else ""
+        say(f"  {self.rows} rows{where}, {op}: {run['wall']:.2f}s, {run['rss_mb']:.0f} MB RSS, "
             f"{run['requests']} requests{extra}")
+
+    def measure(self, command, shell=False):
+        return measure(self.stack, command, self.env, self.work, shell=shell, link=self.link)
 
     def expect_rows(self, op):
         found = table_count(self.stack)
@@ -471,9 +566,8 @@ class Bench:
 
     def backup(self):
         output = self.work / "backup-run.json.gz"
-        run = measure(self.stack, [sys.executable, str(self.tool), "--quiet", "backup",
-                                   "--tables", TABLE, "--output", str(output), "--json"],
-                      self.env, self.work)
+        run = self.measure([sys.executable, str(self.tool), "--quiet", "backup", "--tables",
+                            TABLE, "--output", str(output), "--json"])
         summary = json.loads(run.pop("stdout"))
         run.update(bytes=output.stat().st_size, tool_requests=summary.get("requests"),
                    pages=summary["tables"][TABLE].get("pages"))
@@ -484,16 +578,17 @@ class Bench:
 
     def pg_dump(self):
         pg_dump = shlex.quote(pg_tool("pg_dump"))
-        command = (f"{pg_dump} --data-only -t public.{TABLE} -d {shlex.quote(self.stack.database_url)}"
+        command = (f"{pg_dump} --data-only -t public.{TABLE} "
+                   f"-d {shlex.quote(self.route.database_url)}"
                    f" | gzip > {shlex.quote(str(self.dump_file))}")
-        run = measure(self.stack, command, self.env, self.work, shell=True)
+        run = self.measure(command, shell=True)
         run.pop("stdout")
         run["bytes"] = self.dump_file.stat().st_size
         self.record("pg_dump", run)
 
     def read_floor(self):
-        run = measure(self.stack, [sys.executable, str(Path(__file__).resolve()), "--floor", "read",
-                                   str(self.floor_file)], self.env, self.work)
+        run = self.measure([sys.executable, str(Path(__file__).resolve()), "--floor", "read",
+                            str(self.floor_file)])
         result = json.loads(run.pop("stdout"))
         if result["rows"] != self.rows:
             raise SystemExit(f"bench: the read floor read {result['rows']} rows, not {self.rows}")
@@ -502,8 +597,8 @@ class Bench:
 
     def format_floor(self):
         output = self.work / "format-floor.json.gz"
-        run = measure(self.stack, [sys.executable, str(Path(__file__).resolve()), "--floor",
-                                   "format", str(output)], self.env, self.work)
+        run = self.measure([sys.executable, str(Path(__file__).resolve()), "--floor",
+                            "format", str(output)])
         result = json.loads(run.pop("stdout"))
         if result["rows"] != self.rows:
             raise SystemExit(f"bench: the format floor read {result['rows']} rows, not "
@@ -527,8 +622,8 @@ class Bench:
 
     def write_floor(self):
         truncate(self.stack)
-        run = measure(self.stack, [sys.executable, str(Path(__file__).resolve()), "--floor",
-                                   "write", str(self.floor_file)], self.env, self.work)
+        run = self.measure([sys.executable, str(Path(__file__).resolve()), "--floor",
+                            "write", str(self.floor_file)])
         run.pop("stdout")
         self.expect_rows("write floor")
         settle(self.stack)
@@ -538,8 +633,8 @@ class Bench:
         truncate(self.stack)
         psql = shlex.quote(pg_tool("psql"))
         command = (f"gunzip -c {shlex.quote(str(self.dump_file))} | {psql} -q -X -v ON_ERROR_STOP=1 "
-                   f"-d {shlex.quote(self.stack.database_url)} > /dev/null")
-        run = measure(self.stack, command, self.env, self.work, shell=True)
+                   f"-d {shlex.quote(self.route.database_url)} > /dev/null")
+        run = self.measure(command, shell=True)
         run.pop("stdout")
         self.expect_rows("COPY")
         settle(self.stack)
@@ -549,7 +644,7 @@ class Bench:
         """diff --file of the backup against the full table: every live row is indexed."""
         command = [sys.executable, str(self.tool), "--quiet", "diff", "--file",
                    str(self.backup_file), "--tables", TABLE, "--json"]
-        run = measure(self.stack, command, self.env, self.work)
+        run = self.measure(command)
         result = json.loads(run.pop("stdout"))
         if not result["identical"] or result["tables"][TABLE]["file_rows"] != self.rows:
             raise SystemExit(f"bench: diff found differences: {result['tables'][TABLE]}")
@@ -565,7 +660,7 @@ class Bench:
     def logged_run(self, op, command):
         """Measure a restore or rollback; its log's steps join the figures; the files it left
         are removed so that each run starts alike."""
-        run = measure(self.stack, command, self.env, self.work)
+        run = self.measure(command)
         run_log = json.loads(run.pop("stdout"))
         run["steps"] = {f"{s['step']}. {s['name']}": s.get("seconds", 0.0)
                         for s in run_log.get("steps", [])}
@@ -576,26 +671,26 @@ class Bench:
         self.expect_rows(op)
         return run
 
-    def run(self, repeat):
+    def build(self):
         say(f"building {TABLE} with {self.rows} rows")
         started = time.perf_counter()
         self.facts["table_bytes"] = build_table(self.stack, self.rows)
         self.facts["build_seconds"] = time.perf_counter() - started
         self.facts["count"] = timed_count(self.stack)
-        for number in range(1, repeat + 1):
-            say(f"{self.rows} rows: round {number} of {repeat}")
-            self.backup()
-            self.pg_dump()
-            self.read_floor()
-            self.format_floor()
-            self.restore(safe=False)
-            self.restore(safe=True)
-            self.write_floor()
-            self.copy()  # leaves the table full for the next round's backup
-            self.restore(safe=True, empty=False)
-            self.diff()
-            self.rollback()
-        shutil.rmtree(self.work, ignore_errors=True)
+
+    def round(self, operations=OPERATIONS):
+        """One run of each operation, in this order; the table is full before and after."""
+        steps = {"backup": self.backup, "pg_dump": self.pg_dump, "read_floor": self.read_floor,
+                 "format_floor": self.format_floor,
+                 "restore": lambda: self.restore(safe=False),
+                 "restore_safe": lambda: self.restore(safe=True),
+                 "write_floor": self.write_floor,
+                 "copy": self.copy,  # leaves the table full for the next round's backup
+                 "restore_safe_full": lambda: self.restore(safe=True, empty=False),
+                 "diff": self.diff, "rollback": self.rollback}
+        for op in OPERATIONS:
+            if op in operations:
+                steps[op]()
 
 
 def pg_tool(name):
@@ -758,7 +853,174 @@ def targets(benches):
     return out
 
 
-def report(benches, facts, args, command, started, finished, tool, tool_at_start):
+# --- Across a link ---------------------------------------------------------------------------
+
+def link_costs(route, runs):
+    """What the link alone costs the median run, one request at a time: (seconds of round
+    trips, seconds of bytes at the bandwidth down, up). A turn waits one RTT, a new connection
+    one more (the handshake); each byte waits its turn on the wire."""
+    bits = route.bits_per_second
+    trips = (med(runs, "turns") + med(runs, "link_connections")) * route.rtt
+    return trips, med(runs, "wire_down") * 8 / bits, med(runs, "wire_up") * 8 / bits
+
+
+def mb(value):
+    return f"{value / 1e6:.2f} MB"
+
+
+def what_bounds(route, runs, loopback_runs):
+    """One sentence: the wall across the link taken apart into round trips, bytes at the
+    bandwidth and the rest (work here and at the server that did not overlap a wait)."""
+    wall = med(runs, "wall")
+    trips, down, up = link_costs(route, runs)
+    rest = wall - trips - down - up
+    parts = {"round trips": trips, "bandwidth": down + up, "work at either end": rest}
+    name = max(parts, key=parts.get)
+    loop = f", loopback {med(loopback_runs, 'wall'):.1f} s" if loopback_runs else ""
+    connections = med(runs, "link_connections")
+    return (f"{route.label}: {wall:.1f} s = {trips:.1f} s of round trips "
+            f"({med(runs, 'turns'):.0f} turns + {connections:.0f} "
+            f"connection{'s' if connections != 1 else ''}, x {route.rtt * 1000:g} ms) + "
+            f"{down + up:.1f} s at the bandwidth ({mb(med(runs, 'wire_down'))} down, "
+            f"{mb(med(runs, 'wire_up'))} up) + {rest:.1f} s the rest{loop}: "
+            f"**{name}, {parts[name] / wall:.0%}**.")
+
+
+def wan_section(benches, wan):
+    """The loopback and link runs side by side (issue 14, item 1)."""
+    lines = []
+    add = lines.append
+    routes = [b.route for b in next(iter(wan.values()))]
+    labels = ["loopback"] + [route.label for route in routes]
+    add("## Across the internet (issue 14)")
+    add("")
+    add("Each link is bench/wanlink.py: a TCP proxy on 127.0.0.1 that delays every chunk by "
+        "half the RTT each way, serializes it at the bandwidth on one queue per direction "
+        "shared by every connection of the link, and holds a new connection's first bytes for "
+        "one RTT (the handshake; Supabase's TLS would add one more, not modelled). It is an "
+        "ideal pipe, with no loss and no TCP slow start: a real link of the same RTT and "
+        "bandwidth is slower, never faster. One proxy of the link is in front of the API (the "
+        "tool's SUPABASE_URL, the floors' URL), one in front of PostgreSQL (pg_dump's and "
+        "psql's), so that both cross the same link. The tool runs exactly as it is: one "
+        "request in flight on one kept-alive connection.")
+    add("")
+    add("Bytes are the TCP payload each way as the proxy counted it (no TCP/IP headers, about "
+        "3% more on a real wire). A turn is a connection's client speaking after the server "
+        "had (or first): one per request for a client with one request in flight, one per "
+        "query for pg_dump and psql; each costs at least one RTT. The API's answers cross "
+        "gzipped (the client accepts gzip); request bodies cross as the client sends them (the "
+        "tool's and the floors' uncompressed), and PostgreSQL's protocol is never compressed. "
+        "Not run across the links: " + ", ".join(LABELS[op] for op in OPERATIONS if op not in WAN_OPERATIONS)
+        + " (see WAN_OPERATIONS in bench.py).")
+    add("")
+    add("### Wall time")
+    add("")
+    add("| rows | operation | " + " | ".join(labels) + " |")
+    add("| --- | --- | " + " | ".join("---" for _ in labels) + " |")
+    for b in benches:
+        for op in OPERATIONS:
+            cells = [fmt_s(b.runs[op])] + [fmt_s(w.runs[op]) for w in wan[b.rows]]
+            add(f"| {size_label(b.rows)} | {cell(LABELS[op])} | " + " | ".join(cells) + " |")
+    add("")
+    add("### Ratios")
+    add("")
+    add("| rows | route | backup / pg_dump\\|gzip | restore (plain) / psql COPY of the pg_dump "
+        "file | restore --safe onto the full table / backup | rollback / backup "
+        "| diff / backup | backup / API read floor | restore / API write floor |")
+    add("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for b in benches:
+        for label, r in [("loopback", b.runs)] + [(w.route.label, w.runs) for w in wan[b.rows]]:
+            add(f"| {size_label(b.rows)} | {label} | {fmt_ratio(r['backup'], r['pg_dump'])} "
+                f"| {fmt_ratio(r['restore'], r['copy'])} "
+                f"| {fmt_ratio(r['restore_safe_full'], r['backup'])} "
+                f"| {fmt_ratio(r['rollback'], r['backup'])} "
+                f"| {fmt_ratio(r['diff'], r['backup'])} "
+                f"| {fmt_ratio(r['backup'], r['read_floor'])} "
+                f"| {fmt_ratio(r['restore'], r['write_floor'])} |")
+    add("")
+    add("### Bytes on the wire and round trips")
+    add("")
+    add("Medians. `link alone` is what the link costs a client with one request in flight: "
+        "(turns + connections) x RTT + bytes down / bandwidth + bytes up / bandwidth; the "
+        "rest of the wall is work at either end that did not overlap a wait.")
+    add("")
+    add("| rows | route | operation | wall | down | up | API requests | turns | connections "
+        "| round trips | down at bandwidth | up at bandwidth | link alone | of the wall |")
+    add("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    proxy_cpu = []
+    for b in benches:
+        for w in wan[b.rows]:
+            for op in WAN_OPERATIONS:
+                runs = w.runs[op]
+                if not runs:
+                    continue
+                trips, down, up = link_costs(w.route, runs)
+                alone = trips + down + up
+                wall = med(runs, "wall")
+                proxy_cpu.append((med(runs, "link_cpu") / wall, w.route.label, LABELS[op]))
+                add(f"| {size_label(b.rows)} | {w.route.label} | {cell(LABELS[op])} "
+                    f"| {wall:.2f} s | {mb(med(runs, 'wire_down'))} | {mb(med(runs, 'wire_up'))} "
+                    f"| {med(runs, 'requests'):.0f} | {med(runs, 'turns'):.0f} "
+                    f"| {med(runs, 'link_connections'):.0f} | {trips:.2f} s | {down:.2f} s "
+                    f"| {up:.2f} s | {alone:.2f} s | {alone / wall:.0%} |")
+    add("")
+    if proxy_cpu:
+        share, label, op = max(proxy_cpu)
+        add(f"The proxies run in the bench's own process; their CPU was at most {share:.0%} of "
+            f"a run's wall time ({op}, {label}).")
+        add("")
+    names = []
+    for b in benches:
+        for w in wan[b.rows]:
+            for op in RESTORES:
+                for run in w.runs[op]:
+                    names.extend(n for n in run["steps"] if n not in names)
+    if names:
+        add("Restore steps across the links (median seconds, from the tool's restore log):")
+        add("")
+        add("| rows | route | operation | " + " | ".join(names) + " |")
+        add("| --- | --- | --- | " + " | ".join("---" for _ in names) + " |")
+        for b in benches:
+            for label, r in [("loopback", b.runs)] + [(w.route.label, w.runs)
+                                                      for w in wan[b.rows]]:
+                for op in RESTORES:
+                    if not r[op]:
+                        continue
+                    cells = [f"{statistics.median(x['steps'].get(n, 0.0) for x in r[op]):.1f}"
+                             for n in names]
+                    add(f"| {size_label(b.rows)} | {label} | {cell(LABELS[op])} | "
+                        + " | ".join(cells) + " |")
+        add("")
+    add("### What bounds each operation")
+    add("")
+    add("From the figures above: each run's wall taken apart into round trips (turns and "
+        "connections x RTT), bytes at the bandwidth, and the rest. Round trips are what "
+        "several requests in flight can overlap; the bytes at the bandwidth are what no number "
+        "of requests in flight goes below on that link, unless the bytes shrink.")
+    add("")
+    for b in benches:
+        across = wan[b.rows]
+        for op in WAN_OPERATIONS:
+            parts = [what_bounds(w.route, w.runs[op], b.runs[op]) for w in across if w.runs[op]]
+            extra = ""
+            if op == "pg_dump" and across[0].runs["backup"]:
+                w = across[0]
+                extra = (f" pg_dump's COPY crosses as text: "
+                         f"{mb(med(w.runs['pg_dump'], 'wire_down'))} down against the tool's "
+                         f"backup {mb(med(w.runs['backup'], 'wire_down'))} (the API's answers "
+                         f"gzipped).")
+            if op == "copy" and across[0].runs["restore"]:
+                w = across[0]
+                extra = (f" psql sends the COPY as text, {mb(med(w.runs['copy'], 'wire_up'))} up; "
+                         f"the tool's restore sends {mb(med(w.runs['restore'], 'wire_up'))} of "
+                         f"JSON up (request bodies are not compressed).")
+            add(f"- {size_label(b.rows)}, {LABELS[op]} ({med(b.runs[op], 'requests'):.0f} API "
+                f"requests on loopback): " + " ".join(parts) + extra)
+    add("")
+    return lines
+
+
+def report(benches, facts, args, command, started, finished, tool, tool_at_start, wan=None):
     lines = []
     add = lines.append
     add("# Benchmark: supabase_backup against pg_dump and the API floor")
@@ -778,11 +1040,17 @@ def report(benches, facts, args, command, started, finished, tool, tool_at_start
         f"operations of a round run one after the other, so noise from other work on this shared "
         f"machine spreads over all of them: trust ratios over absolute times.")
     add("")
+    add("The local API gzips its answers for clients that accept gzip, as Supabase's gateway "
+        "does (httpx asks for it; tests/local_supabase.py, GZIP_LEVEL)." if not args.no_gzip else
+        "The local API was started with --no-gzip: every answer as it is, uncompressed.")
+    add("")
     add("## Machine")
     add("")
     for key, value in facts.items():
         add(f"- {key}: {value}")
     add("")
+    if wan:
+        lines.extend(wan_section(benches, wan))
     add("## Ratios")
     add("")
     add("| rows | backup / pg_dump\\|gzip | backup / API read floor | backup / format floor "
@@ -971,6 +1239,15 @@ def size_list(text):
     return sorted(sizes)
 
 
+def link_spec(text):
+    """"50/50" -> (50.0, 50.0): RTT in milliseconds, bandwidth in Mbit/s."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)\s*", text)
+    if not match or float(match[2]) <= 0:
+        raise argparse.ArgumentTypeError(f"expected RTT_MS/MBIT like 50/50 (RTT 50 ms, 50 Mbit/s), "
+                                         f"not {text!r}")
+    return float(match[1]), float(match[2])
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="bench.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -980,8 +1257,17 @@ def build_parser():
                         help="runs of each operation per size (default 3)")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: 2000 rows, one repeat (unless given)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="PATH",
-                        help=f"where the report goes (default {DEFAULT_OUT.relative_to(REPO)})")
+    parser.add_argument("--out", type=Path, default=None, metavar="PATH",
+                        help=f"where the report goes (default {DEFAULT_OUT.relative_to(REPO)}, "
+                             f"with --link {DEFAULT_WAN_OUT.relative_to(REPO)})")
+    parser.add_argument("--link", type=link_spec, action="append", default=[],
+                        metavar="RTT_MS/MBIT",
+                        help="also run across a link with this round-trip time and bandwidth "
+                             "cap (bench/wanlink.py), e.g. 50/50; may be given more than once; "
+                             "loopback is always measured")
+    parser.add_argument("--no-gzip", action="store_true",
+                        help="start the local API without gzip (by default it gzips answers for "
+                             "clients that accept it, as Supabase's gateway does)")
     parser.add_argument("--statement-timeout", default="60s", metavar="T",
                         help="the local API's statement timeout (default 60s; Supabase's is 8s)")
     parser.add_argument("--tool", type=Path, default=TOOL, metavar="PATH",
@@ -999,6 +1285,7 @@ def main(argv=None):
             args.floor_file)
         return 0
     args.sizes = args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)
+    args.out = args.out or (DEFAULT_WAN_OUT if args.link else DEFAULT_OUT)
     args.repeat = args.repeat or (1 if args.quick else 3)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
@@ -1006,24 +1293,38 @@ def main(argv=None):
     started = datetime.datetime.now(datetime.timezone.utc)
     tool_at_start = tool_identity(args.tool.resolve())
     work = Path(tempfile.mkdtemp(prefix="supabase_bench_"))
-    stack = Stack(work, args.statement_timeout)
+    stack = Stack(work, args.statement_timeout, gzip=not args.no_gzip)
+    routes = []
     try:
         say("starting the local stack")
         stack.start()
         facts = machine_facts(stack)
-        benches = []
+        routes = [Route(stack, rtt, mbit) for rtt, mbit in args.link]
+        benches, wan = [], {}
         for rows in args.sizes:
             bench = Bench(stack, args.tool.resolve(), work, rows)
-            bench.run(args.repeat)
+            across = [Bench(stack, args.tool.resolve(), work, rows, route) for route in routes]
+            bench.build()
+            for number in range(1, args.repeat + 1):
+                say(f"{rows} rows: round {number} of {args.repeat}")
+                bench.round()
+                for other in across:
+                    say(f"{rows} rows: round {number} of {args.repeat}, across "
+                        f"{other.route.label}")
+                    other.round(WAN_OPERATIONS)
             benches.append(bench)
+            wan[rows] = across
+            shutil.rmtree(work / f"rows-{rows}", ignore_errors=True)
         facts["load average at the end (1, 5, 15 min)"] = \
             " ".join(f"{x:.2f}" for x in os.getloadavg())
     finally:
+        for route in routes:
+            route.close()
         stack.stop()
         shutil.rmtree(work, ignore_errors=True)
     finished = datetime.datetime.now(datetime.timezone.utc)
     text = report(benches, facts, args, command, started, finished, args.tool.resolve(),
-                  tool_at_start)
+                  tool_at_start, wan if routes else None)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     say(f"wrote {args.out}")

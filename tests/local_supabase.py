@@ -4,6 +4,7 @@ PostgREST-compatible API.
 
     python tests/local_supabase.py [--schema demo | --sql FILE] [--env-file PATH]
                                    [--max-rows N] [--statement-timeout 8s] [--port P] [--s3]
+                                   [--no-gzip]
 
 starts PostgreSQL (pip-installed, see requirements-dev.txt; as an unprivileged
 user when run as root), creates Supabase's roles and grants, loads the demo
@@ -25,7 +26,9 @@ transaction under the caller's role with request.jwt.claims set, so RLS
 applies, with Supabase's statement timeout, the db-max-rows cap, the
 Content-Range/200/206/416 rules and PostgREST's error bodies and statuses.
 It is deliberately strict where PostgREST is strict; a lenient fake would let
-bugs through that real Supabase would hit.
+bugs through that real Supabase would hit. PostgREST itself never compresses;
+Supabase's gateway gzips an answer for a client that accepts it, and so does
+this server (see GZIP_LEVEL; --no-gzip to turn it off).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+import zlib
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -1422,6 +1426,63 @@ class RequestRecord:
     peer: int = 0  # the client's port: same port, same kept-alive connection
 
 
+# --- Compression --------------------------------------------------------------
+
+# PostgREST sends bodies as they are; on Supabase the gateway in front of it compresses them.
+# The gateway's Envoy configuration (supabase/postgres, ansible/files/envoy_config/lds.yaml)
+# has a gzip compressor for application/json, application/openapi+json, text/csv and the
+# like, bodies of 100 bytes or more, responses only (request bodies are never compressed),
+# with the compressor's own defaults: zlib's default level 6, memory level 5 and a window of
+# 2^12 = 4096 bytes (Envoy's gzip.proto). The hosted platform may also offer brotli; httpx
+# asks for gzip (and br, zstd only with the brotli or zstandard packages installed).
+GZIP_LEVEL = 6
+GZIP_WINDOW_BITS = 12
+GZIP_MEMORY_LEVEL = 5
+GZIP_MIN_LENGTH = 100
+GZIP_TYPES = ("application/json", "application/openapi+json", "application/geo+json",
+              "application/vnd.pgrst.", "text/csv", "text/plain")
+
+
+def accepts_gzip(accept_encoding: str | None) -> bool:
+    """Whether an Accept-Encoding header accepts gzip (RFC 9110: a q of 0 refuses it;
+    `*` stands for any coding the header does not name)."""
+    named, star = {}, None
+    for item in (accept_encoding or "").split(","):
+        coding, _, params = item.strip().partition(";")
+        coding = coding.strip().lower()
+        if not coding:
+            continue
+        quality = 1.0
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        if coding == "*":
+            star = quality
+        else:
+            named[coding] = quality
+    for coding in ("gzip", "x-gzip"):
+        if coding in named:
+            return named[coding] > 0
+    return bool(star)
+
+
+def gzip_bytes(body: bytes) -> bytes:
+    """body as a gzip member, compressed as the gateway compresses it."""
+    compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 16 + GZIP_WINDOW_BITS,
+                                  GZIP_MEMORY_LEVEL)
+    return compressor.compress(body) + compressor.flush()
+
+
+def compressible(content_type: str, body: bytes) -> bool:
+    """Whether the gateway would compress this body (its type and size)."""
+    media_type = content_type.split(";")[0].strip().lower()
+    return len(body) >= GZIP_MIN_LENGTH and media_type.startswith(GZIP_TYPES)
+
+
 # --- Auth ---------------------------------------------------------------------
 
 
@@ -1502,6 +1563,15 @@ class ApiHandler(BaseHTTPRequestHandler):
         self.send_response(status)
         hdrs = {"Content-Type": "application/json; charset=utf-8"}
         hdrs.update(headers or {})
+        if self.server.stack.gzip and method != "HEAD" and compressible(hdrs["Content-Type"],
+                                                                        body):
+            # As the gateway does. A dropped answer (below) then cuts the compressed bytes in
+            # half: the client gets part of a gzip stream and never its end, as when the
+            # connection to the gateway breaks.
+            hdrs["Vary"] = "Accept-Encoding"
+            if accepts_gzip(self.headers.get("Accept-Encoding")):
+                body = gzip_bytes(body)
+                hdrs["Content-Encoding"] = "gzip"
         for k, v in hdrs.items():
             self.send_header(k, v)
         self.send_header("Content-Length", str(len(body)))
@@ -2081,13 +2151,14 @@ class LocalSupabase:
 
     def __init__(self, schema: str | None = "demo", sql_files=(), max_rows: int | None = 1000,
                  statement_timeout: str = "8s", port: int = 0, verbose: bool = False,
-                 note=None):
+                 note=None, gzip: bool = True):
         self.schema = schema
         self.sql_files = [Path(p) for p in sql_files]
         self.max_rows = max_rows
         self.statement_timeout = statement_timeout
         self.port = port
         self.verbose = verbose
+        self.gzip = gzip  # compress answers for clients that accept gzip, as the gateway does
         self.note = note or (lambda msg: None)
         self.jwt_secret = secrets.token_urlsafe(32)
         self.secret_key = SECRET_KEY_PREFIX + secrets.token_urlsafe(24)
@@ -2247,6 +2318,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="statement timeout of every API request (default 8s, as Supabase)")
     parser.add_argument("--port", type=int, default=0, help="API port (default: a free one)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every request")
+    parser.add_argument("--no-gzip", action="store_true",
+                        help="never compress answers (by default they are gzipped for clients "
+                             "that accept it, as Supabase's gateway does)")
     parser.add_argument("--s3", action="store_true",
                         help="also start an S3-compatible server (moto) with a bucket, for "
                              "`backup --to`; prints the AWS_* settings and BACKUP_REMOTE")
@@ -2261,7 +2335,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     stack = LocalSupabase(schema=args.schema, sql_files=args.sql, max_rows=args.max_rows,
                           statement_timeout=args.statement_timeout, port=args.port,
-                          verbose=args.verbose, note=note)
+                          verbose=args.verbose, note=note, gzip=not args.no_gzip)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

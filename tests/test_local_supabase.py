@@ -10,7 +10,10 @@ through psycopg (the `db` fixture), never through the server under test.
 from __future__ import annotations
 
 import concurrent.futures
+import gzip
 import hashlib
+import http.client
+import json
 import signal
 import subprocess
 import sys
@@ -18,6 +21,7 @@ import tempfile
 import time
 import urllib.parse
 import uuid
+import zlib
 from pathlib import Path
 
 import httpx
@@ -1206,6 +1210,123 @@ def test_the_fault_control_endpoint(fresh_stack, client, db):
     assert httpx.delete(control, headers=service).status_code == 200
     assert insert_payments(client, [9003]) == ["ok"]
     assert payment_ids(db) == [9001, 9003]
+
+
+# --- Compression (Supabase's gateway gzips answers; PostgREST does not) -------
+
+
+def raw_get(stack, path: str, accept_encoding: str | None, method: str = "GET"):
+    """(status, headers, body bytes exactly as sent) through http.client, which decompresses
+    nothing and sends no Accept-Encoding of its own when given one."""
+    conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=30)
+    headers = {"apikey": stack.service_role_key,
+               "Authorization": f"Bearer {stack.service_role_key}"}
+    if accept_encoding is not None:
+        headers["Accept-Encoding"] = accept_encoding
+    try:
+        conn.request(method, path, headers=headers)
+        response = conn.getresponse()
+        try:
+            body = response.read()
+        except http.client.IncompleteRead as cut:
+            body = cut.partial
+        return response.status, response.headers, body
+    finally:
+        conn.close()
+
+
+PAGE_PATH = "/rest/v1/bookings?select=*&order=id&limit=300"
+
+
+def test_a_client_that_accepts_gzip_gets_gzip_of_the_same_json(stack, db):
+    status, headers, plain = raw_get(stack, PAGE_PATH, "identity")
+    assert status == 200 and "Content-Encoding" not in headers
+    assert headers["Vary"] == "Accept-Encoding"
+    assert int(headers["Content-Length"]) == len(plain)
+    expected = scalar(db, "SELECT json_agg(b ORDER BY id) FROM (SELECT * FROM bookings "
+                          "ORDER BY id LIMIT 300) b")
+    assert json.loads(plain) == expected
+    for accept in ("gzip", "gzip, deflate", "br;q=1.0, gzip;q=0.5", "*"):
+        status, headers, packed = raw_get(stack, PAGE_PATH, accept)
+        assert status == 200, accept
+        assert headers["Content-Encoding"] == "gzip", accept
+        assert headers["Vary"] == "Accept-Encoding"
+        assert int(headers["Content-Length"]) == len(packed)
+        assert packed[:2] == b"\x1f\x8b" and len(packed) < len(plain) / 3, accept
+        assert gzip.decompress(packed) == plain, accept
+    for refused in ("gzip;q=0", "identity", "*;q=0", "deflate"):
+        assert "Content-Encoding" not in raw_get(stack, PAGE_PATH, refused)[1], refused
+    # Without the header at all: as sent, as PostgREST sends it.
+    status, headers, body = raw_get(stack, PAGE_PATH, None)
+    assert "Content-Encoding" not in headers and body == plain
+
+
+def test_the_range_and_count_headers_are_the_same_compressed(stack):
+    path = "/rest/v1/bookings?select=id&order=id&offset=10&limit=20"
+    answers = []
+    for accept in ("identity", "gzip"):
+        conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=30)
+        conn.request("GET", path, headers={"apikey": stack.service_role_key,
+                                           "Authorization": f"Bearer {stack.service_role_key}",
+                                           "Accept-Encoding": accept, "Prefer": "count=exact"})
+        response = conn.getresponse()
+        answers.append((response.status, response.headers["Content-Range"], response.read()))
+        conn.close()
+    (status, plain_range, plain), (gz_status, gz_range, packed) = answers
+    assert (status, plain_range) == (gz_status, gz_range) == (206, "10-29/5000")
+    assert gzip.decompress(packed) == plain
+
+
+def test_httpx_and_the_supabase_client_read_compressed_answers_as_before(stack, api, client,
+                                                                          answers):
+    r = api.get("/bookings", params={"select": "id", "order": "id", "limit": "50"})
+    assert "gzip" in r.request.headers["Accept-Encoding"]  # httpx asks for it by default
+    assert r.headers["Content-Encoding"] == "gzip"
+    assert [row["id"] for row in r.json()] == list(range(1, 51))
+    rows = client.table("bookings").select("id").order("id").limit(50).execute().data
+    assert [row["id"] for row in rows] == list(range(1, 51))
+    assert answers[-1].headers["Content-Encoding"] == "gzip"
+
+
+def test_head_and_small_answers_are_not_compressed(stack):
+    status, headers, body = raw_get(stack, "/rest/v1/bookings?select=*", "gzip", method="HEAD")
+    assert status == 200 and body == b""
+    assert "Content-Encoding" not in headers
+    # Under the gateway's 100 bytes: as they are.
+    status, headers, body = raw_get(stack, "/rest/v1/bookings?select=id&id=eq.1", "gzip")
+    assert status == 200 and body == b'[{"id":1}]' and "Content-Encoding" not in headers
+    status, headers, body = raw_get(stack, "/rest/v1/bookings?select=id&id=eq.-1", "gzip")
+    assert status == 200 and body == b"[]" and "Content-Encoding" not in headers
+
+
+def test_error_bodies_are_compressed_and_still_read(stack, api):
+    status, headers, packed = raw_get(stack, "/rest/v1/bookings?colour=eq.red", "gzip")
+    assert status == 400 and headers["Content-Encoding"] == "gzip"
+    assert headers["Proxy-Status"] == "PostgREST; error=42703"
+    assert set(json.loads(gzip.decompress(packed))) == ERROR_KEYS
+    assert_error(api.get("/bookings", params={"colour": "eq.red"}), 400, "42703")
+
+
+def test_a_dropped_answer_cuts_the_compressed_body_in_half(stack):
+    whole = raw_get(stack, PAGE_PATH, "gzip")[2]
+    stack.faults.add(kind="read", table="bookings", action="drop", when="after", times=1)
+    status, headers, cut = raw_get(stack, PAGE_PATH, "gzip")
+    assert status == 200 and headers["Content-Encoding"] == "gzip"
+    assert int(headers["Content-Length"]) == len(whole)
+    assert cut == whole[:len(whole) // 2]
+    # What arrived is the start of the JSON and no more: a gzip stream without its end.
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    start = inflater.decompress(cut)
+    assert start.startswith(b'[{"id":1,') and not inflater.eof
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(start)
+
+
+def test_gzip_can_be_turned_off():
+    with LocalSupabase(schema="empty", gzip=False) as plain:
+        status, headers, body = raw_get(plain, "/rest/v1/", "gzip")
+    assert status == 200 and "Content-Encoding" not in headers and "Vary" not in headers
+    assert json.loads(body)["swagger"] == "2.0"
 
 
 # --- Concurrency and keep-alive -----------------------------------------------
