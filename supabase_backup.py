@@ -4696,7 +4696,9 @@ def backup_summary(path, settings=None, identity=None, data_dir=None):
     stat = path.stat()
     entry = {"file": path.name, "bytes": stat.st_size}
     encrypted = is_encrypted(path)
-    known = read_index(index_path(path)).get(index_key(path))
+    # The index is the data folder's: a folder named on the command line is read, not written to.
+    indexed = data_dir is not None and path.parent.parent.resolve() == Path(data_dir).resolve()
+    known = read_index(index_path(path)).get(index_key(path)) if indexed else None
     if known and known.get("size") == stat.st_size and known.get("mtime_ns") == stat.st_mtime_ns:
         return {**entry, "created_at": known["created_at"], "encrypted": encrypted,
                 "tables": known["tables"], "rows": known["rows"], "status": "ok"}
@@ -4709,7 +4711,8 @@ def backup_summary(path, settings=None, identity=None, data_dir=None):
     except (ValidationError, ConfigError) as exc:
         kind = "damaged" if isinstance(exc, ValidationError) else "unreadable"
         return {**entry, "status": f"{kind}: {exc}"}
-    record_in_index(path, header, tables)
+    if indexed:
+        record_in_index(path, header, tables)
     return {**entry, "created_at": header.get("created_at"), "encrypted": encrypted,
             "tables": len(tables), "rows": sum(t["row_count"] for t in tables.values()),
             "status": "ok"}

@@ -334,3 +334,17 @@ def test_list_reads_what_the_backup_recorded_and_check_reads_the_file(stack, dat
     copy.write_bytes(bytes(content))
     code, out, err = run(capsys, data, "list")
     assert code == 7 and "DAMAGED" in out.splitlines()[-1]
+
+
+def test_list_of_another_folder_reads_it_and_writes_nothing_there(stack, data, capsys, tmp_path):
+    elsewhere = tmp_path / "offsite" / "copies"
+    elsewhere.mkdir(parents=True)
+    code, _, err = run(capsys, data, "backup", "--tables", "app_settings", "--output",
+                       str(elsewhere))
+    assert code == 0, err
+
+    code, out, err = run(capsys, data, "list", str(elsewhere))
+
+    assert code == 0, err
+    assert out.splitlines()[1].split()[-2:] == ["1", "5"]
+    assert sorted(p.name for p in (tmp_path / "offsite").iterdir()) == ["copies"]
