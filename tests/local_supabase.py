@@ -620,9 +620,9 @@ def _p_columns(c: _Cursor) -> list[str]:
     return names
 
 
-def _p_list_element(c: _Cursor) -> str:
-    """pListElement: a quoted value directly followed by ',' or ')' (or the end), else
-    everything up to the next ',' or ')' taken as it is: blanks kept, quotes kept."""
+def _p_quoted_ending(c: _Cursor) -> str | None:
+    """A quoted value directly followed by ',' or ')' (or the end), as pListElement and
+    pLogicSingleVal take it; None, and the cursor where it was, when there is none."""
     start = c.i
     if c.peek() == '"':
         try:
@@ -632,6 +632,16 @@ def _p_list_element(c: _Cursor) -> str:
         except _NoParse:
             pass
         c.i = start
+    return None
+
+
+def _p_list_element(c: _Cursor) -> str:
+    """pListElement: a quoted value directly followed by ',' or ')' (or the end), else
+    everything up to the next ',' or ')' taken as it is: blanks kept, quotes kept."""
+    start = c.i
+    value = _p_quoted_ending(c)
+    if value is not None:
+        return value
     while c.peek() not in (",", ")", ""):
         c.i += 1
     return c.s[start:c.i]
@@ -664,14 +674,9 @@ def _p_logic_single_val(c: _Cursor) -> str:
     """pLogicSingleVal: inside and=/or=, a quoted value followed by ',' or ')', else a
     {pg,array} literal, else everything up to the next ',' or ')'."""
     start = c.i
-    if c.peek() == '"':
-        try:
-            value = _p_quoted(c)
-            if c.peek() in (",", ")", ""):
-                return value
-        except _NoParse:
-            pass
-        c.i = start
+    value = _p_quoted_ending(c)
+    if value is not None:
+        return value
     if c.peek() == "{":
         j = c.i + 1
         while j < len(c.s) and c.s[j] not in "{}":
