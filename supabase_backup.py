@@ -3674,7 +3674,7 @@ def verify_restore(api, plans, reference_path, expected_counts, ignore_columns=(
     table's count is as expected. Returns the Mismatches (dicts naming table and key).
 
     The file is streamed against the live rows of each chunk's key range (TableComparison), so
-    memory does not grow with the table. Values are compared as PostgREST returns them;
+    memory does not grow with the table. Values are compared in the file's forms (exact text);
     ignore_columns are left out.
     """
     mismatches = Mismatches()
