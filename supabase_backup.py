@@ -117,6 +117,8 @@ import base64
 import collections
 import contextlib
 import datetime
+import errno
+import functools
 import fcntl
 import gc
 import gzip
@@ -178,6 +180,10 @@ DELETE_BATCH_SIZE = 100  # keys per delete or key-lookup request (they travel in
 DIFF_EXAMPLES = 5  # keys shown per kind of difference
 MISMATCHES_LISTED = 100  # mismatches a verification lists per kind and table (all are counted)
 THREAD_GRACE = 5  # seconds a reading thread gets to end after its consumer stopped early
+# Requests in flight at once (--jobs). Over a link with a round trip of 50 ms, one request at a
+# time leaves it idle most of the time; measured in bench/RESULTS-wan.md.
+DEFAULT_JOBS = 6
+MAX_JOBS = 32  # more would only wait in the project's connection pool
 COMPARE_CHUNK = 1000  # file rows compared with the live rows of their key range at a time
 GENERATED_COLUMN = "428C9"  # PostgreSQL: cannot insert a non-DEFAULT value into a column
 FK_VIOLATION = "23503"
@@ -612,7 +618,7 @@ class SupabaseApi:
     bare, and PostgREST then reads a path or trims the space).
     """
 
-    def __init__(self, config):
+    def __init__(self, config, jobs=1):
         # Imported here: the client takes a moment to import, and --help should not wait for it.
         try:
             from supabase import ClientOptions, create_client
@@ -641,11 +647,18 @@ class SupabaseApi:
         self.headers = dict(self.client.postgrest.headers)
         self.requests = 0
         self.answered = False  # whether the project has answered a request yet
-        self._counting = threading.Lock()  # a key range's first page may be read by a thread
+        self._counting = threading.Lock()  # requests are made by several threads
+        self.set_jobs(jobs)
         # The ~100,000 objects importing the client made live for the whole run: keep them out
         # of the cyclic collector's way, so that collecting after each page costs next to
         # nothing (see read_table).
         gc.freeze()
+
+    def set_jobs(self, jobs):
+        """At most `jobs` requests in flight at once, whatever the number of threads asking
+        (--jobs): a slot is held for one HTTP exchange, never across a retry's pause."""
+        self.jobs = jobs
+        self._slots = threading.BoundedSemaphore(jobs)
 
     def close(self):
         """Close the HTTP session."""
@@ -674,8 +687,9 @@ class SupabaseApi:
             with self._counting:
                 self.requests += 1
             try:
-                response = self.session.request(method, path, params=list(params),
-                                                headers=headers, content=body)
+                with self._slots:
+                    response = self.session.request(method, path, params=list(params),
+                                                    headers=headers, content=body)
             except httpx.TransportError as exc:
                 if attempt == attempts:
                     raise ConnectionFailure(
@@ -744,12 +758,13 @@ class SupabaseApi:
             raise ConnectionFailure(f"counting {table}: the API answered without a count")
         return total
 
-    def page(self, table, select, order_by, after, limit, offset=0, until=None, where=()):
+    def page(self, table, select, order_by, after, limit, offset=0, until=None, where=(),
+             count=False):
         """One page of rows in order_by order: rows after the key values `after` (keyset), or
         from `offset` when the table has no key. Rows come parsed from the answer's bytes: the
         select list casts every value whose JSON number would lose digits to text.
 
-        With `until`, only rows up to those key values (inclusive), and the answer is
+        With `until`, only rows up to those key values (inclusive). With count, the answer is
         (rows, how many rows the range holds after `after`): Prefer: count=exact on a key range
         is an index range count, and it tells when the range is read without a further request.
         """
@@ -765,9 +780,9 @@ class SupabaseApi:
             params.append(("offset", str(offset)))
         response = self.request(f"reading {table} (rows after {after!r})" if after is not None
                                 else f"reading {table} (offset {offset})", "GET", table, params,
-                                prefer="count=exact" if until is not None else None)
+                                prefer="count=exact" if count else None)
         rows = json.loads(response.content)
-        if until is not None:
+        if count:
             total = content_range_total(response)
             if total is None:
                 raise ConnectionFailure(f"reading {table}: the API answered a range without a "
@@ -1170,6 +1185,32 @@ class BackupWriter:
                        + lines.replace(b"\n", b"\n,", len(rows) - 1))
         table["rows"] += len(rows)
         self.rows_written += len(rows)
+
+    @property
+    def table_rows(self):
+        """The rows of the current table written so far."""
+        return self._table["rows"]
+
+    def write_lines(self, blocks, on_rows=None):
+        """Append rows given as their lines (compact JSON, each ending in "\n", as write_rows
+        makes them), in blocks of any size: the same bytes as write_rows. on_rows(n) is told
+        of each block's rows."""
+        table, rest = self._table, b""
+        for data in blocks:
+            data = rest + data
+            cut = data.rfind(b"\n") + 1
+            data, rest = data[:cut], data[cut:]
+            if data:
+                rows = data.count(b"\n")
+                table["sha"].update(data)
+                self.out.write((b"," if table["rows"] else b"")
+                               + data[:-1].replace(b"\n", b"\n,") + b"\n")
+                table["rows"] += rows
+                self.rows_written += rows
+                if on_rows is not None:
+                    on_rows(rows)
+        if rest:
+            raise OSError("a spool of rows ended inside a line")
 
     def end_table(self, **trailer):
         """Close the current table; returns (row_count, sha256)."""
@@ -2063,6 +2104,131 @@ class ReadAhead:
         self._thread.join(timeout)
 
 
+class _Call:
+    """One call of in_parallel: its function, and its result or error once done."""
+    __slots__ = ("function", "done", "value", "error")
+
+    def __init__(self, function):
+        self.function, self.done, self.value, self.error = function, threading.Event(), None, None
+
+
+class Parallel:
+    """The one way requests are made several at once: calls (functions without arguments)
+    taken from an iterator as room frees up, up to `jobs` running at once in threads of their
+    own, and at most `ahead` (2 x jobs by default) started and not yet taken: memory bounded.
+    take() returns the results in the order of the calls, raising a call's error in its place.
+    close() drops the calls not started and gives those running a moment (THREAD_GRACE): they
+    only read, or write what a rollback undoes, and their daemon threads do not outlive the
+    process. SupabaseApi.request holds a slot per request, so --jobs bounds what is in flight
+    however many such pools are at work."""
+
+    def __init__(self, calls, jobs, ahead=None):
+        self.calls, self.jobs = iter(calls), max(1, jobs)
+        self.ahead = max(ahead or 2 * self.jobs, self.jobs)
+        self._todo, self.waiting = queue.SimpleQueue(), collections.deque()
+        self._stop, self._threads = threading.Event(), []
+
+    def _work(self):
+        while (call := self._todo.get()) is not None:
+            if not self._stop.is_set():
+                try:
+                    call.value = call.function()
+                except BaseException as exc:  # raised by take(), in order
+                    call.error = exc
+            call.done.set()
+
+    def fill(self):
+        """Start calls until `ahead` are started and not taken (or none is left)."""
+        while len(self.waiting) < self.ahead:
+            function = next(self.calls, None)
+            if function is None:
+                return
+            call = _Call(function)
+            self.waiting.append(call)
+            self._todo.put(call)
+            if len(self._threads) < min(self.jobs, len(self.waiting)):
+                thread = threading.Thread(target=self._work, name="parallel", daemon=True)
+                thread.start()
+                self._threads.append(thread)
+
+    def take(self):
+        """The result of the oldest call not taken, once it is done; then start more."""
+        call = self.waiting.popleft()
+        call.done.wait()
+        self.fill()
+        if call.error is not None:
+            raise call.error
+        return call.value
+
+    def close(self):
+        self._stop.set()
+        close = getattr(self.calls, "close", None)
+        if close is not None:
+            close()
+        for _ in self._threads:
+            self._todo.put(None)
+        deadline = time.monotonic() + THREAD_GRACE
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def in_parallel(calls, jobs, ahead=None):
+    """The results of calls, in their order, made by a Parallel."""
+    work = Parallel(calls, jobs, ahead)
+    try:
+        work.fill()
+        while work.waiting:
+            yield work.take()
+    finally:
+        work.close()
+
+
+class Spool:
+    """Bytes made by one thread and taken by another as they come, through a temporary file (so
+    that what is read ahead waits on disk, not in memory): a key range of a backup, read while
+    the ranges before it are written to the file."""
+
+    def __init__(self, folder):
+        self.file = tempfile.TemporaryFile(dir=folder)
+        self.size, self.finished, self.error = 0, False, None
+        self._more = threading.Condition()
+
+    def write(self, data):
+        view = memoryview(data)
+        while view:  # unbuffered, as blocks() reads by offset; a write may take only a part
+            view = view[os.write(self.file.fileno(), view):]
+        with self._more:
+            self.size += len(data)
+            self._more.notify_all()
+
+    def finish(self, error=None):
+        with self._more:
+            self.finished, self.error = True, error
+            self._more.notify_all()
+
+    def blocks(self, size=1 << 20):
+        """The bytes, a block at a time, as they are written; raises the maker's error."""
+        offset = 0
+        try:
+            while True:
+                with self._more:
+                    while offset >= self.size and not self.finished:
+                        self._more.wait()
+                    if self.error is not None:
+                        raise self.error
+                    end, finished = self.size, self.finished
+                while offset < end:
+                    data = os.pread(self.file.fileno(), min(size, end - offset), offset)
+                    if not data:
+                        raise OSError(errno.EIO, "a spool file is shorter than written")
+                    offset += len(data)
+                    yield data
+                if finished:
+                    return
+        finally:
+            self.file.close()
+
+
 def read_ahead(items, depth=2):
     """The items of an iterator, made ahead by ReadAhead; its thread is stopped when the
     consumer stops, done or not (an error, Ctrl-C)."""
@@ -2281,14 +2447,15 @@ class TablePages:
     def __iter__(self):
         name, page_size, after, offset = self.name, PAGE_SIZE, self.after, 0
         while True:
+            # A range's size is asked for with its first page (in the same statement, so the
+            # two agree): a range that page holds whole needs no further request.
+            counting = self.until is not None and self.pages == 0
             try:
                 rows = self.api.page(name, self.select, self.order_by, after, page_size,
                                      offset if self.paging == "offset" else 0, self.until,
-                                     self.where)
-                if self.until is not None:
-                    rows, in_range = rows
-                    if self.in_range is None:
-                        self.in_range = in_range
+                                     self.where, count=counting)
+                if counting:
+                    rows, self.in_range = rows
             except StatementTimeout:
                 if page_size <= MIN_PAGE_SIZE:
                     raise IncompleteBackupError(
@@ -2313,7 +2480,7 @@ class TablePages:
                 if self.paging == "keyset":
                     after = [rows[-1].get(column) for column in self.order_by]
                 offset += len(rows)
-            if self.until is not None and len(rows) >= in_range:
+            if counting and self.answered >= self.in_range:
                 return
             # The server returns min(asked, its row cap, rows left): a page shorter than both
             # what was asked and the largest page seen so far is the last one. The cap is
@@ -2346,42 +2513,153 @@ class TablePages:
         return rows if cut == 0 else rows[:cut]
 
 
-def read_table(api, name, meta, writer, progress, label=None):
-    """Stream one table into the writer; returns its trailer (counts, checksum, paging notes).
+class TableRead:
+    """One table of a backup being read: its key ranges (after, until], read in parallel
+    (read_range), and the counts before and after. A small table, or one without a key, is one
+    range: the whole table."""
 
-    Any error fails the table: never a silently short table.
-    """
-    meta = with_stored_forms(meta)
-    pages = TablePages(api, name, meta)
-    count_before, count_method = count_rows(api, name)
-    progress.start(label or name, count_before)
-    writer.begin_table(name, {**meta, "order_by": pages.order_by, "paging": pages.paging})
-    # The next page is asked for by a thread of its own while this one is encoded (one request
-    # in flight; keyset paging learns the next key from the page before).
-    iso_checked = False
-    for rows in read_ahead(pages):
-        if not iso_checked:
-            check_iso_dates(name, meta, rows)
-            iso_checked = True
-        writer.write_rows(rows)
-        progress.advance(len(rows))
-    paging, pages = pages.paging, pages.pages
-    count_after, count_method = count_rows(api, name, count_method)
-    rows_read = progress.rows
-    trailer = {"count_before": count_before, "count_after": count_after,
-               "count_method": count_method, "pages": pages}
-    rate = rows_read / max(time.monotonic() - progress.started, 1e-6)
-    if count_method == "exact" and not (count_before == rows_read == count_after):
-        trailer["count_mismatch"] = True
-        progress.done(f"  {name}: {rows_read} rows; the table changed during the backup (count "
-                      f"{count_before} before, {count_after} after); rows that existed "
-                      f"throughout are all in the file" if paging == "keyset" else
-                      f"  {name}: {rows_read} rows; the table changed during the backup (count "
-                      f"{count_before} before, {count_after} after) and has no primary key, so "
-                      f"rows may be missing or doubled: run the backup again")
+    def __init__(self, api, name, meta):
+        self.name, self.meta = name, with_stored_forms(meta)
+        pages = TablePages(api, name, self.meta)
+        self.order_by, self.paging, self.select = pages.order_by, pages.paging, pages.select
+        self.count_before, self.count_method = count_rows(api, name)
+        self.ranges = [(None, None)]
+        if self.paging == "keyset":
+            points = split_points(api, self, self.count_before)
+            bounds = [None, *points, None]
+            self.ranges = list(zip(bounds, bounds[1:]))
+        self.left, self.pages, self.count_after = len(self.ranges), 0, None
+        self._done = threading.Lock()
+
+    def range_read(self, api, pages):
+        """A range's rows are read: the last range read takes the count after (so that it is
+        taken once every row is read, whichever range ends last)."""
+        with self._done:
+            self.pages += pages
+            self.left -= 1
+            last = self.left == 0
+        if last:
+            self.count_after, self.count_method = count_rows(api, self.name, self.count_method)
+
+    def trailer(self):
+        return {"count_before": self.count_before, "count_after": self.count_after,
+                "count_method": self.count_method}
+
+
+# How a backup splits a table for --jobs: key ranges of about RANGE_ROWS rows, at most
+# RANGES_PER_JOB per job (each split point is a request that skips `offset` rows in the key's
+# index, so their number stays bounded whatever the table's size).
+RANGE_ROWS = 20_000
+RANGES_PER_JOB = 16
+
+
+def split_points(api, table, count):
+    """Key values that cut a table in ranges of about equal size (each the key of the last row
+    of a range), found by offset, several requests at once; [] for one range. Rows that come
+    and go while the ranges are read do not matter: the ranges still cover every key."""
+    ranges = min(math.ceil(count / RANGE_ROWS), RANGES_PER_JOB * api.jobs) if api.jobs > 1 else 1
+    if ranges < 2:
+        return []
+
+    def key_at(offset):
+        rows = api.page(table.name, table.select, table.order_by, None, 1, offset)
+        return [rows[0].get(column) for column in table.order_by] if rows else None
+
+    points = []
+    for key in in_parallel((functools.partial(key_at, count * i // ranges - 1)
+                            for i in range(1, ranges)), api.jobs):
+        if key is not None and (not points or key != points[-1]):
+            points.append(key)
+    return points
+
+
+def read_range(api, table, index, spool):
+    """Read one key range of a table into its spool (the first range checks the date style)."""
+    after, until = table.ranges[index]
+    pages, rows = TablePages(api, table.name, table.meta, after, until), 0
+    try:
+        for page in pages:
+            if index == 0 and rows == 0:
+                check_iso_dates(table.name, table.meta, page)
+            spool.write(b"\n".join([row_json(row).encode() for row in page]) + b"\n")
+            rows += len(page)
+        table.range_read(api, pages.pages)
+    except BaseException as exc:
+        spool.finish(table_failure(table.name, exc))
+        raise
+    spool.finish()
+
+
+def for_table(name, function):
+    """function, its failure named after the table (a backup fails as a whole, naming it)."""
+    def call():
+        try:
+            return function()
+        except BaseException as exc:
+            raise table_failure(name, exc) from None
+    return call
+
+
+def table_failure(name, exc):
+    """The error of a table's reading as the backup reports it: naming the table."""
+    if isinstance(exc, TableMissingError):
+        return IncompleteBackupError(f"{name} disappeared during the backup ({exc}); no backup "
+                                     f"file was written; run the backup again")
+    if isinstance(exc, BackupError) and not getattr(exc, "table_named", False):
+        exc.args, exc.table_named = (f"{name}: {exc}; no backup file was written",), True
+    return exc
+
+
+def read_live_tables(api, tables, discovered, folder):
+    """The rows of the tables in file order (table by table, each in key order), as
+    (TableRead, range index, Spool) to take the range's lines from as they come, read with up
+    to api.jobs requests in flight: the counts and split points of the next tables and the
+    ranges after the one being written are read meanwhile, into spools on disk, so memory does
+    not grow with the table. The first range of the lot streams: reading overlaps writing even
+    with --jobs 1."""
+    planned = in_parallel((for_table(name, functools.partial(TableRead, api, name,
+                                                             discovered[name]))
+                           for name in tables), api.jobs)
+    order = collections.deque()
+
+    def range_calls():
+        with contextlib.closing(planned):
+            for table in planned:
+                for index in range(len(table.ranges)):
+                    spool = Spool(folder)
+                    order.append((table, index, spool))
+                    yield for_table(table.name, functools.partial(read_range, api, table, index,
+                                                                  spool))
+
+    work = Parallel(range_calls(), api.jobs)
+    try:
+        work.fill()
+        while order:
+            yield order.popleft()
+            work.take()  # done by now (its spool was taken whole): frees room for the next
+    finally:
+        work.close()
+        for _, _, spool in order:
+            spool.file.close()
+
+
+def table_read_note(table, rows_read):
+    """The summary line of a table read (its bar closed); returns whether the table changed
+    during the backup (its exact count before, rows read and count after disagree)."""
+    name, paging, rate = table.name, table.paging, rows_read / max(
+        time.monotonic() - progress.started, 1e-6)
+    changed = table.count_method == "exact" and not (
+        table.count_before == rows_read == table.count_after)
+    if not changed:
+        progress.done(f"  {name}: {rows_read} rows in {table.pages} page(s), {rate:,.0f} rows/s")
     else:
-        progress.done(f"  {name}: {rows_read} rows in {pages} page(s), {rate:,.0f} rows/s")
-    return trailer
+        progress.done(
+            f"  {name}: {rows_read} rows; the table changed during the backup (count "
+            f"{table.count_before} before, {table.count_after} after); "
+            + ("rows that existed throughout are all in the file" if paging == "keyset" else
+               "and it has no primary key, so rows may be missing or doubled: run the backup "
+               "again"))
+    return changed
 
 
 # PostgreSQL writes dates and times as text in the session's DateStyle, and reads them back in
@@ -2430,21 +2708,22 @@ def snapshot(api, tables, discovered, path, project_host, role, progress, note=N
     summary = {"file": str(path), "created_at": header["created_at"], "tables": {}, "rows": 0,
                "warnings": []}
     try:
-        for name in tables:
-            try:
-                trailer = read_table(api, name, discovered[name], writer, progress,
-                                     f"{name} (table {tables.index(name) + 1} of {len(tables)})")
-            except TableMissingError as exc:
-                raise IncompleteBackupError(f"{name} disappeared during the backup ({exc}); no "
-                                            f"backup file was written; run the backup again")
-            except BackupError as exc:
-                exc.args = (f"{name}: {exc}; no backup file was written",)
-                raise
-            count, digest = writer.end_table(**trailer)
-            summary["tables"][name] = {"rows": count, "sha256": digest, **trailer}
-            summary["rows"] += count
-            if trailer.get("count_mismatch"):
-                summary["warnings"].append(f"{name} changed during the backup")
+        for table, index, spool in read_live_tables(api, tables, discovered, path.parent):
+            if index == 0:
+                progress.start(f"{table.name} (table {tables.index(table.name) + 1} of "
+                               f"{len(tables)})", table.count_before)
+                writer.begin_table(table.name, {**table.meta, "order_by": table.order_by,
+                                                "paging": table.paging})
+            writer.write_lines(spool.blocks(), progress.advance)
+            if index == len(table.ranges) - 1:
+                trailer = table.trailer()
+                if table_read_note(table, writer.table_rows):
+                    trailer["count_mismatch"] = True
+                    summary["warnings"].append(f"{table.name} changed during the backup")
+                count, digest = writer.end_table(**trailer)
+                summary["tables"][table.name] = {"rows": count, "sha256": digest,
+                                                 "pages": table.pages, **trailer}
+                summary["rows"] += count
         writer.finish(finished_at=utc_now().isoformat(), table_count=len(tables),
                       row_count=summary["rows"])
     except OSError as exc:  # disk full, folder gone, quota: the file is thrown away, loudly
@@ -5384,7 +5663,7 @@ def run_backup(args):
 def back_up_tables(args, config, role, path, shown):
     """The tables the run asks for, read from the project into a new file at path (snapshot);
     returns the backup's summary, with the requests it took. shown is the file's final name."""
-    api = SupabaseApi(config)
+    api = SupabaseApi(config, args.jobs)
     try:
         if role == SERVICE_ROLE:
             discovered = discover_tables(api.openapi())
@@ -5535,7 +5814,7 @@ def cmd_restore(args):
         with data_lock(config.data_dir, "restore"):
             for folder in (paths.safety_backups, paths.summaries):
                 clear_partial_files(folder)
-            api = SupabaseApi(config)
+            api = SupabaseApi(config, args.jobs)
             try:
                 return RestoreRun(api, config, paths, args, backup.path, source=backup.shown).run()
             finally:
@@ -5553,7 +5832,7 @@ def cmd_rollback(args):
         with data_lock(config.data_dir, "rollback"):
             for folder in (paths.safety_backups, paths.summaries):
                 clear_partial_files(folder)
-            api = SupabaseApi(config)
+            api = SupabaseApi(config, args.jobs)
             try:
                 return RollbackRun(api, config, paths, args, backup.path,
                                   source=backup.shown).run()
@@ -5736,7 +6015,7 @@ def diff_backup(args, config, backup):
     if missing:
         raise ValidationError(f"{', '.join(missing)} not in {path.name} (it holds "
                               f"{', '.join(in_file) or 'no table'}); check --tables")
-    api = SupabaseApi(config)
+    api = SupabaseApi(config, args.jobs)
     try:
         live = discover_tables(api.openapi())
         results = diff_tables(api, path, tables, live)
@@ -5803,6 +6082,24 @@ def positive_int(text):
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, not {text!r}")
     return value
+
+
+def jobs_count(text):
+    """argparse type of --jobs: 1 to MAX_JOBS."""
+    value = positive_int(text)
+    if value > MAX_JOBS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_JOBS} requests at once, not {value}: "
+                                         f"more only wait for the project's database "
+                                         f"connections")
+    return value
+
+
+def add_jobs_argument(parser):
+    """--jobs, shared by the commands that read or write many rows."""
+    parser.add_argument("--jobs", type=jobs_count, default=DEFAULT_JOBS, metavar="N",
+                        help=f"requests in flight at once (default {DEFAULT_JOBS}; 1 to "
+                             f"{MAX_JOBS}): more is faster across the internet, 1 is gentlest "
+                             f"on a busy shared project")
 
 
 def add_global_arguments(parser, in_command=False):
@@ -5928,6 +6225,7 @@ def build_parser():
                         help="accept a key that is not the service role; row level security may "
                              "then hide rows (the file and the log say so); needs --tables")
     add_json_argument(backup)
+    add_jobs_argument(backup)
 
     check = add_command(
         subparsers, "check", cmd_check,
@@ -5990,6 +6288,7 @@ def build_parser():
                               "(the safety backup stays available for rollback)")
     add_accept_json_null_argument(restore)
     add_json_argument(restore)
+    add_jobs_argument(restore)
 
     rollback = add_command(
         subparsers, "rollback", cmd_rollback,
@@ -6014,6 +6313,7 @@ def build_parser():
                                "by a trigger (default: VERIFY_IGNORE_COLUMNS)")
     add_accept_json_null_argument(rollback)
     add_json_argument(rollback)
+    add_jobs_argument(rollback)
 
     list_safety = add_command(
         subparsers, "list-safety", cmd_list_safety,
@@ -6049,6 +6349,7 @@ def build_parser():
     diff.add_argument("--tables", type=table_list, action="extend", metavar="A,B",
                       help="compare only these tables of the file")
     add_json_argument(diff)
+    add_jobs_argument(diff)
     return parser
 
 
