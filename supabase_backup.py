@@ -114,6 +114,7 @@ identity.
 
 import argparse
 import base64
+import bisect
 import collections
 import contextlib
 import datetime
@@ -2118,23 +2119,31 @@ class Parallel:
     own, and at most `ahead` (2 x jobs by default) started and not yet taken: memory bounded.
     take() returns the results in the order of the calls, raising a call's error in its place.
     close() drops the calls not started and gives those running a moment (THREAD_GRACE): they
-    only read, or write what a rollback undoes, and their daemon threads do not outlive the
-    process. SupabaseApi.request holds a slot per request, so --jobs bounds what is in flight
+    only read, and their daemon threads do not outlive the process. Writes (grace None) are
+    waited for, however long: a rollback must not start while a write may still land.
+    SupabaseApi.request holds a slot per request, so --jobs bounds what is in flight
     however many such pools are at work."""
 
-    def __init__(self, calls, jobs, ahead=None):
-        self.calls, self.jobs = iter(calls), max(1, jobs)
+    def __init__(self, calls, jobs, ahead=None, grace=THREAD_GRACE):
+        self.calls, self.jobs, self.grace = iter(calls), max(1, jobs), grace
         self.ahead = max(ahead or 2 * self.jobs, self.jobs)
         self._todo, self.waiting = queue.SimpleQueue(), collections.deque()
-        self._stop, self._threads = threading.Event(), []
+        self._stop, self._threads, self._failure = threading.Event(), [], None
 
     def _work(self):
         while (call := self._todo.get()) is not None:
-            if not self._stop.is_set():
+            if self._stop.is_set():
+                call.error = self._failure or RuntimeError("stopped before it began")
+            else:
                 try:
                     call.value = call.function()
                 except BaseException as exc:  # raised by take(), in order
                     call.error = exc
+                    # No call starts after a failure: a restore's first failed batch is the last
+                    # one written, as with one request in flight. A call already started but
+                    # found stopped raises that first failure in its place.
+                    self._failure = self._failure or exc
+                    self._stop.set()
             call.done.set()
 
     def fill(self):
@@ -2165,16 +2174,18 @@ class Parallel:
         close = getattr(self.calls, "close", None)
         if close is not None:
             close()
-        for _ in self._threads:
+        # One end mark per thread that may be waiting, a thread whose start Ctrl-C interrupted
+        # (not in the list) included: a mark it takes must not leave a listed one waiting.
+        for _ in range(len(self._threads) + 1):
             self._todo.put(None)
-        deadline = time.monotonic() + THREAD_GRACE
+        deadline = None if self.grace is None else time.monotonic() + self.grace
         for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
 
-def in_parallel(calls, jobs, ahead=None):
+def in_parallel(calls, jobs, ahead=None, grace=THREAD_GRACE):
     """The results of calls, in their order, made by a Parallel."""
-    work = Parallel(calls, jobs, ahead)
+    work = Parallel(calls, jobs, ahead, grace)
     try:
         work.fill()
         while work.waiting:
@@ -2963,6 +2974,7 @@ class TablePlan:
     spool: Path | None = None  # the rows to write, spooled by record_counts()
     safety_count: int | None = None  # rows in the safety backup
     rewrite: set = field(default_factory=set)  # a rollback's keys to write back from the file
+    level_starts: list | None = None  # spool lines where each level of parents starts
     outcome: "TableOutcome" = field(default_factory=lambda: TableOutcome())  # what it did
 
     def mark_sent(self, batch):
@@ -3006,6 +3018,15 @@ class TableOutcome:
     sent_rows: bytearray = field(default_factory=bytearray, repr=False)
     deleted_keys: set = field(default_factory=set, repr=False)
     reconciled: bool = False  # a keyless table a rollback to a file rewrote (KeylessReconcile)
+    counting: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+
+class PendingRange(NamedTuple):
+    """A chunk of file lines and the live range asked for to compare it with."""
+    chunk: list
+    after: list | None
+    until: list | None
+    read: "RangeRead | None"
 
 
 class TableComparison:
@@ -3037,8 +3058,12 @@ class TableComparison:
         self.json_null_ok = {c for c, form in forms.items() if form == "json_text"} \
             if json_null_ok else set()
         self.primary_key, self.columns, self.listed = primary_key, columns, listed
-        self.chunk, self.after = [], None  # the file lines of the chunk being filled
-        self.pending = None  # (lines, until, RangeRead or None): a chunk whose range is read
+        self.chunk = []  # the file lines of the chunk being filled
+        # Where the next range to compare starts (the end of the last that held rows), and the
+        # end of the last range asked for, where the next one is asked to start.
+        self.after = self.asked_until = None
+        # Chunks whose ranges are read (up to api.jobs at once), oldest first.
+        self.pending = collections.deque()
         # The live row count (counted once, when not given): once that many rows are read, the
         # ranges left are not asked for (into an empty table, no range is).
         self.live_total = live_total
@@ -3073,32 +3098,40 @@ class TableComparison:
             self.live_total = math.inf if counted is None else counted
 
     def _chunk_done(self, until):
-        """A full chunk: compare the one before it while the live rows of its range are read."""
+        """A full chunk: its range is asked for at once; the oldest pending chunk is compared
+        once api.jobs ranges are being read."""
         self._count()
-        chunk, self.chunk, previous = self.chunk, [], self.pending
-        if previous is not None:
-            self._moved_past(previous)  # close() still finds it pending while this waits
-        self.pending = (chunk, until, self._read(until))
-        if previous is not None:
-            self._compare(*previous)
+        chunk, self.chunk = self.chunk, []
+        after, self.asked_until = self.asked_until, until
+        self.pending.append(PendingRange(chunk, after, until, self._read(after, until)))
+        while len(self.pending) > self.api.jobs:
+            self._compare_next()
 
-    def _moved_past(self, pending):
-        """Once a range's first page is in: where the next range starts, and how many live rows
-        the ranges so far hold. Only a range that held rows proves its end lies after its start;
-        an empty one may be a chunk out of the server's order, and moving back would read rows
-        twice. Not moving on after an empty range is always right: the next range covers it,
-        and it was empty."""
-        _, until, read = pending
+    def _compare_next(self):
+        """Compare the oldest pending chunk with its range. That range was asked for from the
+        end of the chunk before (its range was still being read); if that range held no rows,
+        this one starts where that one did, and is asked for again. Only a range that held
+        rows proves its end lies after its start: an empty one may be a chunk out of the
+        server's order, and moving back would read rows twice. Not moving on after an empty
+        range is always right: the next range covers it, and it was empty."""
+        pending = self.pending.popleft()
+        if pending.after != self.after:
+            if pending.read is not None:
+                pending.read.join(0)
+            pending = pending._replace(after=self.after,
+                                       read=self._read(self.after, pending.until))
+        read = pending.read
         if read is not None and read.first_page() is not None:
-            self.after = until
+            self.after = pending.until
             self.in_ranges += read.pages.in_range
+        self._compare(pending.chunk, pending.until, read)
 
-    def _read(self, until):
-        """A RangeRead of the rows after self.after up to until, or None when every live row
-        has been read already."""
+    def _read(self, after, until):
+        """A RangeRead of the rows after `after` up to until, or None when every live row has
+        been read already."""
         if self.in_ranges >= self.live_total:
             return None
-        return RangeRead(self.api, self.name, self.live_meta, self.after, until)
+        return RangeRead(self.api, self.name, self.live_meta, after, until)
 
     def _compare(self, chunk, until, read):
         # chunk[:same] equalled the first live rows of the range byte for byte; rest is None
@@ -3165,21 +3198,20 @@ class TableComparison:
         if self.chunk:
             self._chunk_done(self._key_values(self.chunk[-1]))
         self._count()
-        previous = self.pending
-        if previous is not None:
-            self._moved_past(previous)
-            self.pending = None
-            self._compare(*previous)
-        self._compare([], None, self._read(None))
+        while self.pending:
+            self._compare_next()
+        self._compare([], None, self._read(self.after, None))
         self.reconcile()
         return self
 
     def close(self):
         """After an error elsewhere (or Ctrl-C): give a range still being read a moment to end;
         its answer is dropped. The thread only reads, and does not outlive the process."""
-        pending, self.pending = self.pending, None
-        if pending is not None and pending[2] is not None:
-            pending[2].join(THREAD_GRACE)
+        pending, self.pending = self.pending, collections.deque()
+        deadline = time.monotonic() + THREAD_GRACE
+        for chunk in pending:
+            if chunk.read is not None:
+                chunk.read.join(max(0.0, deadline - time.monotonic()))
 
     def reconcile(self):
         """Match the rows that turned up in different ranges on the two sides."""
@@ -3598,7 +3630,7 @@ def spool_parents_first(plan, columns):
                 (depths.get(p, -1) for p in parents[key] if p in parents), default=-1))
     if not any(depths.values()):
         return
-    levels = {}
+    levels, sizes = {}, collections.Counter()
     try:
         with open(plan.spool, "rb") as spool:
             for line in spool:
@@ -3607,10 +3639,15 @@ def spool_parents_first(plan, columns):
                     levels[depth] = open(plan.spool.with_name(f"{plan.spool.stem}.{depth}"), "w+b",
                                          opener=private_opener)
                 levels[depth].write(line)
+                sizes[depth] += 1
         with open(plan.spool, "wb") as spool:
             for depth in sorted(levels):
                 levels[depth].seek(0)
                 shutil.copyfileobj(levels[depth], spool)
+        # Where each level starts in the spool: a batch is sent once the levels before its
+        # last row's are written (upsert_restore writes several batches at once).
+        plan.level_starts = list(itertools.accumulate(
+            [0] + [sizes[depth] for depth in sorted(levels)][:-1]))
     finally:
         for level in levels.values():
             level.close()
@@ -3692,7 +3729,8 @@ def encode_row(row, raw=(), skip=()):
 def refused_row(plan, row, exc):
     """The RestoreFailure naming the one row the server refused (counted as the table's error),
     as every write names it."""
-    plan.outcome.errors += 1
+    with plan.outcome.counting:
+        plan.outcome.errors += 1
     return RestoreFailure(plan.name, f"the row with key {row_key(row, plan.primary_key)} was "
                                      f"refused: {exc.code} {exc.message}"
                                      f"{' (' + exc.details + ')' if exc.details else ''}")
@@ -3714,6 +3752,7 @@ def write_rows(api, plan, batch, count=True):
     """
     if plan.identity_always:
         return patch_rows(api, plan, batch)
+    skipped = set(plan.skip_columns)  # as sent: another batch in flight may learn of a column
     try:
         api.upsert(plan.name, *row_body(plan, batch), plan.primary_key)
     except StatementTimeout:
@@ -3728,7 +3767,7 @@ def write_rows(api, plan, batch, count=True):
     except ApiRejected as exc:
         if exc.code == GENERATED_COLUMN:
             column = refused_column(exc)
-            if column is None or column in plan.skip_columns:
+            if column is None or column in skipped:
                 raise RestoreFailure(plan.name, f"{exc.message}") from None
             if "identity" in (exc.details or "") or column in plan.primary_key:
                 plan.identity_always = column
@@ -3765,8 +3804,9 @@ def halves(batch):
 
 def count_written(plan, batch):
     inserted = sum(1 for is_insert, _ in batch if is_insert)
-    plan.outcome.inserted += inserted
-    plan.outcome.updated += len(batch) - inserted
+    with plan.outcome.counting:  # batches of a table are written by several threads
+        plan.outcome.inserted += inserted
+        plan.outcome.updated += len(batch) - inserted
 
 
 def patch_rows(api, plan, batch):
@@ -3817,6 +3857,25 @@ def skip_generated_column(plan, column):
              plan.name, column)
 
 
+def parents_written_first(plan):
+    """The batches of a table, each with the Event its write sets when done, each given only
+    once the batches holding the parents of its rows (the levels of spool_parents_first before
+    its last row's) are written: the rows of one request may refer to each other, those of
+    requests in flight at once may not."""
+    sent = []  # (first line, Event) of the batches given so far
+    for batch in spooled_batches(plan):
+        if plan.level_starts:
+            last = batch.start + len(batch) - 1
+            needed = plan.level_starts[bisect.bisect_right(plan.level_starts, last) - 1]
+            for start, event in sent:
+                if start < needed:
+                    event.wait()
+            sent = [(start, event) for start, event in sent if not event.is_set()]
+        event = threading.Event()
+        sent.append((batch.start, event))
+        yield batch, event
+
+
 def upsert_restore(api, plans, order, progress):
     """Step 4: upsert the spooled rows, parents before children, in batches.
 
@@ -3836,17 +3895,32 @@ def upsert_restore(api, plans, order, progress):
             plan.outcome.failure = plan.outcome.failure or one_line(exc, 400)
             raise
 
+    def first_try(plan, made, sent):
+        """A batch made ahead, in parts of the size when it is sent; returns (rows written,
+        the parts waiting for parent rows)."""
+        written, waiting = 0, []
+        try:
+            for batch in at_most(made, plan):
+                try:
+                    written += write(plan, batch)
+                except MissingParent as missing:
+                    waiting.append(missing.batch)
+            return written, waiting
+        finally:
+            sent.set()
+
     pending = []
     for number, name in enumerate(order, 1):
         plan = plans[name]
         progress.start(f"writing {name} (table {number} of {len(order)})",
                        plan.inserts + plan.updates)
-        for made in read_ahead(spooled_batches(plan)):
-            for batch in at_most(made, plan):
-                try:
-                    progress.advance(write(plan, batch))
-                except MissingParent as missing:
-                    pending.append((plan, missing.batch))
+        # Up to api.jobs batches of the table in flight; the table is done before the next
+        # (its children) begins.
+        for written, waiting in in_parallel(
+                (functools.partial(first_try, plan, batch, sent)
+                 for batch, sent in parents_written_first(plan)), api.jobs, grace=None):
+            pending.extend((plan, batch) for batch in waiting)
+            progress.advance(written)
         progress.done(f"  {name}: {plan.outcome.inserted} inserted, {plan.outcome.updated} "
                       f"updated, {plan.unchanged} unchanged"
                       + (f", {sum(len(b) for p, b in pending if p is plan)} waiting for parent "

@@ -377,7 +377,11 @@ class Changed:
 
 
 @pytest.fixture
-def changed(fresh_stack, db, data, capsys, small_batches):
+def changed(fresh_stack, db, data, capsys, small_batches, monkeypatch):
+    """Changed, restored with one request in flight unless a test says --jobs: a fault on the
+    N-th write request and its retries then hits one batch, the N-th. With several in flight,
+    the N-th request is whichever gets there first (see the --jobs tests after the matrix)."""
+    monkeypatch.setattr(supabase_backup, "DEFAULT_JOBS", 1)
     return Changed(fresh_stack, db, data, capsys)
 
 
@@ -416,6 +420,32 @@ def test_a_write_failure_at_any_batch_of_any_table_rolls_back_exactly(
     row.saw(f"{written['inserted'] + written['updated']} row(s) of {table} written before the "
             f"failure", fault.fired == OUTLASTS_RETRIES
             and written["inserted"] + written["updated"] == (batch - 1) * BATCH)
+    assert code == 8, err
+    assert row.as_expected, row.observed
+
+
+@pytest.mark.parametrize("table", RESTORED)
+@pytest.mark.parametrize("fault", [
+    dict(status=503, code="XX000", message="injected: disk on fire"),
+    dict(action="drop", when="before"),
+], ids=["refused", "connection dropped"])
+def test_with_writes_in_flight_a_batch_failing_for_good_rolls_back_exactly(
+        changed, db, data, capsys, matrix_row, table, fault):
+    """--jobs 4: the three batches of a table go at once; the first request to arrive lands,
+    the other two batches fail for good (each of their attempts fails). The writes in flight
+    when the first failure comes back are waited for, then all is rolled back (the rollback's
+    own writes then land)."""
+    how = "refused" if "status" in fault else "connection dropped"
+    row = matrix_row(f"restore --jobs 4: 2 of 3 batches in flight {how} for good ({table})",
+                     "restore fault", "rolled back; database exactly as before", 8)
+    changed.stack.faults.add(kind="write", table=table, after=2, times=2 * OUTLASTS_RETRIES,
+                             **fault)
+
+    code, _, err = run(capsys, data, "restore", "--safe", "--file", changed.path.name,
+                       "--jobs", "4")
+
+    observe_rolled_back(row, capsys, data, db, changed, code, err, table,
+                        "disk on fire" if "status" in fault else "cannot reach")
     assert code == 8, err
     assert row.as_expected, row.observed
 
