@@ -46,7 +46,7 @@ def run(capsys, data, *argv):
 
 
 DEMO_TABLES = ("app_settings", "audit_events", "bookings", "package_tags", "packages", "payments",
-               "reviews", "users")
+               "profiles", "reviews", "users")
 NO_UPDATED_AT = {"bookings": ["updated_at"]}
 # A transient server error that outlasts the retries of one request, then goes away, so that the
 # restore fails and its rollback can succeed.

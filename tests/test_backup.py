@@ -37,7 +37,7 @@ from helpers import (  # noqa: E402
 from local_supabase import make_jwt  # noqa: E402
 
 DEMO_TABLES = {"app_settings": 5, "audit_events": 1500, "bookings": 5000, "package_tags": 900,
-               "packages": 300, "payments": 3000, "reviews": 500, "users": 2000}
+               "packages": 300, "payments": 3000, "profiles": 250, "reviews": 500, "users": 2000}
 BACKUP_NAME = re.compile(r"supabase_backup_\d{8}_\d{6}\.json\.gz")
 
 # The supabase client passes postgrest options it has itself deprecated; not ours to fix.
