@@ -23,7 +23,7 @@ import supabase_backup  # noqa: E402
 
 # Every setting the tool reads: tests clear them so that no real .env or environment leaks in.
 SETTINGS = ("SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "SUPABASE_KEY", "SUPABASE_BACKUP_DIR",
-            "BACKUP_TABLES", "CRITICAL_TABLES", "VERIFY_IGNORE_COLUMNS", "BACKUP_REMOTE",
+            "BACKUP_TABLES", "BACKUP_AUTH", "CRITICAL_TABLES", "VERIFY_IGNORE_COLUMNS", "BACKUP_REMOTE",
             "BACKUP_ENCRYPT_TO", "BACKUP_AGE_IDENTITY", "SAFETY_ENCRYPT_TO", "BACKUP_PING_URL")
 FAST_RETRIES = (0.01, 0.01, 0.01)
 
