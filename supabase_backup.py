@@ -2441,6 +2441,10 @@ def snapshot(api, tables, discovered, path, project_host, role, progress, note=N
     The file appears under its final name only once every table is read completely, and is then
     re-read and verified.
     """
+    if auth and AUTH_ENTRY in tables:
+        raise ConfigError(f"a table of the public schema is named {AUTH_ENTRY}, the name the "
+                          f"auth users take in a backup file: leave it out (--exclude "
+                          f"{AUTH_ENTRY}) or rename it, then back up again")
     header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
               "tool_version": TOOL_VERSION, "created_at": utc_now().isoformat(),
               "project_host": project_host, "key_role": role,
@@ -4283,10 +4287,12 @@ class RestoreRun:
                         "restored keys:\n  %s", "\n  ".join(sql))
         data = self.restore_log.data
         skipped = data.get("tables_skipped") or {}
-        log.info("%s complete: %s, %d unchanged%s", self.mode,
+        log.info("%s complete: %s, %d unchanged%s%s", self.mode,
                  self.totals(data["total_inserted"], data["total_updated"],
                              data["total_deleted"]),
                  sum(p.unchanged for p in self.plans.values()),
+                 f"; {AUTH_ENTRY}: {len(self.auth.created)} created, {len(self.auth.updated)} "
+                 f"with metadata put back" if self.auth else "",
                  "; NOT restored: " + "; ".join(f"{name} ({why})" for name, why in skipped.items())
                  if skipped else "")
         if self.args.json:
@@ -4678,7 +4684,11 @@ def list_auth_users(api, what="listing the auth users"):
 def back_up_auth_users(api, writer, summary, progress):
     """snapshot's last entry: every auth user, in id order, as the entry auth.users."""
     progress.start(f"{AUTH_ENTRY} (the auth admin API)", None, unit="users")
-    users, counted = list_auth_users(api)
+    try:
+        users, counted = list_auth_users(api)
+    except BackupError as exc:
+        exc.args = (f"{AUTH_ENTRY}: {exc}; no backup file was written",)
+        raise
     writer.begin_table(AUTH_ENTRY, {"kind": AUTH_KIND, "primary_key": ["id"], "columns": [],
                                     "source": "GET /auth/v1/admin/users",
                                     "not_included": "password hashes, identities' tokens, MFA "
