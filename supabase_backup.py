@@ -8,7 +8,8 @@ current data first, validation before anything is written, verification
 afterwards, and an automatic rollback if anything fails (see SAFETY.md).
 
 Commands:
-  backup          back up tables to backups/supabase_backup_YYYYMMDD_HHMMSS.json.gz
+  backup          back up tables (and with --auth the auth users) to
+                  backups/supabase_backup_YYYYMMDD_HHMMSS.json.gz
                   (UTC): every table the service role sees, read completely in
                   key order, streamed to a temporary file that is renamed only
                   when complete and then verified; optionally encrypted to an
@@ -23,7 +24,8 @@ Commands:
                   rest stays
   restore         restore a backup file (a path, a name in backups/, or
                   s3://bucket/prefix/name); with --safe a safety backup is taken
-                  first and a failed restore is rolled back
+                  first and a failed restore is rolled back; with --auth the
+                  file's auth users the project lacks are created first
   rollback        bring tables back to exactly the state in a safety backup
                   (rows it lacks are deleted), behind its own safety backup
   list-safety     the safety backups, newest first, with the restore each one
@@ -101,6 +103,7 @@ identity.
 #    9 Backup: reading tables            20 Commands: restore, rollback, ..., diff
 #   10 Restore steps 0 and 2: checking   21 Command line (build_parser, main)
 #   11 Comparing a file with live rows
+#      Auth users (before 16): back_up_auth_users, AuthRestore (restore --auth)
 #
 # The restore flow (SAFETY.md), run by RestoreRun.run(), one method per step:
 #   0 read    RestoreRun.read_file      -> scan_backup (every checksum and key), discover_tables
@@ -111,6 +114,9 @@ identity.
 #   5 VERIFY  RestoreRun.verify         -> verify_restore (TableComparison)
 #   6 LOG     RestoreRun.write_log      -> write_restore_log
 #   7 ROLLBACK RestoreRun.recover (a failure in 4-5) -> snapshot of the failed state, rollback
+# With --auth (a rollback: a file holding users) each step does the users too, through
+# RestoreRun.auth (AuthRestore): 1 snapshot(auth=True), 3 plan_auth_users, 4 write_auth_users
+# (before the tables), 5 AuthRestore.verify, 7 AuthRestore.roll_back (after the tables).
 # A backup is cmd_backup -> run_backup -> snapshot; diff is diff_tables (TableComparison).
 
 import argparse
@@ -962,9 +968,9 @@ def select_tables(discovered, wanted=None, exclude=None):
         other_schema = [name for name in missing if "." in name and name not in discovered]
         if other_schema:
             raise ConfigError(f"{', '.join(other_schema)} is not in the public schema the API "
-                              f"serves: a backup holds the tables of public only (not auth users, "
-                              f"Storage objects, the schema, functions or roles); README's "
-                              f"'Backing up' says what to use for those")
+                              f"serves: a backup holds the tables of public (and with --auth the "
+                              f"auth users; not Storage objects, the schema, functions or roles); "
+                              f"README's 'Backing up' says what to use for those")
         if missing:
             known = ", ".join(sorted(discovered)) or "(none)"
             raise ConfigError(f"no table named {', '.join(missing)} in the project's API (the "

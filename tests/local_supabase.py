@@ -9,7 +9,8 @@ PostgREST-compatible API.
 starts PostgreSQL (pip-installed, see requirements-dev.txt; as an unprivileged
 user when run as root), creates Supabase's roles and grants, loads the demo
 travel-booking schema (tests/demo_schema.sql) or your own schema dump, serves
-the API on 127.0.0.1 under /rest/v1, prints SUPABASE_URL,
+the API on 127.0.0.1 under /rest/v1 (and the auth admin API under /auth/v1,
+tests/local_auth.py, over auth.users), prints SUPABASE_URL,
 SUPABASE_SERVICE_ROLE_KEY, SUPABASE_ANON_KEY and DATABASE_URL (and writes them
 to --env-file), and runs until Ctrl-C, then removes everything it started.
 With --s3 it also starts an S3-compatible server (moto's) on 127.0.0.1 with a
