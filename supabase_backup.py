@@ -2677,6 +2677,10 @@ def choose_restore_tables(scan, wanted):
     for name in wanted or scan.tables:
         meta = scan.tables[name]["meta"]
         if entry_kind(meta):
+            if wanted:
+                raise ValidationError(f"{name} in {scan.path.name} is not a table but the "
+                                      f"{meta['kind']} entry: restore it with --auth, not "
+                                      f"--tables")
             continue  # not a table: restored by its own option (--auth)
         if meta.get("writable") is False:
             skipped[name] = "read-only relation (a view?): nothing to write back"
@@ -4221,8 +4225,16 @@ class RestoreRun:
     def write_auth_users(self):
         """Step 4's first writes: the auth users, before the tables that may refer to them. The
         log holds the ids written so far, so that an interrupted run leaves them on record."""
-        self.auth.write(self.api, self.progress,
-                        lambda: self.restore_log.update(auth_users=self.auth.summary()))
+        saved = [time.monotonic()]
+
+        def save_now_and_then():
+            # The log holds every id written: saved at most every 2 s, not after each user, so
+            # that a restore of many users does not rewrite a growing log once per user.
+            if time.monotonic() - saved[0] >= 2:
+                self.restore_log.update(auth_users=self.auth.summary())
+                saved[0] = time.monotonic()
+
+        self.auth.write(self.api, self.progress, save_now_and_then)
         self.restore_log.update(auth_users=self.auth.summary())
         if self.auth.anonymous:
             self.restore_log.update(tables_skipped={
@@ -4728,9 +4740,9 @@ UUID_TEXT = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F
 def read_auth_entry(path):
     """The users of a file's auth.users entry, {id: user}; None when the file has no such
     entry (decided on the kind)."""
-    for table in read_tables(path):
+    for table in read_tables(path, as_bytes=True):  # checked by scan_backup already
         if table.kind == AUTH_KIND:
-            return {user["id"]: user for user in table.rows}
+            return {user["id"]: user for user in map(parse_row, table.rows)}
     return None
 
 
@@ -6229,6 +6241,10 @@ def diff_backup(args, config, backup):
     header, in_file = check_backup(path)
     tables = args.tables or [name for name, entry in in_file.items()
                              if not entry_kind(entry["meta"])]
+    entries = [name for name in tables if name in in_file and entry_kind(in_file[name]["meta"])]
+    if entries:
+        raise ValidationError(f"{', '.join(entries)} in {path.name} is not a table (its kind: "
+                              f"{in_file[entries[0]]['meta']['kind']}); diff compares tables")
     missing = [name for name in tables if name not in in_file]
     if missing:
         raise ValidationError(f"{', '.join(missing)} not in {path.name} (it holds "

@@ -279,3 +279,35 @@ def test_kill_9_mid_restore_then_rollback_loses_no_user_nor_row(
             f"in {safety.name}" in err and "never deletes users" in err)
     assert code == 0, err
     assert row.as_expected, row.observed
+
+
+def test_rollback_brings_back_users_deleted_since_and_deletes_none(fresh_stack, db, data, capsys):
+    path = make_backup(capsys, data, "--auth", "--tables", "profiles")
+    db.execute("DELETE FROM auth.users WHERE email = 'user298@example.com'")
+    code, _, err = run(capsys, data, "restore", "--safe", "--auth", "--file", path.name)
+    assert code == 0, err
+    before = users(db)
+    safety = safety_backup(data)  # 299 users: the restore's own safety backup
+    db.execute("DELETE FROM auth.users WHERE email = 'user5@example.com'")
+    db.execute("UPDATE auth.users SET raw_app_meta_data = raw_app_meta_data || '{\"tier\": 9}' "
+               "WHERE email = 'user6@example.com'")
+
+    code, _, err = run(capsys, data, "rollback", "--yes", safety.name)
+
+    assert code == 0, err
+    # user298, which the restore created, is not in the safety backup: named, not deleted.
+    assert users(db) == before
+    assert "1 live user(s) are not in" in err and "never deletes users" in err
+
+
+def test_auth_users_named_in_tables_is_pointed_to_auth(stack, data, capsys):
+    path = make_backup(capsys, data, "--auth", "--tables", "app_settings")
+    code, _, err = run(capsys, data, "restore", "--safe", "--tables", "auth.users",
+                       "--file", path.name)
+    assert code == 7 and "restore it with --auth" in error_line(err)
+    code, _, err = run(capsys, data, "diff", "--file", path.name, "--tables", "auth.users")
+    assert code == 7 and "diff compares tables" in error_line(err)
+    code, out, err = run(capsys, data, "diff", "--file", path.name)
+    assert code == 0, err
+    code, out, err = run(capsys, data, "list")
+    assert code == 0 and path.name in out
