@@ -215,10 +215,10 @@ def wait_for(condition, timeout=20.0, what="the condition"):
         time.sleep(0.01)
 
 
-def start_restore(stack, data, tmp_path, path, command=None):
+def start_restore(stack, data, tmp_path, path, command=None, table="users"):
     """`python supabase_backup.py restore --safe --file PATH` (or the command given) in a process
-    of its own, once it is writing to users (a write more than users has had so far)."""
-    writes_before = stack.writes("users")
+    of its own, once it is writing to table (a write more than it has had so far)."""
+    writes_before = stack.writes(table)
     script = tmp_path / "app" / "supabase_backup.py"
     script.parent.mkdir()
     shutil.copy(REPO_ROOT / "supabase_backup.py", script)
@@ -229,8 +229,8 @@ def start_restore(stack, data, tmp_path, path, command=None):
     process = subprocess.Popen([sys.executable, str(script), *command], cwd=tmp_path, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: stack.writes("users") > writes_before,
-                 what="the restore to write to users")
+        wait_for(lambda: stack.writes(table) > writes_before,
+                 what=f"the restore to write to {table}")
     except BaseException:
         process.kill()
         process.wait()
