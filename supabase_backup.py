@@ -4541,7 +4541,10 @@ class RollbackRun(RestoreRun):
         plans = self.plans.values()
         totals = (f"{sum(p.inserts for p in plans)} to insert, "
                   f"{sum(p.updates for p in plans)} to update, "
-                  f"{sum(len(p.extra_keys) for p in plans)} to DELETE")
+                  f"{sum(len(p.extra_keys) for p in plans)} to DELETE"
+                  + (f"; {len(self.auth.to_create)} auth user(s) to create, "
+                     f"{len(self.auth.to_update)} whose metadata to put back, none deleted"
+                     if self.auth else ""))
         progress.close()
         answer = input(f"Roll back {len(self.plans)} table(s) to {self.file_path.name}: {totals}. "
                        f"Type 'rollback' to go on: ")

@@ -334,3 +334,21 @@ def test_a_user_signing_up_mid_list_makes_the_list_read_again_and_complete(
     row.saw(f"{len(in_file)} users in the file, {len(live)} live", in_file == live)
     assert code == 0, err
     assert row.as_expected, row.observed
+
+
+def test_an_anonymous_user_cannot_come_back_and_the_last_line_says_so(
+        fresh_stack, db, data, capsys):
+    db.execute("INSERT INTO auth.users (instance_id, id, aud, role, created_at, is_anonymous) "
+               "VALUES ('00000000-0000-0000-0000-000000000000', gen_random_uuid(), "
+               "'authenticated', 'authenticated', now(), true)")
+    path = make_backup(capsys, data, "--auth", "--tables", "app_settings")
+    db.execute("DELETE FROM auth.users WHERE is_anonymous OR email = 'user9@example.com'")
+
+    code, _, err = run(capsys, data, "restore", "--safe", "--auth", "--file", path.name)
+
+    assert code == 13, err
+    assert "1 anonymous user(s) of the file cannot be created" in err
+    last = err.splitlines()[-1]
+    assert "NOT restored" in last and "auth.users (1 anonymous user(s)" in last
+    assert len(users(db, "email = 'user9@example.com'")) == 1
+    assert users(db, "is_anonymous") == []
