@@ -4634,13 +4634,14 @@ with""".split())
 #
 # GoTrue lists users newest first (ORDER BY created_at DESC, nothing else) by page and offset:
 # users created in one instant come in any order, and a user added or deleted between two pages
-# shifts the rest. So a listing is checked against the total the server counts (X-Total-Count)
-# and read again, whole, when the two do not agree (list_auth_users).
+# shifts the rest: a user may be read twice, or missed, and a sign-up and a deletion together
+# keep the count. So the list is read whole twice, and taken only when two readings in a row
+# hold the same users and each adds up to the count the server gives (X-Total-Count).
 
 AUTH_ENTRY = "auth.users"
 AUTH_KIND = "auth_users"
 AUTH_PAGE_SIZE = 1000  # users per page: GoTrue's most (MaxPerPage); its default is 50
-AUTH_LIST_PASSES = 3  # whole listings before a list that keeps changing fails the backup
+AUTH_LIST_PASSES = 4  # whole listings before a list that keeps changing fails the backup
 # app_metadata keys the auth server writes itself, from the user's identities, on every create
 SERVER_APP_METADATA = ("provider", "providers")
 AUTH_LIMITS = ("no password hashes come through the admin API: restored users sign in by magic "
@@ -4666,9 +4667,10 @@ def wants_auth_users(args, config):
 def list_auth_users(api, what="listing the auth users"):
     """Every user the admin API returns, every page: ({id: user}, the server's count).
 
-    A listing whose users do not add up to the server's count (a user added or deleted during
-    it, or a page boundary inside users created in one instant) is read again, whole; after
-    AUTH_LIST_PASSES such listings the backup fails rather than miss a user."""
+    Taken when two whole readings in a row hold the same users and each adds up to the
+    server's count (see the section's comment); after AUTH_LIST_PASSES readings without that,
+    it fails (IncompleteBackupError) rather than miss a user."""
+    previous = None
     for attempt in range(1, AUTH_LIST_PASSES + 1):
         users, totals, page = {}, set(), 1
         while True:
@@ -4677,9 +4679,10 @@ def list_auth_users(api, what="listing the auth users"):
                                    auth_path="/admin/users")
             try:
                 batch = json.loads(response.content)["users"]
-                assert isinstance(batch, list) and all(isinstance(u, dict) and "id" in u
-                                                       for u in batch)
-            except (ValueError, KeyError, TypeError, AssertionError):
+                if not (isinstance(batch, list) and all(isinstance(u, dict) and "id" in u
+                                                        for u in batch)):
+                    raise ValueError("not a list of users")
+            except (ValueError, KeyError, TypeError):
                 raise ConnectionFailure(f"{what}: {api.url}/auth/v1/admin/users answered "
                                         f"without a list of users; check SUPABASE_URL") from None
             total = response.headers.get("X-Total-Count", "")
@@ -4691,15 +4694,23 @@ def list_auth_users(api, what="listing the auth users"):
             if not batch or not more:
                 break
             page += 1
-        if len(totals) <= 1 and all(len(users) == total for total in totals):
+        adds_up = len(totals) <= 1 and all(len(users) == total for total in totals)
+        if adds_up and previous == set(users):
             return users, (totals.pop() if totals else len(users))
-        log.warning("%s: %d users read, but the server counted %s: users were added or deleted "
-                    "during the listing; reading it again (%d of %d)", what, len(users),
-                    " then ".join(map(str, sorted(totals))), attempt + 1, AUTH_LIST_PASSES,
-                    extra={FILE_ONLY: attempt == AUTH_LIST_PASSES})
-    raise IncompleteBackupError(f"{AUTH_ENTRY}: the list of users changed during each of "
-                                f"{AUTH_LIST_PASSES} readings, so no reading can be shown "
-                                f"complete; run the backup again when sign-ups are quieter")
+        then = (f"reading it again ({attempt + 1} of {AUTH_LIST_PASSES})"
+                if attempt < AUTH_LIST_PASSES else "giving up")
+        if not adds_up:
+            log.warning("%s: %d users read, but the server counted %s: users were added or "
+                        "deleted during the reading, or users created in one instant came in "
+                        "another order from page to page; %s", what, len(users),
+                        " then ".join(map(str, sorted(totals))), then)
+        elif previous is not None:
+            log.warning("%s: two readings in a row held different users (users were added or "
+                        "deleted meanwhile); %s", what, then)
+        previous = set(users) if adds_up else None
+    raise IncompleteBackupError(f"{what}: in {AUTH_LIST_PASSES} readings, no two in a row held "
+                                f"the same users adding up to the server's count, so none can "
+                                f"be shown complete; run again when sign-ups are quieter")
 
 
 def back_up_auth_users(api, writer, summary, progress):
