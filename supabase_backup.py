@@ -8,7 +8,8 @@ current data first, validation before anything is written, verification
 afterwards, and an automatic rollback if anything fails (see SAFETY.md).
 
 Commands:
-  backup          back up tables to backups/supabase_backup_YYYYMMDD_HHMMSS.json.gz
+  backup          back up tables (and with --auth the auth users) to
+                  backups/supabase_backup_YYYYMMDD_HHMMSS.json.gz
                   (UTC): every table the service role sees, read completely in
                   key order, streamed to a temporary file that is renamed only
                   when complete and then verified; optionally encrypted to an
@@ -23,7 +24,8 @@ Commands:
                   rest stays
   restore         restore a backup file (a path, a name in backups/, or
                   s3://bucket/prefix/name); with --safe a safety backup is taken
-                  first and a failed restore is rolled back
+                  first and a failed restore is rolled back; with --auth the
+                  file's auth users the project lacks are created first
   rollback        bring tables back to exactly the state in a safety backup
                   (rows it lacks are deleted), behind its own safety backup
   list-safety     the safety backups, newest first, with the restore each one
@@ -68,6 +70,7 @@ directory, else from .env next to this script (see .env.example):
                              this script; --data-dir overrides it)
   BACKUP_TABLES              the tables to back up, comma-separated (default:
                              every table; backup --tables overrides it)
+  BACKUP_AUTH                1: backups also keep every auth user (backup --auth)
   CRITICAL_TABLES            tables a restore requires present and non-empty in
                              the backup (default: none; restore --critical)
   VERIFY_IGNORE_COLUMNS      columns a restore leaves out of verification, e.g.
@@ -100,6 +103,7 @@ identity.
 #    9 Backup: reading tables            20 Commands: restore, rollback, ..., diff
 #   10 Restore steps 0 and 2: checking   21 Command line (build_parser, main)
 #   11 Comparing a file with live rows
+#      Auth users (before 16): back_up_auth_users, AuthRestore (restore --auth)
 #
 # The restore flow (SAFETY.md), run by RestoreRun.run(), one method per step:
 #   0 read    RestoreRun.read_file      -> scan_backup (every checksum and key), discover_tables
@@ -110,6 +114,9 @@ identity.
 #   5 VERIFY  RestoreRun.verify         -> verify_restore (TableComparison)
 #   6 LOG     RestoreRun.write_log      -> write_restore_log
 #   7 ROLLBACK RestoreRun.recover (a failure in 4-5) -> snapshot of the failed state, rollback
+# With --auth (a rollback: a file holding users) each step does the users too, through
+# RestoreRun.auth (AuthRestore): 1 snapshot(auth=True), 3 plan_auth_users, 4 write_auth_users
+# (before the tables), 5 AuthRestore.verify, 7 AuthRestore.roll_back (after the tables).
 # A backup is cmd_backup -> run_backup -> snapshot; diff is diff_tables (TableComparison).
 
 import argparse
@@ -153,8 +160,10 @@ except ImportError:  # a Python without the requirements: missing_package() says
 
 TOOL_VERSION = "0.5.0"
 FORMAT_NAME = "supabase_backup"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # version 1: values as PostgREST sent them (numeric as text)
+FORMAT_VERSION = 3
+# version 1: values as PostgREST sent them (numeric as text); version 3: entries of other kinds
+# than tables (auth users, Storage) beside the tables, each with a "kind" (entry_kind)
+READABLE_VERSIONS = (1, 2, 3)
 
 PROG = "supabase_backup.py"
 # The data folder defaults to the script's own folder, so that cron, which starts jobs in $HOME,
@@ -519,7 +528,10 @@ STATEMENT_TIMEOUT = "57014"
 # body is not PostgREST JSON), PostgREST's connection errors, and PostgreSQL's connection, resource,
 # shutdown, serialization and internal errors.
 TRANSIENT_CODES = {"408", "429", "500", "502", "503", "504", "520", "521", "522", "523", "524",
-                   "PGRST000", "PGRST001", "PGRST002", "PGRST003", "40001", "40P01"}
+                   "PGRST000", "PGRST001", "PGRST002", "PGRST003", "40001", "40P01",
+                   # the auth server's (GoTrue's error codes, internal/api/apierrors): its
+                   # database failing, its own timeout, its rate limits
+                   "unexpected_failure", "request_timeout", "over_request_rate_limit"}
 TRANSIENT_PREFIXES = ("08", "53", "57P", "XX")
 AUTH_CODES = {"401", "PGRST301", "PGRST302", "PGRST303", "22023"}
 MISSING_TABLE_CODES = {"PGRST205", "42P01"}
@@ -547,7 +559,9 @@ class ApiRejected(Exception):
         except ValueError:
             body = None
         if isinstance(body, dict) and ("code" in body or "message" in body):
-            return cls(str(body.get("code") or status), str(body.get("message") or ""),
+            # The auth server's older form: {"code": status, "error_code": ..., "msg": ...}.
+            return cls(str(body.get("error_code") or body.get("code") or status),
+                       str(body.get("message") or body.get("msg") or ""),
                        body.get("details"), body.get("hint"), status)
         # No PostgREST body (a HEAD request, a gateway's page): PostgREST also names the error
         # in its Proxy-Status header ("PostgREST; error=57014").
@@ -646,6 +660,11 @@ class SupabaseApi:
         # builds them for its own requests.
         self.rest_url = str(self.client.postgrest.base_url).rstrip("/")
         self.headers = dict(self.client.postgrest.headers)
+        # The auth server's base and headers as the client's auth.admin sends them (the key, and
+        # the API version whose error bodies carry GoTrue's error code as "code").
+        self.auth_url = str(self.client.auth_url).rstrip("/")
+        self.auth_headers = {"apikey": config.key, "Authorization": f"Bearer {config.key}",
+                             "X-Supabase-Api-Version": "2024-01-01"}
         self.requests = 0
         self.answered = False  # whether the project has answered a request yet
         self._counting = threading.Lock()  # requests are made by several threads
@@ -666,8 +685,10 @@ class SupabaseApi:
         self.session.close()
 
     def request(self, what, method, table=None, params=(), prefer=None, body=None,
-                writes=False):
+                writes=False, auth_path=None):
         """One request, retried on transient failures; returns the httpx response (2xx).
+        With auth_path, a request to the auth server (/auth/v1 + auth_path) instead of the REST
+        API.
 
         Statement timeouts raise StatementTimeout for the caller to ask for less. With writes,
         an error that retrying cannot cure (the server refused the data) raises ApiRejected with
@@ -677,12 +698,13 @@ class SupabaseApi:
         """
         import httpx
 
-        headers = dict(self.headers)
+        headers = dict(self.auth_headers if auth_path else self.headers)
         if prefer:
             headers["Prefer"] = prefer
         if body is not None:
             headers["Content-Type"] = "application/json"
-        path = self.rest_url + "/" + (urllib.parse.quote(table, safe="") if table else "")
+        path = (self.auth_url + auth_path if auth_path else
+                self.rest_url + "/" + (urllib.parse.quote(table, safe="") if table else ""))
         attempts = len(RETRY_DELAYS) + 1 if not (writes == "once") else 1
         for attempt in range(1, attempts + 1):
             with self._counting:
@@ -962,9 +984,9 @@ def select_tables(discovered, wanted=None, exclude=None):
         other_schema = [name for name in missing if "." in name and name not in discovered]
         if other_schema:
             raise ConfigError(f"{', '.join(other_schema)} is not in the public schema the API "
-                              f"serves: a backup holds the tables of public only (not auth users, "
-                              f"Storage objects, the schema, functions or roles); README's "
-                              f"'Backing up' says what to use for those")
+                              f"serves: a backup holds the tables of public (and with --auth the "
+                              f"auth users; not Storage objects, the schema, functions or roles); "
+                              f"README's 'Backing up' says what to use for those")
         if missing:
             known = ", ".join(sorted(discovered)) or "(none)"
             raise ConfigError(f"no table named {', '.join(missing)} in the project's API (the "
@@ -1362,6 +1384,7 @@ class BackupTable:
 
     def __init__(self, name, meta, events):
         self.name, self.meta, self.trailer = name, meta, None
+        self.kind = entry_kind(meta)  # None for a table
         self.columns = [column["name"] for column in meta.get("columns") or []]
         self._events = events
         self.rows = self._rows()
@@ -1377,6 +1400,13 @@ class BackupTable:
         """Read past the rows not taken (the next table follows them in the file)."""
         for _ in self.rows:
             pass
+
+
+def entry_kind(meta):
+    """What an entry of a file's "tables" holds: None for a table, else its "kind" (e.g.
+    "auth_users"). Decided on the kind, never on the name: a public table may be named
+    "auth.users" too."""
+    return meta.get("kind") or None
 
 
 def read_tables(path, parse_rows=True, as_bytes=False, label=None, header=None):
@@ -2698,12 +2728,18 @@ def check_iso_dates(name, meta, rows):
                 f"DateStyle = 'ISO, MDY';` in the SQL editor, then back up again")
 
 
-def snapshot(api, tables, discovered, path, project_host, role, progress, note=None):
-    """Back up the given tables into one new file at path; returns the backup's summary.
+def snapshot(api, tables, discovered, path, project_host, role, progress, note=None,
+             auth=False):
+    """Back up the given tables (and with auth, the auth users: back_up_auth_users) into one
+    new file at path; returns the backup's summary.
 
     The file appears under its final name only once every table is read completely, and is then
     re-read and verified.
     """
+    if auth and AUTH_ENTRY in tables:
+        raise ConfigError(f"a table of the public schema is named {AUTH_ENTRY}, the name the "
+                          f"auth users take in a backup file: leave it out (--exclude "
+                          f"{AUTH_ENTRY}) or rename it, then back up again")
     header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
               "tool_version": TOOL_VERSION, "created_at": utc_now().isoformat(),
               "project_host": project_host, "key_role": role,
@@ -2735,7 +2771,9 @@ def snapshot(api, tables, discovered, path, project_host, role, progress, note=N
                 summary["tables"][table.name] = {"rows": count, "sha256": digest,
                                                  "pages": table.pages, **trailer}
                 summary["rows"] += count
-        writer.finish(finished_at=utc_now().isoformat(), table_count=len(tables),
+        if auth:
+            back_up_auth_users(api, writer, summary, progress)
+        writer.finish(finished_at=utc_now().isoformat(), table_count=len(summary["tables"]),
                       row_count=summary["rows"])
     except OSError as exc:  # disk full, folder gone, quota: the file is thrown away, loudly
         writer.abort()
@@ -2748,7 +2786,7 @@ def snapshot(api, tables, discovered, path, project_host, role, progress, note=N
         raise
     # Re-read what was written: a backup is only as good as the file on disk.
     header, checked = check_backup(path)
-    if [name for name in checked] != list(tables):
+    if [name for name in checked] != list(summary["tables"]):
         raise IncompleteBackupError(f"{path} does not read back as written; it was kept for "
                                     f"inspection, but do not rely on it")
     if path.parent.name in (BACKUP_DIR, SAFETY_DIR) and not path.name.startswith(TEMP_PREFIX):
@@ -2849,6 +2887,8 @@ def scan_backup(path, tables_wanted=None):
 def scan_rows(table, problems):
     """scan_backup's checks of one table's rows (problems collects what is wrong); returns
     whether its keys kept rising (when not, they are checked again with a set: _repeated_keys)."""
+    if table.kind:
+        return scan_entry_rows(table, problems)
     name, known = table.name, set(table.columns)
     pk, last, rising = table.meta.get("primary_key") or [], None, True
     for row in table.rows:
@@ -2926,6 +2966,12 @@ def choose_restore_tables(scan, wanted):
     tables, skipped = [], {}
     for name in wanted or scan.tables:
         meta = scan.tables[name]["meta"]
+        if entry_kind(meta):
+            if wanted:
+                raise ValidationError(f"{name} in {scan.path.name} is not a table but the "
+                                      f"{meta['kind']} entry: restore it with --auth, not "
+                                      f"--tables")
+            continue  # not a table: restored by its own option (--auth)
         if meta.get("writable") is False:
             skipped[name] = "read-only relation (a view?): nothing to write back"
         else:
@@ -4315,6 +4361,7 @@ class RestoreRun:
         self.safe = self.deletes or args.safe
         self.dry_run = args.dry_run
         self.plans, self.order, self.live, self.safety_path = {}, [], {}, None
+        self.auth = None  # the auth users the run writes (AuthRestore), if any
         self.restore_log = None
         self.rewritten = {}  # table -> columns the failed verification found rewritten
         self.started = None  # when the run began: a trigger's rewritten times come after it
@@ -4399,6 +4446,7 @@ class RestoreRun:
             plan.plain_json_columns = {c["name"] for c in meta["columns"]
                                        if c["name"] in plan.json_columns
                                        and c.get("format") == "json"}
+        self.auth = AuthRestore.for_run(self, self.file_path)  # None: no users to write
         return scan
 
     # -- 1. Safety backup -------------------------------------------------------------------------
@@ -4411,14 +4459,16 @@ class RestoreRun:
             self.done("no safety backup")
             return
         self.safety_path = self.safety_file_path("safety_backup")
-        self.step(1, "SAFETY", f"safety backup of {len(present)} table(s) -> {self.safety_path}")
+        self.step(1, "SAFETY", f"safety backup of {len(present)} table(s)"
+                  f"{' and the auth users' if self.auth else ''} -> {self.safety_path}")
         summary, self.safety_read_path = self.safety_snapshot(
             self.safety_path, present, self.live,
             f"safety backup before {self.mode} of {self.file_path.name}")
         self.restore_log.update(safety_backup_file=str(self.safety_path))
         self.done(f"{summary['rows']} rows in {len(present)} tables, re-read and checked")
         for name, table in summary["tables"].items():
-            self.plans[name].safety_count = table["rows"]  # what a rollback brings back
+            if name in self.plans:
+                self.plans[name].safety_count = table["rows"]  # what a rollback brings back
 
     # -- 2. Validate ------------------------------------------------------------------------------
 
@@ -4463,6 +4513,8 @@ class RestoreRun:
         self.plan_summary = {name: {"insert": p.inserts, "update": p.updates,
                                     "delete": len(p.extra_keys), "unchanged": p.unchanged}
                              for name, p in self.plans.items()}
+        if self.auth:
+            self.plan_auth_users()
         if not self.dry_run:
             self.confirm()
             self.restore_log.update(before_counts=before, plan=self.plan_summary)
@@ -4473,6 +4525,21 @@ class RestoreRun:
                                   deletes=sum(len(p.extra_keys) for p in self.plans.values()),
                                   verb="to "))
         return before
+
+    def plan_auth_users(self):
+        """Step 3 for the auth users: the plan and its limits, printed; conflicts refused."""
+        conflicts = self.auth.plan(self.api)
+        if conflicts:
+            self.refuse(f"{AUTH_ENTRY}: {len(conflicts)} user(s) of the file cannot be created, "
+                        f"their email or phone is another live user's: "
+                        f"{'; '.join(conflicts[:5])}{' ...' if len(conflicts) > 5 else ''}; the "
+                        f"database was not touched; change or delete those live users, or "
+                        f"restore without --auth")
+        for line in self.auth.describe():
+            log.info("  %s", line)
+        self.plan_summary[AUTH_ENTRY] = {"create": len(self.auth.to_create),
+                                         "update_metadata": len(self.auth.to_update),
+                                         "delete": 0, "limits": list(AUTH_LIMITS)}
 
     def totals(self, inserts, updates, deletes, verb=""):
         """"3 to insert, 1 to update" (and deletes where the run deletes)."""
@@ -4499,12 +4566,40 @@ class RestoreRun:
         self.step(4, "RESTORE", "upsert on the primary key, parents before children"
                   + ("; then delete the rows the file does not hold, children first"
                      if self.deletes else ""))
+        if self.auth:
+            self.write_auth_users()
         upsert_restore(self.api, self.plans, self.order, self.progress)
         self.delete_extra()
         self.restore_log.tables(self.plans)
         data = self.restore_log.data
         self.done(self.totals(data["total_inserted"], data["total_updated"],
                               data["total_deleted"]))
+
+    def write_auth_users(self):
+        """Step 4's first writes: the auth users, before the tables that may refer to them. The
+        log holds the ids written so far, so that an interrupted run leaves them on record."""
+        saved = [time.monotonic()]
+
+        def save_now_and_then():
+            # The log holds every id written: saved at most every 2 s, not after each user, so
+            # that a restore of many users does not rewrite a growing log once per user.
+            if time.monotonic() - saved[0] >= 2:
+                self.restore_log.update(auth_users=self.auth.summary())
+                saved[0] = time.monotonic()
+
+        self.auth.write(self.api, self.progress, save_now_and_then)
+        self.restore_log.update(auth_users=self.auth.summary())
+        if self.auth.anonymous:
+            self.restore_log.update(tables_skipped={
+                **self.restore_log.data["tables_skipped"],
+                AUTH_ENTRY: f"{len(self.auth.anonymous)} anonymous user(s): the admin API "
+                            f"cannot create them"})
+        extra = self.auth.extra_live_users() if self.mode == "rollback" else []
+        if extra:
+            log.warning("%s: %d live user(s) are not in %s (created since, by a restore or by "
+                        "sign-ups): a rollback never deletes users; they are listed in %s",
+                        AUTH_ENTRY, len(extra), self.file_path.name, self.restore_log.path)
+            self.restore_log.update(auth_users_left={"count": len(extra), "ids": extra[:1000]})
 
     def delete_extra(self):
         """A restore deletes nothing (rollback deletes the rows the file lacks)."""
@@ -4514,6 +4609,11 @@ class RestoreRun:
     def verify(self, before):
         """Step 5: counts, and every row of the file in the table with equal values."""
         self.step(5, "VERIFY", "counts, and every row of the file in the table with equal values")
+        problems = self.auth.verify(self.api) if self.auth else []
+        if problems:
+            self.restore_log.update(auth_mismatches=problems[:100])
+            raise RestoreFailure(None, f"{AUTH_ENTRY}: {len(problems)} user(s) not as planned: "
+                                       f"{'; '.join(problems[:3])}")
         expected = {name: (before.get(name, 0) + p.outcome.inserted - len(p.extra_keys))
                     for name, p in self.plans.items()}
         mismatches = verify_restore(self.api, self.plans, self.file_path, expected, self.ignored,
@@ -4558,10 +4658,12 @@ class RestoreRun:
                         "restored keys:\n  %s", "\n  ".join(sql))
         data = self.restore_log.data
         skipped = data.get("tables_skipped") or {}
-        log.info("%s complete: %s, %d unchanged%s", self.mode,
+        log.info("%s complete: %s, %d unchanged%s%s", self.mode,
                  self.totals(data["total_inserted"], data["total_updated"],
                              data["total_deleted"]),
                  sum(p.unchanged for p in self.plans.values()),
+                 f"; {AUTH_ENTRY}: {len(self.auth.created)} created, {len(self.auth.updated)} "
+                 f"with metadata put back" if self.auth else "",
                  "; NOT restored: " + "; ".join(f"{name} ({why})" for name, why in skipped.items())
                  if skipped else "")
         if self.args.json:
@@ -4685,13 +4787,14 @@ class RestoreRun:
         reads). Encrypted to SAFETY_ENCRYPT_TO when it is set: the plain file is then written
         and verified under a temporary name, encrypted to path, and kept for this run's
         automatic rollback only."""
+        auth = self.auth is not None  # the live users too, when the run writes users
         if not self.safety_recipients:
             return snapshot(self.api, tables, live, path, self.config.host, SERVICE_ROLE,
-                            self.progress, note=note), path
+                            self.progress, note=note, auth=auth), path
         plain = path.parent / f"{TEMP_PREFIX}{os.getpid()}-plain-{plain_name(path.name)}"
         self.plain_copies.append(plain)
         summary = snapshot(self.api, tables, live, plain, self.config.host, SERVICE_ROLE,
-                           self.progress, note=note)
+                           self.progress, note=note, auth=auth)
         encrypt_backup(plain, path, self.safety_recipients)
         return summary, plain
 
@@ -4706,8 +4809,12 @@ class RestoreRun:
             self.safety_snapshot(failed_path, list(self.plans),
                                  discover_tables(self.api.openapi()),
                                  f"state after a failed {self.mode} of {self.file_path.name}")
-            return failed_path, rollback(self.api, self.plans, self.order, self.safety_read_path,
-                                         self.progress, leave_out, self.accept_json_null)
+            mismatches = rollback(self.api, self.plans, self.order, self.safety_read_path,
+                                  self.progress, leave_out, self.accept_json_null)
+            if self.auth:  # after the tables: their rows may refer to the users it deletes
+                mismatches = [{"table": None, "key": None, "problem": f"{AUTH_ENTRY}: {problem}"}
+                              for problem in self.auth.roll_back(self.api)] + mismatches
+            return failed_path, mismatches
         except KeyboardInterrupt:
             write_restore_log(self.restore_log, status="interrupted",
                               error="interrupted during rollback")
@@ -4787,7 +4894,10 @@ class RollbackRun(RestoreRun):
         plans = self.plans.values()
         totals = (f"{sum(p.inserts for p in plans)} to insert, "
                   f"{sum(p.updates for p in plans)} to update, "
-                  f"{sum(len(p.extra_keys) for p in plans)} to DELETE")
+                  f"{sum(len(p.extra_keys) for p in plans)} to DELETE"
+                  + (f"; {len(self.auth.to_create)} auth user(s) to create, "
+                     f"{len(self.auth.to_update)} whose metadata to put back, none deleted"
+                     if self.auth else ""))
         progress.close()
         answer = input(f"Roll back {len(self.plans)} table(s) to {self.file_path.name}: {totals}. "
                        f"Type 'rollback' to go on: ")
@@ -4866,6 +4976,417 @@ localtime localtimestamp natural not notnull null offset on only or order outer 
 primary references returning right select session_user similar some symmetric system_user table
 tablesample then to trailing true union unique user using variadic verbose when where window
 with""".split())
+
+
+# --- Auth users -----------------------------------------------------------------------------------
+# The project's users, through the auth admin API (supabase/auth, GoTrue) with the service key:
+# backed up as the entry "auth.users" (kind auth_users, one user object per row, as the API
+# returns it), restored behind the same safety net as the tables, before them (a public table
+# may refer to auth.users). The API never returns password hashes, and creates users with new
+# timestamps; what cannot come back is said in the plan (AUTH_LIMITS) and in SAFETY.md.
+#
+# GoTrue lists users newest first (ORDER BY created_at DESC, nothing else) by page and offset:
+# users created in one instant come in any order, and a user added or deleted between two pages
+# shifts the rest: a user may be read twice, or missed, and a sign-up and a deletion together
+# keep the count. So the list is read whole twice, and taken only when two readings in a row
+# hold the same users and each adds up to the count the server gives (X-Total-Count).
+
+AUTH_ENTRY = "auth.users"
+AUTH_KIND = "auth_users"
+AUTH_PAGE_SIZE = 1000  # users per page: GoTrue's most (MaxPerPage); its default is 50
+AUTH_LIST_PASSES = 4  # whole listings before a list that keeps changing fails the backup
+# app_metadata keys the auth server writes itself, from the user's identities, on every create
+SERVER_APP_METADATA = ("provider", "providers")
+AUTH_LIMITS = ("no password hashes come through the admin API: restored users sign in by magic "
+               "link or password reset",
+               "OAuth identities, MFA factors and sessions are not restored",
+               "created and confirmation times become the time of the restore",
+               "anonymous users cannot be created through the API and are not restored")
+
+
+def wants_auth_users(args, config):
+    """Whether a backup takes the auth users: --auth, else the setting BACKUP_AUTH."""
+    if getattr(args, "auth", None):
+        return True
+    value = (config.settings.get("BACKUP_AUTH") or "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(f"BACKUP_AUTH is {value!r}: set it to 1 to back up the auth users, or 0 "
+                      f"(or leave it out) not to")
+
+
+def list_auth_users(api, what="listing the auth users"):
+    """Every user the admin API returns, every page: ({id: user}, the server's count).
+
+    Taken when two whole readings in a row hold the same users and each adds up to the
+    server's count (see the section's comment); after AUTH_LIST_PASSES readings without that,
+    it fails (IncompleteBackupError) rather than miss a user."""
+    previous = None
+    for attempt in range(1, AUTH_LIST_PASSES + 1):
+        users, totals, page = {}, set(), 1
+        while True:
+            response = api.request(f"{what} (page {page})", "GET",
+                                   params=[("page", str(page)), ("per_page", str(AUTH_PAGE_SIZE))],
+                                   auth_path="/admin/users")
+            try:
+                batch = json.loads(response.content)["users"]
+                if not (isinstance(batch, list) and all(isinstance(u, dict) and "id" in u
+                                                        for u in batch)):
+                    raise ValueError("not a list of users")
+            except (ValueError, KeyError, TypeError):
+                raise ConnectionFailure(f"{what}: {api.url}/auth/v1/admin/users answered "
+                                        f"without a list of users; check SUPABASE_URL") from None
+            total = response.headers.get("X-Total-Count", "")
+            if total.isdigit():
+                totals.add(int(total))
+            users.update((user["id"], user) for user in batch)
+            link = response.headers.get("Link")
+            more = 'rel="next"' in link if link is not None else len(batch) == AUTH_PAGE_SIZE
+            if not batch or not more:
+                break
+            page += 1
+        adds_up = len(totals) <= 1 and all(len(users) == total for total in totals)
+        if adds_up and previous == set(users):
+            return users, (totals.pop() if totals else len(users))
+        then = (f"reading it again ({attempt + 1} of {AUTH_LIST_PASSES})"
+                if attempt < AUTH_LIST_PASSES else "giving up")
+        if not adds_up:
+            log.warning("%s: %d users read, but the server counted %s: users were added or "
+                        "deleted during the reading, or users created in one instant came in "
+                        "another order from page to page; %s", what, len(users),
+                        " then ".join(map(str, sorted(totals))), then)
+        elif previous is not None:
+            log.warning("%s: two readings in a row held different users (users were added or "
+                        "deleted meanwhile); %s", what, then)
+        previous = set(users) if adds_up else None
+    raise IncompleteBackupError(f"{what}: in {AUTH_LIST_PASSES} readings, no two in a row held "
+                                f"the same users adding up to the server's count, so none can "
+                                f"be shown complete; run again when sign-ups are quieter")
+
+
+def back_up_auth_users(api, writer, summary, progress):
+    """snapshot's last entry: every auth user, in id order, as the entry auth.users."""
+    progress.start(f"{AUTH_ENTRY} (the auth admin API)", None, unit="users")
+    try:
+        users, counted = list_auth_users(api)
+    except BackupError as exc:
+        exc.args = (f"{AUTH_ENTRY}: {exc}; no backup file was written",)
+        raise
+    writer.begin_table(AUTH_ENTRY, {"kind": AUTH_KIND, "primary_key": ["id"], "columns": [],
+                                    "source": "GET /auth/v1/admin/users",
+                                    "not_included": "password hashes, identities' tokens, MFA "
+                                                    "factors, sessions"})
+    writer.write_rows([users[user_id] for user_id in sorted(users)])
+    count, digest = writer.end_table(count_before=counted, count_after=len(users),
+                                     count_method="exact")
+    summary["tables"][AUTH_ENTRY] = {"rows": count, "sha256": digest, "kind": AUTH_KIND}
+    summary["rows"] += count
+    progress.done(f"  {AUTH_ENTRY}: {count} users (no password hashes: the API gives none)")
+
+
+def scan_entry_rows(table, problems):
+    """scan_backup's checks of an entry that is not a table (by its kind); returns True."""
+    if table.kind == AUTH_KIND:
+        seen = set()
+        for user in table.rows:
+            user_id = user.get("id") if isinstance(user, dict) else None
+            if not isinstance(user_id, str) or not UUID_TEXT.fullmatch(user_id):
+                problems.append(f"{table.name}: a user has no id that is a UUID")
+            elif user_id in seen:
+                problems.append(f"{table.name}: user {user_id} appears twice")
+            seen.add(user_id)
+    return True
+
+
+UUID_TEXT = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
+                       r"[0-9a-fA-F]{12}")
+
+
+def read_auth_entry(path):
+    """The users of a file's auth.users entry, {id: user}; None when the file has no such
+    entry (decided on the kind)."""
+    for table in read_tables(path, as_bytes=True):  # checked by scan_backup already
+        if table.kind == AUTH_KIND:
+            return {user["id"]: user for user in map(parse_row, table.rows)}
+    return None
+
+
+def user_metadata_of(user, key):
+    """A user's user_metadata or app_metadata (the server's own app_metadata keys left out),
+    with its top-level nulls dropped: an update cannot set one (a null removes the key)."""
+    value = user.get(key) or {}
+    return {k: v for k, v in value.items() if v is not None and
+            not (key == "app_metadata" and k in SERVER_APP_METADATA)}
+
+
+def banned_for(user, now):
+    """The ban_duration that bans a user until its banned_until again ("123s"), or None."""
+    until = parse_time(user.get("banned_until"))
+    if until is None or until <= now:
+        return None
+    return f"{math.ceil((until - now).total_seconds())}s"
+
+
+def parse_time(text):
+    """An RFC 3339 time from the auth server, or None."""
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def create_user_body(user, now):
+    """The admin API's create request for a user of the file: its id, email, phone, metadata,
+    role, confirmed state and ban; no password (the auth server makes a random one)."""
+    body = {"id": user["id"], "user_metadata": user.get("user_metadata") or {},
+            "app_metadata": user_metadata_of(user, "app_metadata"),
+            "email_confirm": bool(user.get("email_confirmed_at")),
+            "phone_confirm": bool(user.get("phone_confirmed_at"))}
+    for key in ("email", "phone", "role"):
+        if user.get(key):
+            body[key] = user[key]
+    if user.get("aud") and user["aud"] != "authenticated":
+        body["aud"] = user["aud"]
+    ban = banned_for(user, now)
+    if ban:
+        body["ban_duration"] = ban
+    return body
+
+
+def metadata_update_body(target, live):
+    """The update that makes a live user's metadata equal to target's: the admin API merges key
+    by key, so a key target lacks is sent as null (which removes it)."""
+    body = {}
+    for key in ("user_metadata", "app_metadata"):
+        want, have = user_metadata_of(target, key), user_metadata_of(live, key)
+        if want != have:
+            body[key] = {**{k: None for k in have if k not in want}, **want}
+    return body
+
+
+def user_differences(want, have, created):
+    """What of a user the verification finds different (a list of field names)."""
+    fields = ["user_metadata", "app_metadata"]
+    if created:
+        fields += ["email", "phone", "role"]
+    found = [f for f in fields if (user_metadata_of(want, f) != user_metadata_of(have, f)
+                                   if f.endswith("metadata") else
+                                   (want.get(f) or "") != (have.get(f) or ""))]
+    if created:
+        found += [f for f in ("email_confirmed_at", "phone_confirmed_at", "banned_until")
+                  if bool(want.get(f)) != bool(have.get(f)) and
+                  (f != "banned_until" or banned_for(want, utc_now()))]
+    return found
+
+
+def auth_failure(what, exc):
+    """One line for an auth admin API error (ApiRejected, or a BackupError's message)."""
+    if isinstance(exc, ApiRejected):
+        return f"{what}: the auth server answered {exc.status} {exc.code} {one_line(exc.message)}"
+    return f"{what}: {one_line(exc)}"
+
+
+class AuthRestore:
+    """The auth users of one restore or rollback (RestoreRun calls one method per step): the
+    plan (users to create, metadata to put back), the writes, the verification, the undo."""
+
+    def __init__(self, file_users, update_metadata, mode):
+        self.file_users, self.update_metadata, self.mode = file_users, update_metadata, mode
+        self.live = {}
+        self.to_create, self.to_update, self.anonymous, self.left = [], [], [], []
+        self.created, self.updated = [], []  # ids written by this run, in order
+        self.conflicts = []
+
+    @classmethod
+    def for_run(cls, run, path):
+        """The auth part of a run, or None: a restore with --auth, or a rollback to a file that
+        holds users; without --auth a file's users are left alone, in one line."""
+        rollback = run.mode == "rollback"
+        users = read_auth_entry(path)
+        if users is None:
+            if getattr(run.args, "auth", False):
+                raise ValidationError(f"--auth: {path.name} holds no auth users (it was backed "
+                                      f"up without --auth); the database was not touched")
+            return None
+        if not rollback and not getattr(run.args, "auth", False):
+            log.info("%s holds %d auth users: left alone (add --auth to restore them)",
+                     path.name, len(users))
+            return None
+        return cls(users, rollback or getattr(run.args, "update_users", False), run.mode)
+
+    # -- step 3: the plan
+
+    def plan(self, api):
+        """Users to create (the file's, by id, that the project lacks), metadata to put back
+        (only when asked); conflicts (a user to create whose email or phone a live user with
+        another id holds) are collected for the run to refuse."""
+        self.live, _ = list_auth_users(api, "reading the live auth users")
+        emails = {u["email"].lower(): i for i, u in self.live.items() if u.get("email")}
+        phones = {u["phone"]: i for i, u in self.live.items() if u.get("phone")}
+        for user_id, user in sorted(self.file_users.items()):
+            live = self.live.get(user_id)
+            if live is None:
+                if not user.get("email") and not user.get("phone"):
+                    self.anonymous.append(user_id)
+                    continue
+                holder = (emails.get((user.get("email") or "").lower())
+                          or phones.get(user.get("phone") or ""))
+                if holder:
+                    taken = "email " + user["email"] if emails.get(
+                        (user.get("email") or "").lower()) else "phone " + user["phone"]
+                    self.conflicts.append(f"{user_id} ({taken} belongs to live user {holder})")
+                else:
+                    self.to_create.append(user_id)
+            elif metadata_update_body(user, live):
+                (self.to_update if self.update_metadata else self.left).append(user_id)
+        return self.conflicts
+
+    def describe(self):
+        """The plan's lines, the limits included (never hidden)."""
+        lines = [f"{AUTH_ENTRY}: {len(self.file_users)} users in the file, {len(self.live)} "
+                 f"live; {len(self.to_create)} to create, {len(self.to_update)} whose metadata "
+                 f"to put back, none deleted"]
+        if self.left:
+            lines.append(f"  {len(self.left)} live user(s) differ from the file in metadata: "
+                         f"left as they are (--update-users puts the file's back)")
+        if self.anonymous:
+            lines.append(f"  {len(self.anonymous)} anonymous user(s) of the file cannot be "
+                         f"created through the admin API: not restored")
+        lines += [f"  not restored: {limit}" for limit in AUTH_LIMITS[:3]]
+        return lines
+
+    def summary(self):
+        return {"in_file": len(self.file_users), "live_before": len(self.live),
+                "to_create": len(self.to_create), "to_update": len(self.to_update),
+                "created": list(self.created), "updated": list(self.updated),
+                "left_as_they_are": len(self.left), "anonymous_not_restored": self.anonymous,
+                "limits": list(AUTH_LIMITS)}
+
+    # -- step 4: the writes, before the tables
+
+    def write(self, api, progress, on_change):
+        """Create the planned users, then put back the planned metadata; on_change() after each
+        write (the log keeps the ids written so far, for an interrupted run)."""
+        now = utc_now()
+        progress.start(f"{AUTH_ENTRY}: creating users", len(self.to_create), unit="users")
+        for user_id in self.to_create:
+            self.create(api, user_id, create_user_body(self.file_users[user_id], now))
+            self.created.append(user_id)
+            on_change()
+            progress.advance(1)
+        progress.done(f"  {AUTH_ENTRY}: {len(self.created)} users created" if self.created
+                      else None)
+        for user_id in self.to_update:
+            self.put(api, user_id, metadata_update_body(self.file_users[user_id],
+                                                        self.live[user_id]), "putting back")
+            self.updated.append(user_id)
+            on_change()
+        if self.updated:
+            log.info("  %s: metadata put back on %d users", AUTH_ENTRY, len(self.updated))
+
+    def create(self, api, user_id, body):
+        """One user created with its id. Sent once (a create is not idempotent); when the
+        answer is lost or refused, the user is looked up: one that exists now was created."""
+        what = f"creating auth user {user_id}"
+        try:
+            api.request(what, "POST", body=compact_json(body).encode(), writes="once",
+                        auth_path="/admin/users")
+            return
+        except (ApiRejected, BackupError) as exc:
+            failure = auth_failure(what, exc)
+        if self.find(api, user_id) is None:
+            raise RestoreFailure(AUTH_ENTRY, failure + " (the user was not created)",
+                                 named=True)
+
+    def put(self, api, user_id, body, verb):
+        try:
+            api.request(f"{verb} the metadata of auth user {user_id}", "PUT",
+                        body=compact_json(body).encode(), writes=True,
+                        auth_path=f"/admin/users/{user_id}")
+        except ApiRejected as exc:
+            raise RestoreFailure(AUTH_ENTRY, auth_failure(f"{verb} the metadata of auth user "
+                                                          f"{user_id}", exc), named=True) from None
+
+    @staticmethod
+    def find(api, user_id):
+        """The live user with this id, or None."""
+        try:
+            response = api.request(f"reading auth user {user_id}", "GET", writes=True,
+                                   auth_path=f"/admin/users/{user_id}")
+        except ApiRejected as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return json.loads(response.content)
+
+    # -- step 5: verify
+
+    def verify(self, api):
+        """Every user of the file (but the anonymous) live, as planned: the created ones with
+        the file's email, phone, role, metadata and confirmed state; the updated ones with its
+        metadata. Returns the problems (empty: verified)."""
+        live, _ = list_auth_users(api, "verifying the auth users")
+        problems = []
+        for user_id, user in sorted(self.file_users.items()):
+            if user_id in self.anonymous:
+                continue
+            have = live.get(user_id)
+            if have is None:
+                problems.append(f"user {user_id} is missing")
+                continue
+            created = user_id in self.created
+            if created or user_id in self.updated:
+                differ = user_differences(user, have, created)
+                if differ:
+                    problems.append(f"user {user_id} differs in {', '.join(differ)}")
+        return problems
+
+    # -- step 7: undo
+
+    def roll_back(self, api):
+        """Undo this run's writes: metadata put back as it was, users it created deleted (only
+        while they have never signed in). Returns the problems (empty: exact)."""
+        problems = []
+        for user_id in reversed(self.updated):
+            try:
+                have = self.find(api, user_id)
+                if have is not None:
+                    body = metadata_update_body(self.live[user_id], have)
+                    if body:
+                        self.put(api, user_id, body, "rolling back")
+            except (RestoreFailure, BackupError, ApiRejected) as exc:
+                problems.append(one_line(exc))
+        for user_id in reversed(self.created):
+            try:
+                have = self.find(api, user_id)
+                if have is None:
+                    continue
+                if have.get("last_sign_in_at"):
+                    problems.append(f"user {user_id}, created by this {self.mode}, has signed in "
+                                    f"since: not deleted")
+                    continue
+                api.request(f"deleting auth user {user_id} (created by this {self.mode})",
+                            "DELETE", body=b'{"should_soft_delete":false}', writes=True,
+                            auth_path=f"/admin/users/{user_id}")
+            except (BackupError, ApiRejected) as exc:
+                if isinstance(exc, ApiRejected) and exc.status == 404:
+                    continue  # gone already (an answer lost on the way)
+                problems.append(auth_failure(f"deleting auth user {user_id}", exc))
+        if not problems:
+            live, _ = list_auth_users(api, "verifying the auth users after the rollback")
+            problems = [f"user {i} created by this {self.mode} is still there"
+                        for i in self.created if i in live]
+            problems += [f"user {i} is missing after the rollback" for i in self.live
+                         if i not in live]
+        return problems
+
+    def extra_live_users(self):
+        """Live users the file does not hold (a rollback leaves them: see SAFETY.md)."""
+        return sorted(set(self.live) - set(self.file_users))
 
 
 # --- 16. Retention and the heartbeat --------------------------------------------------------------
@@ -5754,7 +6275,8 @@ def back_up_tables(args, config, role, path, shown):
         log.info("backing up %d table(s) from %s to %s", len(tables), config.host, shown)
         note = ("made with a key that is not the service role (--allow-rls-limited): row level "
                 "security may have hidden rows" if role != SERVICE_ROLE else None)
-        summary = snapshot(api, tables, discovered, path, config.host, role, progress, note)
+        summary = snapshot(api, tables, discovered, path, config.host, role, progress, note,
+                           auth=wants_auth_users(args, config))
     finally:
         api.close()
     summary["requests"] = api.requests
@@ -6084,7 +6606,12 @@ def diff_backup(args, config, backup):
     path = backup.path
     log.info("reading %s", backup.shown)
     header, in_file = check_backup(path)
-    tables = args.tables or list(in_file)
+    tables = args.tables or [name for name, entry in in_file.items()
+                             if not entry_kind(entry["meta"])]
+    entries = [name for name in tables if name in in_file and entry_kind(in_file[name]["meta"])]
+    if entries:
+        raise ValidationError(f"{', '.join(entries)} in {path.name} is not a table (its kind: "
+                              f"{in_file[entries[0]]['meta']['kind']}); diff compares tables")
     missing = [name for name in tables if name not in in_file]
     if missing:
         raise ValidationError(f"{', '.join(missing)} not in {path.name} (it holds "
@@ -6272,6 +6799,7 @@ def build_parser():
         ["backup", "--quiet backup --keep 14",
          "backup --tables users,packages,bookings --output /mnt/offsite/today.json.gz",
          "backup --exclude audit_log --json",
+         "--quiet backup --auth --keep 14     # tables and auth users",
          "--quiet backup --encrypt-to age1... --to s3://my-bucket/supabase/ --keep-daily 7 "
          "--keep-weekly 5 --keep-monthly 12 --ping https://hc-ping.com/UUID"])
     backup.add_argument("--tables", type=table_list, action="extend", metavar="A,B",
@@ -6295,6 +6823,10 @@ def build_parser():
     backup.add_argument("--ping", type=ping_url, metavar="URL",
                         help="heartbeat: ping URL/start, then URL on success or URL/fail "
                              "(default: BACKUP_PING_URL)")
+    backup.add_argument("--auth", action="store_true", default=None,
+                        help="also back up every auth user through the auth admin API, as the "
+                             "entry auth.users (default: BACKUP_AUTH=1); the API gives no "
+                             "password hashes (see SAFETY.md)")
     backup.add_argument("--allow-rls-limited", action="store_true",
                         help="accept a key that is not the service role; row level security may "
                              "then hide rows (the file and the log say so); needs --tables")
@@ -6340,7 +6872,8 @@ def build_parser():
         "restore a backup file; with --safe behind a safety backup and an automatic rollback",
         ["restore --safe --file supabase_backup_20251128_074723.json.gz",
          "restore --safe --dry-run --file supabase_backup_20251128_074723.json.gz",
-         "restore --safe --tables bookings --critical users,packages,bookings --file FILE"])
+         "restore --safe --tables bookings --critical users,packages,bookings --file FILE",
+         "restore --safe --auth --file FILE     # auth users first, then the tables"])
     restore.add_argument("--file", required=True, metavar="FILE",
                          help="the backup to restore: a path, a file name in backups/, or "
                               "s3://bucket/prefix/NAME")
@@ -6357,6 +6890,14 @@ def build_parser():
     restore.add_argument("--ignore-columns", type=table_list, action="extend", metavar="C",
                          help="columns left out of verification, e.g. updated_at kept current by "
                               "a trigger (default: VERIFY_IGNORE_COLUMNS)")
+    restore.add_argument("--auth", action="store_true",
+                         help="also restore the file's auth users: create those the project "
+                              "lacks (original id, email, phone, metadata, confirmed state), "
+                              "before the tables; never deletes a user (see SAFETY.md for what "
+                              "cannot come back)")
+    restore.add_argument("--update-users", action="store_true",
+                         help="with --auth: also put back the user and app metadata of users "
+                              "that exist but differ from the file")
     restore.add_argument("--no-rollback", action="store_true",
                          help="on failure keep what was restored instead of rolling back "
                               "(the safety backup stays available for rollback)")
@@ -6429,6 +6970,8 @@ def build_parser():
 
 def check_usage(parser, args):
     """Usage mistakes argparse cannot see by itself; each one exits 2 through parser.error."""
+    if getattr(args, "update_users", False) and not args.auth:
+        parser.error("--update-users applies to the auth users a restore writes: add --auth")
     if args.command is None:
         # A bare run: the whole help (the commands, examples, exit codes), not just "COMMAND
         # is required".

@@ -460,3 +460,67 @@ CREATE POLICY "Users can view reviews of their own bookings" ON public.reviews
 
 GRANT ALL ON ALL TABLES IN SCHEMA public TO anon, authenticated, service_role;
 GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO anon, authenticated, service_role;
+
+-- ---------------------------------------------------------------------------
+-- Auth users and the public table that refers to them (issue 17)
+-- ---------------------------------------------------------------------------
+-- 300 users in auth.users (the auth server's table, tests/local_auth.py), as the
+-- auth admin API would have made them: some confirmed by email, some by phone,
+-- some not at all, two banned until far in the future, nested and unicode
+-- metadata. Users 101-120 were created in the same instant (a bulk import), so
+-- the admin API's order (created_at DESC, nothing else) does not order them.
+-- public.profiles refers to 250 of them (ON DELETE CASCADE, as Supabase's
+-- guide writes it), so that restoring users must come before restoring it.
+--
+-- Rows:  auth.users 300; profiles 250.
+
+INSERT INTO auth.users (instance_id, id, aud, role, email, phone, encrypted_password,
+                        email_confirmed_at, phone_confirmed_at, raw_app_meta_data,
+                        raw_user_meta_data, is_super_admin, created_at, updated_at,
+                        last_sign_in_at, banned_until, is_anonymous)
+SELECT '00000000-0000-0000-0000-000000000000',
+       md5('auth-user-' || n)::uuid,
+       'authenticated', 'authenticated',
+       'user' || n || '@example.com',
+       CASE WHEN n % 5 = 0 THEN '4470000' || lpad(n::text, 5, '0') END,
+       '$2a$10$' || md5('password-' || n),
+       CASE WHEN n % 7 <> 0 THEN created + interval '5 minutes' END,
+       CASE WHEN n % 10 = 0 THEN created + interval '9 minutes' END,
+       jsonb_build_object('provider', 'email',
+                          'providers', CASE WHEN n % 5 = 0 THEN '["email", "phone"]'::jsonb
+                                            ELSE '["email"]'::jsonb END)
+         || CASE WHEN n % 50 = 0 THEN '{"roles": ["admin"], "tier": 2}'::jsonb
+                 ELSE '{}'::jsonb END,
+       jsonb_build_object('full_name', CASE WHEN n % 9 = 0 THEN 'Zoë “Z” Müller-' || n
+                                            ELSE 'User ' || n END,
+                          'prefs', jsonb_build_object('lang', CASE WHEN n % 3 = 0 THEN 'pt'
+                                                                   ELSE 'en' END,
+                                                      'news', n % 2 = 0),
+                          'score', n * 1.5),
+       false, created, created + interval '1 hour',
+       CASE WHEN n % 4 = 0 THEN created + interval '2 hours' END,
+       CASE WHEN n IN (13, 26) THEN timestamptz '2126-01-01 00:00:00+00' END,
+       false
+FROM (SELECT n, CASE WHEN n BETWEEN 101 AND 120 THEN timestamptz '2026-02-01 12:00:00+00'
+                     ELSE timestamptz '2026-01-01 00:00:00+00' + n * interval '17 minutes'
+                END AS created
+      FROM generate_series(1, 300) AS n) AS u;
+
+CREATE TABLE public.profiles (
+    id           uuid PRIMARY KEY REFERENCES auth.users (id) ON DELETE CASCADE,
+    display_name text NOT NULL,
+    bio          text,
+    updated_at   timestamptz NOT NULL DEFAULT timestamptz '2026-03-01 00:00:00+00'
+);
+COMMENT ON TABLE public.profiles IS 'One profile per auth user (not every user has one).';
+
+INSERT INTO public.profiles (id, display_name, bio)
+SELECT md5('auth-user-' || n)::uuid, 'Profile ' || n,
+       CASE WHEN n % 3 = 0 THEN NULL ELSE 'Traveller #' || n || E'\nloves ☀️' END
+FROM generate_series(1, 250) AS n;
+
+ALTER TABLE public.profiles ENABLE ROW LEVEL SECURITY;
+CREATE POLICY "Users can view their own profile" ON public.profiles
+    FOR SELECT TO authenticated
+    USING ((SELECT auth.uid()) = id);
+GRANT ALL ON public.profiles TO anon, authenticated, service_role;

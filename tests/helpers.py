@@ -23,7 +23,7 @@ import supabase_backup  # noqa: E402
 
 # Every setting the tool reads: tests clear them so that no real .env or environment leaks in.
 SETTINGS = ("SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "SUPABASE_KEY", "SUPABASE_BACKUP_DIR",
-            "BACKUP_TABLES", "CRITICAL_TABLES", "VERIFY_IGNORE_COLUMNS", "BACKUP_REMOTE",
+            "BACKUP_TABLES", "BACKUP_AUTH", "CRITICAL_TABLES", "VERIFY_IGNORE_COLUMNS", "BACKUP_REMOTE",
             "BACKUP_ENCRYPT_TO", "BACKUP_AGE_IDENTITY", "SAFETY_ENCRYPT_TO", "BACKUP_PING_URL")
 FAST_RETRIES = (0.01, 0.01, 0.01)
 
@@ -46,7 +46,7 @@ def run(capsys, data, *argv):
 
 
 DEMO_TABLES = ("app_settings", "audit_events", "bookings", "package_tags", "packages", "payments",
-               "reviews", "users")
+               "profiles", "reviews", "users")
 NO_UPDATED_AT = {"bookings": ["updated_at"]}
 # A transient server error that outlasts the retries of one request, then goes away, so that the
 # restore fails and its rollback can succeed.
@@ -215,10 +215,10 @@ def wait_for(condition, timeout=20.0, what="the condition"):
         time.sleep(0.01)
 
 
-def start_restore(stack, data, tmp_path, path, command=None):
+def start_restore(stack, data, tmp_path, path, command=None, table="users"):
     """`python supabase_backup.py restore --safe --file PATH` (or the command given) in a process
-    of its own, once it is writing to users (a write more than users has had so far)."""
-    writes_before = stack.writes("users")
+    of its own, once it is writing to table (a write more than it has had so far)."""
+    writes_before = stack.writes(table)
     script = tmp_path / "app" / "supabase_backup.py"
     script.parent.mkdir()
     shutil.copy(REPO_ROOT / "supabase_backup.py", script)
@@ -229,8 +229,8 @@ def start_restore(stack, data, tmp_path, path, command=None):
     process = subprocess.Popen([sys.executable, str(script), *command], cwd=tmp_path, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: stack.writes("users") > writes_before,
-                 what="the restore to write to users")
+        wait_for(lambda: stack.writes(table) > writes_before,
+                 what=f"the restore to write to {table}")
     except BaseException:
         process.kill()
         process.wait()

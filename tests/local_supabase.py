@@ -9,7 +9,8 @@ PostgREST-compatible API.
 starts PostgreSQL (pip-installed, see requirements-dev.txt; as an unprivileged
 user when run as root), creates Supabase's roles and grants, loads the demo
 travel-booking schema (tests/demo_schema.sql) or your own schema dump, serves
-the API on 127.0.0.1 under /rest/v1, prints SUPABASE_URL,
+the API on 127.0.0.1 under /rest/v1 (and the auth admin API under /auth/v1,
+tests/local_auth.py, over auth.users), prints SUPABASE_URL,
 SUPABASE_SERVICE_ROLE_KEY, SUPABASE_ANON_KEY and DATABASE_URL (and writes them
 to --env-file), and runs until Ctrl-C, then removes everything it started.
 With --s3 it also starts an S3-compatible server (moto's) on 127.0.0.1 with a
@@ -55,6 +56,8 @@ from pathlib import Path
 import jwt
 import psycopg
 from psycopg_pool import ConnectionPool
+
+from local_auth import AUTH_USERS_SQL, AuthAdmin, GoTrueError
 
 HERE = Path(__file__).resolve().parent
 DEMO_SCHEMA = HERE / "demo_schema.sql"
@@ -169,14 +172,7 @@ $$;
 CREATE FUNCTION auth.email() RETURNS text LANGUAGE sql STABLE AS $$
   SELECT auth.jwt() ->> 'email'
 $$;
-CREATE TABLE auth.users (
-  id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-  email text,
-  raw_user_meta_data jsonb,
-  created_at timestamptz DEFAULT now()
-);
-GRANT SELECT ON auth.users TO service_role;
-GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA auth TO anon, authenticated, service_role;
+""" + AUTH_USERS_SQL + r"""GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA auth TO anon, authenticated, service_role;
 
 -- uuid-ossp is not in every PostgreSQL build; Supabase schemas often call it.
 CREATE FUNCTION extensions.uuid_generate_v4() RETURNS uuid LANGUAGE sql VOLATILE AS $$
@@ -1608,12 +1604,13 @@ class ApiHandler(BaseHTTPRequestHandler):
             if path.startswith("/_local/"):
                 status = self._admin(method, path, body)
                 return
-            if not path.startswith("/rest/v1"):
+            auth = path.startswith("/auth/v1/")  # the auth server (tests/local_auth.py)
+            if not path.startswith("/rest/v1") and not auth:
                 status = 404
                 self._send(404, b'{"message":"no Route matched with those values"}', method=method)
                 return
             rest = path[len("/rest/v1"):].strip("/")
-            table = urllib.parse.unquote(rest) if rest else None
+            table = "auth.users" if auth else urllib.parse.unquote(rest) if rest else None
             self._record.table = table
             faults = stack.faults.pick(method, table)
             drop_after = False
@@ -1625,17 +1622,23 @@ class ApiHandler(BaseHTTPRequestHandler):
                 elif f.action == "drop":
                     drop_after = True
                 elif f.action == "error" and f.when == "before":
-                    raise ApiError(f.status, f.code, f.message)
-            status, out, headers = self._serve(method, table, parsed.query, body)
+                    raise (GoTrueError if auth else ApiError)(f.status, f.code, f.message)
+            status, out, headers = (self._serve_auth(method, path[len("/auth/v1"):],
+                                                     parsed.query, body) if auth else
+                                    self._serve(method, table, parsed.query, body))
             for f in faults:
                 if f.action == "error" and f.when == "after":
-                    raise ApiError(f.status, f.code, f.message)
+                    raise (GoTrueError if auth else ApiError)(f.status, f.code, f.message)
             self._send(status, out, headers, method, drop_after_headers=drop_after)
         except ApiError as err:
             status = err.status
             headers = {"Proxy-Status": f"PostgREST; error={err.code}"}
             headers.update(err.headers)
             self._send(err.status, err.body(), headers, method)
+        except GoTrueError as err:
+            status = err.status
+            version = self.headers.get("X-Supabase-Api-Version")
+            self._send(err.status, err.body(version), err.headers(version), method)
         except DropConnection:
             status = 0
             self._log_request(status)
@@ -1679,6 +1682,18 @@ class ApiHandler(BaseHTTPRequestHandler):
                "requests": [vars(r) for r in stack.requests] if path.endswith("requests") else None}
         self._send(200, json.dumps(out).encode(), method=method)
         return 200
+
+    def _serve_auth(self, method: str, path: str, query: str, body: bytes):
+        """/auth/v1/...: the auth admin API (tests/local_auth.py), behind the gateway's key
+        check (an sb_secret_ key stands for the service role, as the gateway turns it into a
+        service_role JWT)."""
+        auth = self.headers.get("Authorization", "")
+        has_token = auth.lower().startswith("bearer ") and bool(auth[7:].strip())
+        try:
+            role = self._role_and_claims()[0] if has_token else None
+        except ApiError:
+            role = None
+        return self.server.stack.auth.serve(method, path, query, body, role, has_token)
 
     def _role_and_claims(self) -> tuple[str, dict, bool]:
         """(role, claims, authenticated-by-token) from Authorization or apikey."""
@@ -2175,6 +2190,7 @@ class LocalSupabase:
         self.requests: list[RequestRecord] = []
         self.cluster: PostgresCluster | None = None
         self.pool: ConnectionPool | None = None
+        self.auth: AuthAdmin | None = None  # the auth admin API (tests/local_auth.py)
         self.httpd: ApiServer | None = None
         self._cache: dict[str, Relation] = {}
         self._cache_version: int | None = None
@@ -2192,6 +2208,7 @@ class LocalSupabase:
             self.pool = ConnectionPool(self.cluster.dsn("authenticator"), min_size=2,
                                        max_size=16, open=True, timeout=30,
                                        kwargs={"prepare_threshold": None})
+            self.auth = AuthAdmin(self.database_url)
             self.httpd = ApiServer(("127.0.0.1", self.port), self)
             self.port = self.httpd.server_address[1]
             threading.Thread(target=self.httpd.serve_forever, name="local-supabase-api",
@@ -2217,6 +2234,7 @@ class LocalSupabase:
         """Drop everything in public and load the schema again (fresh demo data)."""
         with psycopg.connect(self.database_url, autocommit=True) as conn:
             conn.execute("DROP SCHEMA public CASCADE")
+            conn.execute("DELETE FROM auth.users")  # the demo's users come back with it
             conn.execute(PUBLIC_SCHEMA_SQL)
         self.load_schema()
         self.faults.clear()
@@ -2230,6 +2248,9 @@ class LocalSupabase:
         if self.pool:
             self.pool.close()
             self.pool = None
+        if self.auth:
+            self.auth.close()
+            self.auth = None
         if self.cluster:
             self.cluster.stop()
             self.cluster = None

@@ -37,7 +37,7 @@ from helpers import (  # noqa: E402
 from local_supabase import make_jwt  # noqa: E402
 
 DEMO_TABLES = {"app_settings": 5, "audit_events": 1500, "bookings": 5000, "package_tags": 900,
-               "packages": 300, "payments": 3000, "reviews": 500, "users": 2000}
+               "packages": 300, "payments": 3000, "profiles": 250, "reviews": 500, "users": 2000}
 BACKUP_NAME = re.compile(r"supabase_backup_\d{8}_\d{6}\.json\.gz")
 
 # The supabase client passes postgrest options it has itself deprecated; not ours to fix.
@@ -139,7 +139,7 @@ def test_backup_of_every_demo_table_equals_the_database(stack, db, data, capsys)
     assert abs(datetime.datetime.now(datetime.timezone.utc) - stamp) < datetime.timedelta(
         minutes=1), "the file name carries the UTC time"
     document = load(path)
-    assert document["format"] == "supabase_backup" and document["format_version"] == 2
+    assert document["format"] == "supabase_backup" and document["format_version"] == 3
     assert document["complete"] is True and document["rls_limited"] is False
     assert document["project_host"] == stack.url.split("://")[1]
     assert set(document["tables"]) == set(DEMO_TABLES), "every table, and no view, by default"

@@ -299,7 +299,7 @@ def test_diff_is_silent_on_identical_data_and_names_every_difference(fresh_stack
     code, out, err = run(capsys, data, "diff", "--file", path.name)
     assert code == 0, err
     assert out == ""
-    assert "no differences: 8 table(s)" in err
+    assert "no differences: 9 table(s)" in err
     assert write_requests(stack) == []
 
     db.execute("DELETE FROM payments WHERE id IN (5, 6)")

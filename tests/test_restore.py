@@ -75,8 +75,8 @@ def test_restore_brings_back_the_backup_and_leaves_rows_added_since_alone(fresh_
     # users two updates, audit_events the copy it lacked.
     assert {table: len(write_requests(stack, table)) for table in DEMO_TABLES
             if table != "packages"} == {"app_settings": 1, "audit_events": 1, "bookings": 1,
-                                        "package_tags": 1, "payments": 1, "reviews": 1,
-                                        "users": 1}
+                                        "package_tags": 1, "payments": 1, "profiles": 0,
+                                        "reviews": 1, "users": 1}
 
     log = restore_log(data)
     assert log["status"] == "succeeded"
@@ -90,7 +90,8 @@ def test_restore_brings_back_the_backup_and_leaves_rows_added_since_alone(fresh_
                for table, entry in log["tables_restored"].items()}
     assert outcome == {"app_settings": (1, 1, 0), "audit_events": (1, 0, 0),
                        "bookings": (1, 20, 0), "package_tags": (0, 3, 0), "packages": (0, 1, 0),
-                       "payments": (3, 0, 0), "reviews": (1, 0, 0), "users": (0, 2, 0)}
+                       "payments": (3, 0, 0), "profiles": (0, 0, 0), "reviews": (1, 0, 0),
+                       "users": (0, 2, 0)}
     assert log["tables_restored"]["bookings"]["unchanged"] == 5000 - 21
     assert log["tables_failed"] == [] and log["mismatches"] == []
     assert (log["total_inserted"], log["total_updated"], log["total_errors"]) == (7, 27, 0)

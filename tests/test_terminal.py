@@ -282,7 +282,7 @@ def test_auth_users_is_said_to_be_outside_a_backup(stack, data, capsys):
     code, _, err = run(capsys, data, "backup", "--tables", "auth.users")
     assert code == 3
     line = error_line(err)
-    assert "auth.users is not in the public schema" in line and "not auth users" in line
+    assert "auth.users is not in the public schema" in line and "with --auth the auth users" in line
 
 
 def test_a_url_error_says_where_the_url_was_set(stack, data, capsys, monkeypatch, tmp_path):
