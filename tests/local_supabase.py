@@ -56,6 +56,8 @@ import jwt
 import psycopg
 from psycopg_pool import ConnectionPool
 
+from local_storage import STORAGE_PREFIX, LocalStorage, StorageError
+
 HERE = Path(__file__).resolve().parent
 DEMO_SCHEMA = HERE / "demo_schema.sql"
 EXPOSED_SCHEMA = "public"
@@ -1608,6 +1610,9 @@ class ApiHandler(BaseHTTPRequestHandler):
             if path.startswith("/_local/"):
                 status = self._admin(method, path, body)
                 return
+            if path.startswith(STORAGE_PREFIX + "/") and stack.storage is not None:
+                status = self._storage(method, path, parsed.query, body)
+                return
             if not path.startswith("/rest/v1"):
                 status = 404
                 self._send(404, b'{"message":"no Route matched with those values"}', method=method)
@@ -1652,6 +1657,31 @@ class ApiHandler(BaseHTTPRequestHandler):
                 raise
         finally:
             self._log_request(status)
+
+    def _storage(self, method: str, path: str, query: str, body: bytes) -> int:
+        """The Storage API (tests/local_storage.py), with the fault switchboard: a fault's table
+        is storage.bucket, storage.list, storage.download, storage.upload or storage.delete."""
+        stack = self.server.stack
+        route = path[len(STORAGE_PREFIX):]
+        label = ("storage.bucket" if route.startswith("/bucket") else
+                 "storage.list" if route.startswith("/object/list/") else
+                 "storage.download" if method in ("GET", "HEAD") else
+                 "storage.upload" if method in ("POST", "PUT") else "storage.delete")
+        self._record.table = label
+        try:
+            faults = stack.faults.pick(method, label)
+            self.storage_faults = [f for f in faults if f.action == "drop" and f.when == "after"]
+            for f in faults:
+                if f.action == "latency":
+                    time.sleep(f.delay)
+                elif f.action == "drop" and f.when == "before":
+                    raise DropConnection
+                elif f.action == "error":
+                    raise StorageError(f.status, f.code, f.message)
+            return stack.storage.handle(self, method, path, query, body)
+        except StorageError as err:
+            self._send(err.status, err.body(), {}, method)
+            return err.status
 
     def _admin(self, method: str, path: str, body: bytes) -> int:
         """/_local/faults and /_local/stats: test control for an out-of-process server."""
@@ -2179,6 +2209,7 @@ class LocalSupabase:
         self._cache: dict[str, Relation] = {}
         self._cache_version: int | None = None
         self._cache_lock = threading.Lock()
+        self.storage: LocalStorage | None = None  # the Storage API (local_storage.py)
 
     # -- lifecycle
 
@@ -2189,6 +2220,10 @@ class LocalSupabase:
             with psycopg.connect(self.database_url, autocommit=True) as conn:
                 conn.execute(BOOTSTRAP_SQL)
             self.load_schema()
+            self.storage = LocalStorage(self.database_url)
+            self.storage.install()
+            if self.schema == "demo" and not self.sql_files:
+                self.storage.make_demo()
             self.pool = ConnectionPool(self.cluster.dsn("authenticator"), min_size=2,
                                        max_size=16, open=True, timeout=30,
                                        kwargs={"prepare_threshold": None})
@@ -2219,6 +2254,8 @@ class LocalSupabase:
             conn.execute("DROP SCHEMA public CASCADE")
             conn.execute(PUBLIC_SCHEMA_SQL)
         self.load_schema()
+        if self.storage is not None and self.storage.seed_objects:
+            self.storage.reset()
         self.faults.clear()
         self.requests.clear()
 
@@ -2233,6 +2270,9 @@ class LocalSupabase:
         if self.cluster:
             self.cluster.stop()
             self.cluster = None
+        if self.storage:
+            self.storage.stop()
+            self.storage = None
 
     def __enter__(self) -> "LocalSupabase":
         return self.start()
