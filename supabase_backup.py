@@ -150,8 +150,9 @@ except ImportError:  # a Python without the requirements: missing_package() says
 
 TOOL_VERSION = "0.5.0"
 FORMAT_NAME = "supabase_backup"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # version 1: values as PostgREST sent them (numeric as text)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # version 1: values as PostgREST sent them (numeric as text);
+# version 3: entries of other kinds beside the tables (Storage objects, auth users)
 
 PROG = "supabase_backup.py"
 # The data folder defaults to the script's own folder, so that cron, which starts jobs in $HOME,
@@ -639,6 +640,11 @@ class SupabaseApi:
         # builds them for its own requests.
         self.rest_url = str(self.client.postgrest.base_url).rstrip("/")
         self.headers = dict(self.client.postgrest.headers)
+        # The same for the Storage API, as the client's storage3 builds them (storage3 has no
+        # public accessor for its headers). Its own methods are not used: download() holds a
+        # whole object in memory, and none of them would go through request()'s retries.
+        self.storage_url = str(self.client.storage_url).rstrip("/")
+        self.storage_headers = dict(self.client.storage._headers)
         self.requests = 0
         self.answered = False  # whether the project has answered a request yet
         self._counting = threading.Lock()  # a key range's first page may be read by a thread
@@ -652,7 +658,7 @@ class SupabaseApi:
         self.session.close()
 
     def request(self, what, method, table=None, params=(), prefer=None, body=None,
-                writes=False):
+                writes=False, url=None, headers=None, consume=None, rejected=()):
         """One request, retried on transient failures; returns the httpx response (2xx).
 
         Statement timeouts raise StatementTimeout for the caller to ask for less. With writes,
@@ -660,22 +666,29 @@ class SupabaseApi:
         PostgREST's code, for the caller to split the batch or name the row. Only idempotent
         writes (upserts by key, updates and deletes by key) are retried; a plain insert (a
         table without a key) is sent once.
+
+        The Storage API goes through here too: url (instead of a table) and headers (instead
+        of PostgREST's); body may be a callable that makes the body afresh for each attempt (a
+        file streamed from disk); consume(response) reads a 2xx answer as it streams in, inside
+        the attempt, so that an answer cut off mid-way is retried like a lost connection; the
+        HTTP statuses in rejected (e.g. "404") raise ApiRejected for the caller to act on.
         """
         import httpx
 
-        headers = dict(self.headers)
+        if headers is None:
+            headers = dict(self.headers)
+            if body is not None:
+                headers["Content-Type"] = "application/json"
         if prefer:
             headers["Prefer"] = prefer
-        if body is not None:
-            headers["Content-Type"] = "application/json"
-        path = self.rest_url + "/" + (urllib.parse.quote(table, safe="") if table else "")
+        path = url or self.rest_url + "/" + (urllib.parse.quote(table, safe="") if table else "")
         attempts = len(RETRY_DELAYS) + 1 if not (writes == "once") else 1
         for attempt in range(1, attempts + 1):
             with self._counting:
                 self.requests += 1
             try:
-                response = self.session.request(method, path, params=list(params),
-                                                headers=headers, content=body)
+                response = self._attempt(method, path, params, headers,
+                                         body() if callable(body) else body, consume)
             except httpx.TransportError as exc:
                 if attempt == attempts:
                     raise ConnectionFailure(
@@ -691,6 +704,8 @@ class SupabaseApi:
                 code = error.code
                 if code == STATEMENT_TIMEOUT:
                     raise StatementTimeout(what)
+                if str(response.status_code) in rejected:
+                    raise error
                 # A bare HTTP status (three digits) is the gateway's, not PostgREST's; SQLSTATEs
                 # such as 23503 are all digits too, but five of them.
                 if writes and not is_transient(code) and code not in AUTH_CODES and \
@@ -705,6 +720,22 @@ class SupabaseApi:
             log.warning("%s: %s; retrying in %gs (attempt %d of %d)", what, reason, delay,
                         attempt + 1, attempts, extra={FILE_ONLY: not self.answered})
             time.sleep(delay)
+
+    def _attempt(self, method, url, params, headers, body, consume):
+        """One attempt of request(); with consume, the answer is streamed and read by it."""
+        if consume is None:
+            return self.session.request(method, url, params=list(params), headers=headers,
+                                        content=body)
+        response = self.session.send(self.session.build_request(
+            method, url, params=list(params), headers=headers, content=body), stream=True)
+        try:
+            if response.status_code < 400:
+                consume(response)
+            else:
+                response.read()  # the error body, for ApiRejected
+        finally:
+            response.close()
+        return response
 
     def api_failure(self, what, error, attempts):
         """The BackupError for an API error that retrying did not cure."""
@@ -1320,6 +1351,7 @@ class BackupTable:
 
     def __init__(self, name, meta, events):
         self.name, self.meta, self.trailer = name, meta, None
+        self.kind = entry_kind(meta)
         self.columns = [column["name"] for column in meta.get("columns") or []]
         self._events = events
         self.rows = self._rows()
@@ -1337,11 +1369,25 @@ class BackupTable:
             pass
 
 
-def read_tables(path, parse_rows=True, as_bytes=False, label=None, header=None):
-    """The tables of a backup file in file order, as BackupTable objects: the one way the file
+def entry_kind(meta):
+    """What an entry of a file's "tables" holds: None for a table of the REST API, else its
+    "kind" (storage_buckets, storage_objects, ...). Decided on the kind, never on the name: a
+    table may be called "storage.objects" too."""
+    kind = meta.get("kind") if isinstance(meta, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
+TABLES_ONLY = (None,)  # read_tables(kinds=...): the REST API's tables, the other entries skipped
+
+
+def read_tables(path, parse_rows=True, as_bytes=False, label=None, header=None,
+                kinds=TABLES_ONLY, skipped=None):
+    """The entries of a backup file in file order, as BackupTable objects: the one way the file
     is read (read_backup checks format, checksums and completeness as it goes, and raises
-    ValidationError). header, a dict, receives the file's header; with label, a progress bar
-    over the file says which table is being read."""
+    ValidationError). By default only tables (kind None); kinds names the kinds wanted (None in
+    it: tables), kinds=None every entry; the others are read past, their checksums checked,
+    and named in skipped (a list) with their kinds. header, a dict, receives the file's header;
+    with label, a progress bar over the file says which table is being read."""
     with (progress.over_file(label, path) if label else contextlib.nullcontext()) as on_read:
         events = read_backup(path, parse_rows, as_bytes, on_read)
         for event in events:
@@ -1351,7 +1397,10 @@ def read_tables(path, parse_rows=True, as_bytes=False, label=None, header=None):
                 if label:
                     progress.describe(f"{label}: {event[1]}")
                 table = BackupTable(event[1], event[2], events)
-                yield table
+                if kinds is None or table.kind in kinds:
+                    yield table
+                elif skipped is not None:
+                    skipped.append((table.name, table.kind))
                 table.finish()
 
 
@@ -1487,10 +1536,15 @@ def check_backup(path):
     # The checksums are over the rows' bytes: a file whose checksums match holds exactly the
     # rows that were written, so the rows need not be parsed here.
     for table in read_tables(path, parse_rows=False, label=f"checking {Path(path).name}",
-                             header=header):
+                             header=header, kinds=None):
         table.finish()
         tables[table.name] = {"meta": table.meta, **table.trailer}
     return header, tables
+
+
+def only_tables(entries):
+    """The tables of check_backup's entries (kind None): what list, diff and restore count."""
+    return {name: entry for name, entry in entries.items() if entry_kind(entry["meta"]) is None}
 
 
 # --- 6. Encryption at rest (age) ------------------------------------------------------------------
@@ -2409,8 +2463,10 @@ def check_iso_dates(name, meta, rows):
                 f"DateStyle = 'ISO, MDY';` in the SQL editor, then back up again")
 
 
-def snapshot(api, tables, discovered, path, project_host, role, progress, note=None):
-    """Back up the given tables into one new file at path; returns the backup's summary.
+def snapshot(api, tables, discovered, path, project_host, role, progress, note=None,
+             storage=False):
+    """Back up the given tables (with storage, also Storage's buckets and objects) into one new
+    file at path; returns the backup's summary.
 
     The file appears under its final name only once every table is read completely, and is then
     re-read and verified.
@@ -2445,6 +2501,8 @@ def snapshot(api, tables, discovered, path, project_host, role, progress, note=N
             summary["rows"] += count
             if trailer.get("count_mismatch"):
                 summary["warnings"].append(f"{name} changed during the backup")
+        if storage:
+            summary["storage"] = back_up_storage(api, writer, path.parent, progress)
         writer.finish(finished_at=utc_now().isoformat(), table_count=len(tables),
                       row_count=summary["rows"])
     except OSError as exc:  # disk full, folder gone, quota: the file is thrown away, loudly
@@ -2458,7 +2516,7 @@ def snapshot(api, tables, discovered, path, project_host, role, progress, note=N
         raise
     # Re-read what was written: a backup is only as good as the file on disk.
     header, checked = check_backup(path)
-    if [name for name in checked] != list(tables):
+    if list(only_tables(checked)) != list(tables):
         raise IncompleteBackupError(f"{path} does not read back as written; it was kept for "
                                     f"inspection, but do not rely on it")
     if path.parent.name in (BACKUP_DIR, SAFETY_DIR) and not path.name.startswith(TEMP_PREFIX):
@@ -4515,6 +4573,377 @@ tablesample then to trailing true union unique user using variadic verbose when 
 with""".split())
 
 
+# --- Storage objects ------------------------------------------------------------------------------
+# Supabase Storage's buckets and objects (backup --storage, check, retention). Every request goes
+# through SupabaseApi.request (its session, retries and redaction). An object's bytes are kept
+# once, content-addressed, in objects/ beside the backup file (objects/ab/abcdef..., named by
+# their SHA-256) and shared by every backup there; the file holds the manifest: "storage.buckets"
+# (kind storage_buckets: each bucket's settings) and "storage.objects" (kind storage_objects: one
+# row per object, with its SHA-256). An object whose listing (size, ETag, updated time) equals the
+# newest kept manifest's entry, and whose bytes are in objects/, is not downloaded again.
+
+STORAGE_BUCKETS, STORAGE_OBJECTS = "storage.buckets", "storage.objects"
+KIND_BUCKETS, KIND_OBJECTS = "storage_buckets", "storage_objects"
+STORAGE_KINDS = (KIND_BUCKETS, KIND_OBJECTS)
+OBJECTS_DIR = "objects"
+# Entries asked for per listing request. Storage's own default is 100; its search function
+# returns min(limit, what is left), so a page shorter than asked is the last one.
+LIST_PAGE_SIZE = 1000
+DOWNLOAD_CHUNK = 1 << 20
+MANIFEST_BATCH = 500  # manifest rows written to the file at a time
+BUCKET_FIELDS = ("id", "name", "public", "file_size_limit", "allowed_mime_types")
+OBJECT_FIELDS = ("bucket", "name", "size", "sha256", "content_type", "cache_control",
+                 "user_metadata", "etag", "updated_at", "created_at", "id")
+
+
+def object_url_path(bucket, name):
+    """bucket/name as a URL path: each part quoted, and a part that is "." or ".." written
+    %2E, so that no HTTP library folds it away as a dot segment of the URL."""
+    parts = [urllib.parse.quote(part, safe="") for part in name.split("/")]
+    parts = [part.replace(".", "%2E") if part in (".", "..") else part for part in parts]
+    return urllib.parse.quote(bucket, safe="") + "/" + "/".join(parts)
+
+
+class ObjectStore:
+    """objects/ beside backup files: each object's bytes once, at objects/ab/<sha256>."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+
+    def path(self, sha256):
+        return self.folder / sha256[:2] / sha256
+
+    def has(self, sha256, size):
+        """Whether the bytes of this SHA-256 are here (with the size the manifest says)."""
+        try:
+            return self.path(sha256).stat().st_size == size
+        except (OSError, TypeError):
+            return False
+
+    def digests(self):
+        """The SHA-256 of every object here."""
+        if not self.folder.is_dir():
+            return set()
+        return {p.name for p in self.folder.glob("??/*") if not p.name.startswith(TEMP_PREFIX)}
+
+    def receive(self):
+        """An ObjectReceiver: bytes written to a temporary file, hashed on the way."""
+        make_private_dir(self.folder, tighten=False)
+        return ObjectReceiver(self)
+
+    def digest_of(self, sha256):
+        """The SHA-256 of the file stored under sha256, read in chunks; None when it is missing."""
+        digest = hashlib.sha256()
+        try:
+            with open(self.path(sha256), "rb") as f:
+                for chunk in iter(lambda: f.read(DOWNLOAD_CHUNK), b""):
+                    digest.update(chunk)
+        except OSError:
+            return None
+        return digest.hexdigest()
+
+
+class ObjectReceiver:
+    """One object on its way into the store: a temporary name, SHA-256 while it streams, fsync
+    and rename to its content's name by finish(); abort() throws it away."""
+
+    def __init__(self, store):
+        self.store = store
+        self.temp_path = store.folder / f"{TEMP_PREFIX}{os.getpid()}-{threading.get_ident()}"
+        self.file = open(self.temp_path, "wb")
+        self.sha, self.size = hashlib.sha256(), 0
+
+    def write(self, data):
+        self.sha.update(data)
+        self.size += len(data)
+        self.file.write(data)
+
+    def finish(self):
+        """Put the object in place; returns (sha256, size)."""
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        sha256 = self.sha.hexdigest()
+        target = self.store.path(sha256)
+        if target.exists():  # the same bytes are there already (another object, or a backup)
+            self.temp_path.unlink()
+        else:
+            target.parent.mkdir(mode=0o700, exist_ok=True)
+            os.replace(self.temp_path, target)
+        return sha256, self.size
+
+    def abort(self):
+        self.file.close()
+        self.temp_path.unlink(missing_ok=True)
+
+
+def storage_request(api, what, method, path, body=None, consume=None, rejected=()):
+    """A request to the Storage API (/storage/v1/PATH) through api.request."""
+    headers = dict(api.storage_headers)
+    if isinstance(body, bytes):
+        headers["Content-Type"] = "application/json"
+    return api.request(what, method, url=f"{api.storage_url}/{path}", headers=headers,
+                       body=body, consume=consume, rejected=rejected)
+
+
+def list_buckets(api):
+    """Every bucket, with its settings (GET /bucket)."""
+    response = storage_request(api, "listing the Storage buckets", "GET", "bucket")
+    return json.loads(response.content)
+
+
+def list_folder(api, bucket, prefix):
+    """Every entry of one folder level of a bucket, page by page (POST /object/list/BUCKET):
+    folders (id null) and objects. A bucket that is gone raises TableMissingError."""
+    offset = 0
+    while True:
+        body = compact_json({"prefix": prefix, "limit": LIST_PAGE_SIZE, "offset": offset,
+                             "sortBy": {"column": "name", "order": "asc"}}).encode()
+        try:
+            response = storage_request(api, f"listing {bucket}/{prefix}", "POST",
+                                       "object/list/" + urllib.parse.quote(bucket, safe=""),
+                                       body=body, rejected=("404",))
+        except ApiRejected as exc:
+            raise TableMissingError(f"the bucket {bucket} is gone ({exc.message})") from None
+        page = json.loads(response.content)
+        yield from page
+        if len(page) < LIST_PAGE_SIZE:
+            return
+        offset += len(page)
+
+
+def walk_bucket(api, bucket):
+    """Every object of a bucket as (name, listing entry): every folder level, in name order.
+    A name that starts with "/" or holds "//" has a folder named "" on the way: walked too."""
+    pending = [""]
+    while pending:
+        prefix = pending.pop()
+        folders = []
+        for entry in list_folder(api, bucket, prefix):
+            name = prefix + entry["name"]
+            if entry.get("id") is None:
+                folders.append(name + "/")
+            else:
+                yield name, entry
+        pending.extend(reversed(folders))
+
+
+def download_object(api, store, bucket, name):
+    """Stream an object into the store (memory flat whatever its size); returns (sha256, size),
+    or None when the object is gone. A download cut off mid-way is tried again from the start
+    (request's retries), its partial file thrown away."""
+    received = []
+
+    def consume(response):
+        receiver = store.receive()
+        try:
+            for chunk in response.iter_bytes(DOWNLOAD_CHUNK):
+                receiver.write(chunk)
+            received.append(receiver.finish())
+        except BaseException:
+            receiver.abort()
+            raise
+
+    try:
+        storage_request(api, f"downloading {bucket}/{name}", "GET",
+                        "object/" + object_url_path(bucket, name), consume=consume,
+                        rejected=("404",))
+    except ApiRejected:
+        return None
+    return received[0]
+
+
+def object_user_metadata(api, bucket, name):
+    """An object's user metadata (GET /object/info/BUCKET/NAME); (False, None) when it is gone."""
+    try:
+        response = storage_request(api, f"reading the metadata of {bucket}/{name}", "GET",
+                                   "object/info/" + object_url_path(bucket, name),
+                                   rejected=("404",))
+    except ApiRejected:
+        return False, None
+    return True, json.loads(response.content).get("metadata")
+
+
+def listed_state(entry):
+    """What the listing says of an object's content: (size, ETag, updated time)."""
+    meta = entry.get("metadata") or {}
+    return meta.get("size"), meta.get("eTag"), entry.get("updated_at")
+
+
+def kept_manifest(folder):
+    """{(bucket, name): manifest row} of the newest backup in folder that has Storage objects
+    (empty when none has): what need not be downloaded again."""
+    names = sorted((n for n in local_backup_names(folder) if not n.endswith(AGE_SUFFIX)),
+                   key=lambda n: (backup_time(n), n), reverse=True)
+    for name in names:
+        manifest, found = {}, False
+        try:
+            for entry in read_tables(folder / name, as_bytes=True, kinds=(KIND_OBJECTS,)):
+                found = True
+                for line in entry.rows:
+                    row = parse_row(line)
+                    manifest[(row.get("bucket"), row.get("name"))] = row
+        except ValidationError:
+            continue
+        if found:
+            return manifest
+    return {}
+
+
+def back_up_storage(api, writer, folder, progress):
+    """Write storage.buckets and storage.objects into the backup being written, each object's
+    bytes into folder/objects/ unless they are there already; returns the summary. A bucket
+    deleted during the backup fails it (IncompleteBackupError): no file is written."""
+    store = ObjectStore(folder / OBJECTS_DIR)
+    previous = kept_manifest(folder)
+    buckets = sorted(list_buckets(api), key=lambda b: b.get("id") or "")
+    writer.begin_table(STORAGE_BUCKETS, {"kind": KIND_BUCKETS, "columns": [
+        {"name": name} for name in BUCKET_FIELDS]})
+    writer.write_rows([{name: bucket.get(name) for name in BUCKET_FIELDS} for bucket in buckets])
+    writer.end_table(count_before=len(buckets), count_after=len(buckets))
+    writer.begin_table(STORAGE_OBJECTS, {"kind": KIND_OBJECTS, "objects_folder": OBJECTS_DIR,
+                                         "columns": [{"name": name} for name in OBJECT_FIELDS]})
+    summary = {"buckets": len(buckets), "objects": 0, "bytes": 0, "downloaded": 0,
+               "downloaded_bytes": 0, "unchanged": 0, "vanished": []}
+    progress.start("Storage objects", None, unit="objects")
+    for bucket in (b["id"] for b in buckets):
+        rows = []
+        try:
+            for name, entry in walk_bucket(api, bucket):
+                row = object_row(api, store, bucket, name, entry, previous.get((bucket, name)),
+                                 summary)
+                if row is None:
+                    continue
+                rows.append(row)
+                summary["objects"] += 1
+                summary["bytes"] += row["size"]
+                progress.advance(1)
+                if len(rows) >= MANIFEST_BATCH:
+                    writer.write_rows(rows)
+                    rows = []
+        except TableMissingError as exc:
+            raise IncompleteBackupError(f"Storage: {exc} (deleted during the backup?); no "
+                                        f"backup file was written; run the backup again")
+        writer.write_rows(rows)
+    # Storage lists a bucket that is gone as an empty one: a bucket deleted while its objects
+    # were listed is found by asking for the buckets again, as a table's count after reading.
+    gone = sorted({b["id"] for b in buckets} - {b.get("id") for b in list_buckets(api)})
+    if gone:
+        raise IncompleteBackupError(f"Storage: the bucket(s) {', '.join(gone)} were deleted "
+                                    f"during the backup; no backup file was written; run the "
+                                    f"backup again")
+    writer.end_table(count_before=summary["objects"], count_after=summary["objects"])
+    progress.done(f"  Storage: {summary['objects']} objects in {len(buckets)} bucket(s), "
+                  f"{human_size(summary['bytes'])}; {summary['downloaded']} downloaded "
+                  f"({human_size(summary['downloaded_bytes'])}), {summary['unchanged']} "
+                  f"unchanged since the last backup")
+    for name in summary["vanished"][:MISMATCHES_LISTED]:
+        log.warning("Storage: %s was deleted during the backup; it is not in this backup", name)
+    return summary
+
+
+def object_row(api, store, bucket, name, entry, known, summary):
+    """The manifest row of one listed object: from the kept manifest when the listing says it
+    is unchanged and its bytes are in the store, else downloaded; None when it is gone."""
+    size, etag, updated_at = listed_state(entry)
+    meta = entry.get("metadata") or {}
+    row = {"bucket": bucket, "name": name, "size": size, "sha256": None,
+           "content_type": meta.get("mimetype"), "cache_control": meta.get("cacheControl"),
+           "user_metadata": None, "etag": etag, "updated_at": updated_at,
+           "created_at": entry.get("created_at"), "id": entry.get("id")}
+    if known and (known.get("size"), known.get("etag"), known.get("updated_at")) == \
+            (size, etag, updated_at) and etag and store.has(known.get("sha256"), size):
+        summary["unchanged"] += 1
+        return {**row, "sha256": known["sha256"], "user_metadata": known.get("user_metadata")}
+    got = download_object(api, store, bucket, name)
+    # Storage lists user metadata since its migration 0059; an older one is asked per object.
+    present, user_metadata = (bool(got), entry.get("user_metadata")) \
+        if "user_metadata" in entry or not got else object_user_metadata(api, bucket, name)
+    if not present:
+        summary["vanished"].append(f"{bucket}/{name}")
+        return None
+    sha256, downloaded = got
+    summary["downloaded"] += 1
+    summary["downloaded_bytes"] += downloaded
+    if downloaded != size:
+        # Changed between the listing and the download: the bytes are what was downloaded, and
+        # no ETag is kept, so that the next backup downloads it again.
+        row.update(size=downloaded, etag=None)
+    return {**row, "sha256": sha256, "user_metadata": user_metadata}
+
+
+def verify_objects(path, entries):
+    """check's part for Storage: every object the file's manifest names is in objects/ beside
+    it with that SHA-256. Returns (objects, bytes) checked; raises ValidationError naming what
+    is missing or damaged."""
+    if not any(entry_kind(e["meta"]) == KIND_OBJECTS for e in entries.values()):
+        return None
+    store = ObjectStore(Path(path).parent / OBJECTS_DIR)
+    checked, size, problems, seen = 0, 0, [], {}
+    progress.start("checking Storage objects", None, unit="objects")
+    for entry in read_tables(path, kinds=(KIND_OBJECTS,)):
+        for row in entry.rows:
+            sha256 = row.get("sha256")
+            if sha256 not in seen:
+                seen[sha256] = store.digest_of(sha256) if isinstance(sha256, str) else None
+            actual = seen[sha256]
+            if actual is None:
+                problems.append(f"{row.get('bucket')}/{row.get('name')}: missing from "
+                                f"{store.folder}")
+            elif actual != sha256:
+                problems.append(f"{row.get('bucket')}/{row.get('name')}: its bytes in "
+                                f"{store.folder} do not match its SHA-256 (damaged)")
+            checked += 1
+            size += row.get("size") or 0
+            progress.advance(1)
+    progress.close()
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ValidationError(f"{Path(path).name}: {len(problems)} Storage object(s) cannot be "
+                              f"restored: {'; '.join(problems[:3])}{more}; use another backup")
+    return checked, size
+
+
+def referenced_objects(folder):
+    """The SHA-256 of every object the backups and safety backups in folder refer to; None when
+    one of them cannot be read (then nothing may be collected)."""
+    referenced = set()
+    for path in sorted(folder.iterdir()):
+        if not (BACKUP_NAME_PATTERN.fullmatch(path.name) or
+                SAFETY_NAME_PATTERN.fullmatch(path.name)) or path.name.endswith(AGE_SUFFIX):
+            continue
+        try:
+            for entry in read_tables(path, kinds=(KIND_OBJECTS,)):
+                referenced.update(row.get("sha256") for row in entry.rows)
+        except ValidationError as exc:
+            log.warning("Storage objects in %s/%s were not collected: %s", folder.name,
+                        OBJECTS_DIR, exc)
+            return None
+    return referenced
+
+
+def collect_objects(folder):
+    """Delete the objects in folder/objects/ that no backup there refers to any more (after
+    retention deleted backups); returns how many. Called under the data folder's lock."""
+    store = ObjectStore(folder / OBJECTS_DIR)
+    if not store.folder.is_dir():
+        return 0
+    clear_partial_files(store.folder)
+    present = store.digests()
+    if not present:
+        return 0
+    referenced = referenced_objects(folder)
+    if referenced is None:
+        return 0
+    unreferenced = present - referenced
+    for sha256 in unreferenced:
+        store.path(sha256).unlink(missing_ok=True)
+    if unreferenced:
+        log.info("retention: deleted %d Storage object(s) from %s/%s that no kept backup "
+                 "refers to", len(unreferenced), folder.name, OBJECTS_DIR)
+    return len(unreferenced)
+
+
 # --- 16. Retention and the heartbeat --------------------------------------------------------------
 # Which backups to keep, in backups/ and at the off-site location alike, judged by the UTC time
 # in their names; and the pings that tell a monitor (healthchecks.io and the like) how a
@@ -4617,6 +5046,8 @@ def apply_retention(folder, policy, protect=None, now=None, dry_run=False):
             continue
         deleted.append(name)
         log.info("retention: deleted %s", name)
+    if deleted:
+        collect_objects(folder)
     return plan, deleted
 
 
@@ -4713,6 +5144,7 @@ def backup_summary(path, settings=None, identity=None, data_dir=None):
         return {**entry, "status": f"{kind}: {exc}"}
     if indexed:
         record_in_index(path, header, tables)
+    tables = only_tables(tables)
     return {**entry, "created_at": header.get("created_at"), "encrypted": encrypted,
             "tables": len(tables), "rows": sum(t["row_count"] for t in tables.values()),
             "status": "ok"}
@@ -4738,6 +5170,7 @@ def record_in_index(path, header, tables):
     stat = path.stat()
     index = {key: entry for key, entry in read_index(index_path(path)).items()
              if (path.parent.parent / key).exists()}
+    tables = only_tables(tables)
     index[index_key(path)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
                         "created_at": header.get("created_at"), "tables": len(tables),
                         "rows": sum(t["row_count"] for t in tables.values())}
@@ -5295,6 +5728,19 @@ def backup_recipients(args, settings, option="--encrypt-to", setting="BACKUP_ENC
     return None
 
 
+def backup_storage_wanted(args, settings):
+    """Whether the backup takes Storage too: --storage, else BACKUP_STORAGE=1 (true, yes)."""
+    if getattr(args, "storage", False):
+        return True
+    value = (settings.get("BACKUP_STORAGE") or "").strip().lower()
+    if value in ("", "0", "false", "no"):
+        return False
+    if value in ("1", "true", "yes"):
+        return True
+    raise ConfigError(f"BACKUP_STORAGE is {value!r}; set it to 1 to back up Storage's buckets and "
+                      f"objects, or 0 (or remove it) not to")
+
+
 def heartbeat_for(args):
     """The Heartbeat of a backup: --ping, else BACKUP_PING_URL (an unusable URL is a warning)."""
     url = args.ping
@@ -5342,6 +5788,11 @@ def run_backup(args):
     # typo does not cost a whole backup.
     recipients = backup_recipients(args, config.settings)
     remote = backup_remote(args, config.settings)
+    if backup_storage_wanted(args, config.settings) and (recipients or remote):
+        raise ConfigError(f"--storage cannot be combined with "
+                          f"{'--encrypt-to' if recipients else '--to'} (or its setting): Storage "
+                          f"objects are kept in {BACKUP_DIR}/{OBJECTS_DIR}/, neither encrypted "
+                          f"nor copied off-site; back up Storage in a run of its own without them")
     client = s3_client(config.settings) if remote else None
     policy = RetentionPolicy.from_args(args)
     started = time.monotonic()
@@ -5401,7 +5852,8 @@ def back_up_tables(args, config, role, path, shown):
         log.info("backing up %d table(s) from %s to %s", len(tables), config.host, shown)
         note = ("made with a key that is not the service role (--allow-rls-limited): row level "
                 "security may have hidden rows" if role != SERVICE_ROLE else None)
-        summary = snapshot(api, tables, discovered, path, config.host, role, progress, note)
+        summary = snapshot(api, tables, discovered, path, config.host, role, progress, note,
+                           storage=backup_storage_wanted(args, config.settings))
     finally:
         api.close()
     summary["requests"] = api.requests
@@ -5458,12 +5910,15 @@ def cmd_check(args):
     source = args.file if is_remote(args.file) else find_backup_file(args.file, data_dir)
     with readable_backup(source, local_settings(), args.identity, data_dir) as backup:
         header, tables = check_backup(backup.path)
+        objects = verify_objects(backup.path, tables)
     shown = backup.shown
     if args.json:
         emit(json.dumps({"file": shown, "status": "ok", "encrypted": backup.encrypted,
                           "created_at": header.get("created_at"),
                           "tables": {n: {"rows": t["row_count"], "sha256": t["sha256"]}
-                                     for n, t in tables.items()}}, indent=2))
+                                     for n, t in only_tables(tables).items()},
+                          **({"storage_objects": {"objects": objects[0], "bytes": objects[1]}}
+                             if objects else {})}, indent=2))
         return EXIT_OK
     emit(f"{shown}: intact (format v{header['format_version']}, "
           f"{'age-encrypted, ' if backup.encrypted else ''}created "
@@ -5471,8 +5926,13 @@ def cmd_check(args):
     width = max([len(n) for n in tables] + [5])
     emit(f"  {'table':<{width}}  {'rows':>9}  sha256")
     for name, table in tables.items():
-        emit(f"  {name:<{width}}  {table['row_count']:>9}  {table['sha256'][:16]}...")
-    emit(f"  {len(tables)} tables, {sum(t['row_count'] for t in tables.values())} rows")
+        emit(f"  {name:<{width}}  {table['row_count']:>9}  {table['sha256'][:16]}..."
+             + (f"  ({entry_kind(table['meta'])})" if entry_kind(table["meta"]) else ""))
+    plain = only_tables(tables)
+    emit(f"  {len(plain)} tables, {sum(t['row_count'] for t in plain.values())} rows")
+    if objects:
+        emit(f"  Storage: {objects[0]} objects ({human_size(objects[1])}) present in "
+             f"{OBJECTS_DIR}/ with their SHA-256")
     return EXIT_OK
 
 
@@ -5664,6 +6124,8 @@ def cmd_cleanup_safety(args):
                     continue
             deleted.append(entry)
             freed += entry["bytes"]
+        if deleted and not args.dry_run:
+            collect_objects(data_dir / SAFETY_DIR)
     verb = "would delete" if args.dry_run else "deleted"
     if args.json:
         emit(json.dumps({"dry_run": args.dry_run, "older_than_days": args.older_than,
@@ -5731,6 +6193,7 @@ def diff_backup(args, config, backup):
     path = backup.path
     log.info("reading %s", backup.shown)
     header, in_file = check_backup(path)
+    in_file = only_tables(in_file)
     tables = args.tables or list(in_file)
     missing = [name for name in tables if name not in in_file]
     if missing:
@@ -5913,6 +6376,9 @@ def build_parser():
                         help="write the backup here instead of backups/ (a file or a folder)")
     backup.add_argument("--force", action="store_true",
                         help="let --output replace a file that exists")
+    backup.add_argument("--storage", action="store_true",
+                        help="also back up Storage: every bucket and object, the objects kept "
+                             "once each in backups/objects/ (default: BACKUP_STORAGE=1)")
     add_retention_arguments(backup)
     backup.add_argument("--encrypt-to", metavar="RECIPIENT",
                         help="encrypt the backup to this age public key (age1..., comma-separated "

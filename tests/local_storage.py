@@ -47,9 +47,11 @@ import uuid
 from dataclasses import dataclass
 
 import psycopg
+from psycopg_pool import ConnectionPool
 
 STORAGE_PREFIX = "/storage/v1"
 DEFAULT_LIST_LIMIT = 100  # storage's search: limit defaults to 100
+MAX_LIST_LIMIT = 1500  # and is capped at 1500
 LARGE_OBJECT_SIZE = 52 * 1024 * 1024  # the demo's object over 50 MB
 CHUNK = 1 << 20
 
@@ -91,8 +93,9 @@ ALTER TABLE storage.buckets ENABLE ROW LEVEL SECURITY;
 GRANT ALL ON storage.buckets, storage.objects TO anon, authenticated, service_role;
 """
 
-# storage.search's legacy branch (search_legacy_v1), with the sort column and order chosen
-# from the same closed lists.
+# storage.search as its path for a sort other than by name runs it (0059-search-functions-user-
+# metadata.sql; the legacy branch of 0034 before it), user_metadata included, with the sort column
+# and order chosen from the same closed lists.
 SEARCH_SQL = """
 WITH folders AS (
     SELECT path_tokens[%(level)s] AS folder FROM storage.objects
@@ -101,9 +104,10 @@ WITH folders AS (
     GROUP BY folder ORDER BY folder {order})
 (SELECT folder AS name, NULL::uuid AS id, NULL::timestamptz AS updated_at,
         NULL::timestamptz AS created_at, NULL::timestamptz AS last_accessed_at,
-        NULL::jsonb AS metadata FROM folders)
+        NULL::jsonb AS metadata, NULL::jsonb AS user_metadata FROM folders)
 UNION ALL
-(SELECT path_tokens[%(level)s] AS name, id, updated_at, created_at, last_accessed_at, metadata
+(SELECT path_tokens[%(level)s] AS name, id, updated_at, created_at, last_accessed_at, metadata,
+        user_metadata
  FROM storage.objects
  WHERE objects.name ILIKE %(prefix)s || %(search)s || '%%' AND bucket_id = %(bucket)s
    AND array_length(objects.path_tokens, 1) = %(level)s
@@ -201,6 +205,9 @@ class LocalStorage:
         self.seed_buckets: list[tuple] = []
         self.seed_objects: list[tuple] = []
         self.seed_versions: set[str] = set()
+        # Storage connects as its own admin role; the stand-in as the stack's superuser.
+        self.pool = ConnectionPool(database_url, min_size=1, max_size=8, open=True, timeout=30,
+                                   kwargs={"autocommit": True, "prepare_threshold": None})
 
     # -- set-up
 
@@ -209,6 +216,7 @@ class LocalStorage:
             conn.execute(STORAGE_SCHEMA_SQL)
 
     def stop(self) -> None:
+        self.pool.close()
         shutil.rmtree(self.root, ignore_errors=True)
 
     def path_of(self, version: str) -> str:
@@ -225,8 +233,8 @@ class LocalStorage:
         ]
         objects = []
         for user in range(1200):
-            objects.append(("avatars", f"users/{user:04d}/avatar.png", rnd.randint(200, 4000),
-                            "image/png", "max-age=3600", None))
+            objects.append(("avatars", f"users/{user % 40:02d}/{user:04d}.png",
+                            rnd.randint(200, 4000), "image/png", "max-age=3600", None))
         for year in (2024, 2025):
             for month in range(1, 13):
                 for n in range(60):
@@ -288,6 +296,33 @@ class LocalStorage:
                                             version, user_meta))
         # Files of versions written since (not the seed's) are left: nothing refers to them.
 
+    def put_object(self, bucket: str, name: str, data: bytes, mimetype: str = "text/plain",
+                   user_metadata: dict | None = None) -> None:
+        """An object written the way the S3 protocol or the dashboard would (no name checks of
+        the REST client): for tests of names storage3 refuses to send, such as "a/../b"."""
+        version = str(uuid.uuid4())
+        with open(self.path_of(version), "wb") as f:
+            f.write(data)
+        moment = datetime.datetime.now(datetime.timezone.utc)
+        with self.pool.connection() as conn:
+            conn.execute("INSERT INTO storage.objects (bucket_id, name, metadata, user_metadata, "
+                         "version, created_at, updated_at, last_accessed_at) VALUES (%s, %s, %s, "
+                         "%s, %s, %s, %s, %s)",
+                         [bucket, name, json.dumps(self.system_metadata(data, mimetype,
+                                                                        "no-cache", moment)),
+                          json.dumps(user_metadata) if user_metadata is not None else None,
+                          version, moment, moment, moment])
+
+    def object_bytes(self, bucket: str, name: str) -> bytes | None:
+        """An object's bytes as the server holds them (None when there is no such object)."""
+        with self.pool.connection() as conn:
+            row = conn.execute("SELECT version FROM storage.objects WHERE bucket_id = %s AND "
+                               "name = %s", [bucket, name]).fetchone()
+        if row is None:
+            return None
+        with open(self.path_of(row[0]), "rb") as f:
+            return f.read()
+
     # -- the API
 
     def handle(self, handler, method: str, path: str, query: str, body: bytes) -> int:
@@ -303,7 +338,7 @@ class LocalStorage:
         parts = route.split("/", 3)  # "", "bucket"|"object", ...
         if len(parts) < 2 or parts[1] not in ("bucket", "object"):
             raise StorageError(404, "not_found", f"Route {method}:{path} not found")
-        with psycopg.connect(self.database_url, autocommit=True) as conn:
+        with self.pool.connection() as conn:
             if parts[1] == "bucket":
                 return self._bucket(handler, conn, method, route[len("/bucket"):], body, role)
             return self._object(handler, conn, method, route[len("/object"):], body, role)
@@ -447,11 +482,13 @@ class LocalStorage:
             return self._json(handler, 200, [])
         rows = conn.execute(SEARCH_SQL.format(column=column, order=order),
                             {"level": level, "prefix": prefix, "search": spec.get("search") or "",
-                             "bucket": bucket, "limit": limit, "offset": offset}).fetchall()
+                             "bucket": bucket, "limit": min(limit, MAX_LIST_LIMIT),
+                             "offset": offset}).fetchall()
         return self._json(handler, 200, [
             {"name": name, "id": str(oid) if oid else None, "updated_at": iso(updated),
-             "created_at": iso(created), "last_accessed_at": iso(accessed), "metadata": meta}
-            for name, oid, updated, created, accessed, meta in rows])
+             "created_at": iso(created), "last_accessed_at": iso(accessed), "metadata": meta,
+             "user_metadata": user_meta}
+            for name, oid, updated, created, accessed, meta, user_meta in rows])
 
     def _find(self, conn, rest: str, role, public=False):
         bucket, _, name = rest.partition("/")

@@ -139,7 +139,7 @@ def test_backup_of_every_demo_table_equals_the_database(stack, db, data, capsys)
     assert abs(datetime.datetime.now(datetime.timezone.utc) - stamp) < datetime.timedelta(
         minutes=1), "the file name carries the UTC time"
     document = load(path)
-    assert document["format"] == "supabase_backup" and document["format_version"] == 2
+    assert document["format"] == "supabase_backup" and document["format_version"] == 3
     assert document["complete"] is True and document["rls_limited"] is False
     assert document["project_host"] == stack.url.split("://")[1]
     assert set(document["tables"]) == set(DEMO_TABLES), "every table, and no view, by default"

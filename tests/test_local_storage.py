@@ -41,14 +41,20 @@ def test_list_pages_by_100_with_folders_first_and_null_ids(client):
     avatars = client.storage.from_("avatars")
     top = avatars.list()
     assert top == [{"name": "users", "id": None, "updated_at": None, "created_at": None,
-                    "last_accessed_at": None, "metadata": None}]
-    first = avatars.list("users")  # no limit given: storage's default of 100
-    assert len(first) == 100 and all(entry["id"] is None for entry in first)
-    second = avatars.list("users", {"offset": 100, "limit": 100})
-    assert first[-1]["name"] < second[0]["name"]
-    leaf = avatars.list("users/0007")
-    assert [entry["name"] for entry in leaf] == ["avatar.png"]
+                    "last_accessed_at": None, "metadata": None, "user_metadata": None}]
+    folders = avatars.list("users")
+    assert len(folders) == 40 and all(entry["id"] is None for entry in folders)
+    documents = client.storage.from_("documents")
+    first = documents.list("reports/2024/01")  # no limit given: storage's default of 100
+    assert len(first) == 60 and first[0]["name"] == "report-000.pdf"
+    page = documents.list("reports/2024/01", {"limit": 25, "offset": 50})
+    assert [e["name"] for e in page] == [f"report-{n:03d}.pdf" for n in range(50, 60)]
+    leaf = avatars.list("users/07")
+    assert len(leaf) == 30 and leaf[0]["name"] == "0007.png"
     assert leaf[0]["metadata"]["mimetype"] == "image/png" and leaf[0]["id"]
+    # Folders come first, then objects, and limit/offset count both.
+    top = documents.list("", {"limit": 3})
+    assert [e["id"] is None for e in top] == [True, True, False]
 
 
 def test_every_object_is_reached_by_walking_folders_and_pages(client, db):

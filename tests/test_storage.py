@@ -1,0 +1,273 @@
+"""backup --storage, check and retention of Storage objects, against the stand-in Storage API
+(tests/local_storage.py) through the real supabase client's HTTP session.
+
+The first backup of the demo's ~2,900 objects (76 MiB) is made once per session
+(`storage_seed`); a test that needs a backup to build on gets a copy of that data folder
+(hard links: objects are never changed in place), so that its own backup is the second night's.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import threading
+
+import pytest
+
+import supabase_backup
+from helpers import error_line, files_in, run, wait_for
+
+ALL_STORAGE = "SELECT bucket_id, name FROM storage.objects"
+
+
+@pytest.fixture(scope="session")
+def storage_seed(local_stack, tmp_path_factory):
+    """A data folder holding one complete `backup --storage --tables app_settings` of the
+    demo, made once; returns (data folder, its exit code, its stderr)."""
+    if local_stack.dirty:
+        local_stack.reset()
+        local_stack.dirty = False
+    folder = tmp_path_factory.mktemp("storage-seed") / "data"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SUPABASE_URL", local_stack.url)
+        mp.setenv("SUPABASE_SERVICE_ROLE_KEY", local_stack.service_role_key)
+        mp.delenv("BACKUP_STORAGE", raising=False)
+        local_stack.requests.clear()
+        code = supabase_backup.main(["--quiet", "--data-dir", str(folder), "backup", "--storage",
+                                     "--tables", "app_settings"])
+        downloads = sum(1 for r in local_stack.requests if r.table == "storage.download")
+    return folder, code, downloads
+
+
+def seeded(data, storage_seed):
+    """The seed's backups/ (file and objects, hard-linked) in this test's data folder; returns
+    the seed backup's path there."""
+    shutil.copytree(storage_seed[0] / "backups", data / "backups", copy_function=os.link)
+    (name,) = [n for n in files_in(data, "backups") if n.startswith("supabase_backup_")]
+    return data / "backups" / name
+
+
+def manifest(path):
+    """The Storage entries of a backup file, read as a user's script would: (buckets, objects)."""
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        tables = json.load(f)["tables"]
+    assert tables["storage.buckets"]["kind"] == "storage_buckets"
+    assert tables["storage.objects"]["kind"] == "storage_objects"
+    return tables["storage.buckets"]["rows"], tables["storage.objects"]["rows"]
+
+
+def new_backup(capsys, data, *argv):
+    before = set(files_in(data, "backups"))
+    code, out, err = run(capsys, data, "backup", "--storage", "--tables", "app_settings", *argv)
+    assert code == 0, err
+    (name,) = set(files_in(data, "backups")) - before
+    return data / "backups" / name, err
+
+
+def downloads(stack):
+    return sum(1 for r in stack.requests if r.table == "storage.download")
+
+
+def test_first_backup_has_every_bucket_and_object_with_its_bytes(storage_seed, stack, db):
+    folder, code, downloaded = storage_seed
+    assert code == 0
+    (name,) = [n for n in os.listdir(folder / "backups") if n.startswith("supabase_backup_")]
+    buckets, objects = manifest(folder / "backups" / name)
+    assert buckets == [
+        {"id": "avatars", "name": "avatars", "public": True, "file_size_limit": 1048576,
+         "allowed_mime_types": ["image/*"]},
+        {"id": "documents", "name": "documents", "public": False, "file_size_limit": None,
+         "allowed_mime_types": None},
+        {"id": "media", "name": "media", "public": False, "file_size_limit": 104857600,
+         "allowed_mime_types": None}]
+    live = {(b, n): (meta, user_meta) for b, n, meta, user_meta in db.execute(
+        "SELECT bucket_id, name, metadata, user_metadata FROM storage.objects")}
+    assert sorted((o["bucket"], o["name"]) for o in objects) == sorted(live)
+    assert downloaded == len(live) > 2500
+    store = folder / "backups" / "objects"
+    for row in objects:
+        meta, user_meta = live[(row["bucket"], row["name"])]
+        data = stack.storage.object_bytes(row["bucket"], row["name"])
+        assert row["sha256"] == hashlib.sha256(data).hexdigest()
+        assert (store / row["sha256"][:2] / row["sha256"]).stat().st_size == len(data)
+        assert (row["size"], row["content_type"], row["cache_control"], row["user_metadata"]) \
+            == (len(data), meta["mimetype"], meta["cacheControl"], user_meta)
+    big = [o for o in objects if o["size"] > 50 * 1024 * 1024]
+    assert [o["name"] for o in big] == ["videos/big/launch.mp4"]
+    assert not [n for n in os.listdir(store) if n.startswith(".partial-")]
+
+
+def test_second_night_lists_only_and_downloads_nothing(storage_seed, stack, data, capsys):
+    seed = seeded(data, storage_seed)
+    path, err = new_backup(capsys, data)
+    assert downloads(stack) == 0
+    assert {r.table for r in stack.requests if r.table and r.table.startswith("storage.")} == \
+        {"storage.bucket", "storage.list"}
+    assert manifest(path) == manifest(seed)
+    assert "0 downloaded" in err
+
+
+def test_a_changed_object_is_downloaded_again_and_the_old_bytes_stay(
+        storage_seed, fresh_stack, data, capsys, client):
+    seed = seeded(data, storage_seed)
+    client.storage.from_("documents").upload("Résumé final.pdf", b"new text", {
+        "upsert": "true", "content-type": "application/pdf", "metadata": {"v": 2}})
+    path, _ = new_backup(capsys, data)
+    assert downloads(fresh_stack) == 1
+    old = {(o["bucket"], o["name"]): o for o in manifest(seed)[1]}
+    new = {(o["bucket"], o["name"]): o for o in manifest(path)[1]}
+    changed = [key for key in new if new[key] != old.get(key)]
+    assert changed == [("documents", "Résumé final.pdf")]
+    row = new[changed[0]]
+    assert row["sha256"] == hashlib.sha256(b"new text").hexdigest()
+    assert row["user_metadata"] == {"v": 2}
+    code, out, err = run(capsys, data, "check", "--file", seed.name)
+    assert code == 0, err
+    assert "Storage: 2895 objects" in out or "Storage:" in out
+
+
+def test_check_finds_a_damaged_and_a_missing_object(storage_seed, data, capsys):
+    seed = seeded(data, storage_seed)
+    _, objects = manifest(seed)
+    store = data / "backups" / "objects"
+    damaged = store / objects[0]["sha256"][:2] / objects[0]["sha256"]
+    content = bytearray(damaged.read_bytes())
+    damaged.unlink()  # a hard link to the seed's: replaced, not changed in place
+    content[0] ^= 0xFF
+    damaged.write_bytes(bytes(content))
+    code, _, err = run(capsys, data, "check", "--file", seed.name)
+    assert code == supabase_backup.EXIT_INVALID_BACKUP
+    line = error_line(err)
+    assert "1 Storage object(s) cannot be restored" in line and "damaged" in line
+    missing = store / objects[1]["sha256"][:2] / objects[1]["sha256"]
+    missing.unlink()
+    code, _, err = run(capsys, data, "check", "--file", seed.name)
+    assert code == supabase_backup.EXIT_INVALID_BACKUP
+    assert "2 Storage object(s)" in error_line(err) and "missing" in error_line(err)
+
+
+def test_retention_deletes_only_objects_no_kept_backup_refers_to(
+        storage_seed, fresh_stack, data, capsys, client):
+    seed = seeded(data, storage_seed)
+    old_sha = {o["name"]: o["sha256"] for o in manifest(seed)[1]}["empty.txt"]
+    client.storage.from_("documents").upload("empty.txt", b"not empty any more", {
+        "upsert": "true", "content-type": "text/plain"})
+    path, _ = new_backup(capsys, data, "--keep", "1")
+    assert not seed.exists()
+    store = data / "backups" / "objects"
+    kept = {o["sha256"] for o in manifest(path)[1]}
+    on_disk = {p.name for p in store.glob("??/*")}
+    assert on_disk == kept
+    assert old_sha not in on_disk
+    code, _, err = run(capsys, data, "check", "--file", path.name)
+    assert code == 0, err
+
+
+def test_a_download_cut_mid_way_is_tried_again(storage_seed, fresh_stack, data, capsys, client):
+    seeded(data, storage_seed)
+    content = os.urandom(300_000)
+    client.storage.from_("media").upload("clips/new.bin", content, {
+        "content-type": "application/octet-stream"})
+    fresh_stack.faults.add(kind="read", table="storage.download", action="drop", when="after",
+                           times=1)
+    path, err = new_backup(capsys, data)
+    row = {o["name"]: o for o in manifest(path)[1]}["clips/new.bin"]
+    assert row["sha256"] == hashlib.sha256(content).hexdigest()
+    assert downloads(fresh_stack) == 2
+    assert not [p for p in (data / "backups" / "objects").iterdir()
+                if p.name.startswith(".partial-")]
+
+
+def test_a_download_that_keeps_failing_writes_no_backup(
+        storage_seed, fresh_stack, data, capsys, client, matrix_row):
+    row = matrix_row("Storage download cut off mid-way on every attempt", "backup fault",
+                     "no backup file, no partial object left, one line", 4)
+    seed = seeded(data, storage_seed)
+    client.storage.from_("media").upload("clips/new.bin", os.urandom(300_000), {
+        "content-type": "application/octet-stream"})
+    fresh_stack.faults.add(kind="read", table="storage.download", action="drop", when="after")
+    code, _, err = run(capsys, data, "backup", "--storage", "--tables", "app_settings")
+    row.exited(code)
+    row.saw("only the earlier backup in backups/",
+            [n for n in files_in(data, "backups") if n != "objects"] == [seed.name])
+    row.saw("no partial object", not [p for p in (data / "backups" / "objects").iterdir()
+                                       if p.name.startswith(".partial-")])
+    row.saw("one error line naming the object", "media/clips/new.bin" in error_line(err))
+    assert row.as_expected, row.observed
+
+
+def test_a_bucket_deleted_mid_backup_fails_the_backup(
+        storage_seed, fresh_stack, data, capsys, db, matrix_row):
+    row = matrix_row("Storage bucket deleted during the backup", "backup fault",
+                     "no backup file written; the message says to run again", 6)
+    seed = seeded(data, storage_seed)
+    fresh_stack.faults.add(kind="any", table="storage.list", action="latency", delay=0.02)
+
+    def delete_media():
+        wait_for(lambda: any(r.table == "storage.list" for r in fresh_stack.requests),
+                 what="the first listing")
+        db.execute("DELETE FROM storage.objects WHERE bucket_id = 'media'")
+        db.execute("DELETE FROM storage.buckets WHERE id = 'media'")
+
+    deleter = threading.Thread(target=delete_media)
+    deleter.start()
+    try:
+        code, _, err = run(capsys, data, "backup", "--storage", "--tables", "app_settings")
+    finally:
+        deleter.join()
+    row.exited(code)
+    line = error_line(err)
+    row.saw("the line names the bucket and says to run again",
+            "media" in line and "run the backup again" in line)
+    row.saw("no new backup file",
+            [n for n in files_in(data, "backups") if n != "objects"] == [seed.name])
+    assert row.as_expected, row.observed
+
+
+@pytest.mark.parametrize("name", ["with space/and  more .txt", "ünï/cödé ✓.txt",
+                                  "a/../b.txt", "/leading/slash.txt", "dots/./in/./it"])
+def test_odd_object_names_are_backed_up_exactly(storage_seed, fresh_stack, data, capsys, name,
+                                                matrix_row):
+    row = matrix_row(f"Storage object named {name!r}", "bad input",
+                     "backed up under its exact name with its exact bytes", 0)
+    seeded(data, storage_seed)
+    content = name.encode() * 3
+    fresh_stack.storage.put_object("documents", name, content)
+    code, _, err = run(capsys, data, "backup", "--storage", "--tables", "app_settings")
+    row.exited(code)
+    path = max((data / "backups").glob("supabase_backup_*"))
+    rows = {o["name"]: o for o in manifest(path)[1] if o["bucket"] == "documents"}
+    row.saw("in the manifest with its SHA-256",
+            name in rows and rows[name]["sha256"] == hashlib.sha256(content).hexdigest())
+    assert row.as_expected, (row.observed, err)
+
+
+def test_storage_with_encryption_or_offsite_is_refused_in_one_line(data, capsys, matrix_row):
+    row = matrix_row("backup --storage --encrypt-to", "configuration",
+                     "refused in one line before any request; nothing written", 3)
+    code, _, err = run(capsys, data, "backup", "--storage", "--encrypt-to",
+                       "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p")
+    row.exited(code)
+    row.saw("one line saying why", "--storage cannot be combined with --encrypt-to" in
+            error_line(err, alone=True))
+    row.saw("no backup", not [n for n in files_in(data, "backups") if n.endswith(".age")])
+    assert row.as_expected, row.observed
+
+
+def test_a_bad_backup_storage_setting_is_refused(data, capsys, monkeypatch):
+    monkeypatch.setenv("BACKUP_STORAGE", "maybe")
+    code, _, err = run(capsys, data, "backup")
+    assert code == supabase_backup.EXIT_CONFIG
+    assert "BACKUP_STORAGE is 'maybe'" in error_line(err, alone=True)
+
+
+def test_the_setting_turns_storage_on(storage_seed, stack, data, capsys, monkeypatch):
+    seeded(data, storage_seed)
+    monkeypatch.setenv("BACKUP_STORAGE", "1")
+    code, _, err = run(capsys, data, "backup", "--tables", "app_settings")
+    assert code == 0, err
+    path = max((data / "backups").glob("supabase_backup_*"))
+    assert len(manifest(path)[1]) > 2500
