@@ -2465,8 +2465,8 @@ def check_iso_dates(name, meta, rows):
 
 def snapshot(api, tables, discovered, path, project_host, role, progress, note=None,
              storage=False):
-    """Back up the given tables (with storage, also Storage's buckets and objects) into one new
-    file at path; returns the backup's summary.
+    """Back up the given tables (with storage, also Storage's buckets and objects: True, or a
+    dict of back_up_storage's options) into one new file at path; returns the backup's summary.
 
     The file appears under its final name only once every table is read completely, and is then
     re-read and verified.
@@ -2502,7 +2502,8 @@ def snapshot(api, tables, discovered, path, project_host, role, progress, note=N
             if trailer.get("count_mismatch"):
                 summary["warnings"].append(f"{name} changed during the backup")
         if storage:
-            summary["storage"] = back_up_storage(api, writer, path.parent, progress)
+            summary["storage"] = back_up_storage(api, writer, path.parent, progress,
+                                                 **(storage if isinstance(storage, dict) else {}))
         writer.finish(finished_at=utc_now().isoformat(), table_count=len(tables),
                       row_count=summary["rows"])
     except OSError as exc:  # disk full, folder gone, quota: the file is thrown away, loudly
@@ -2586,6 +2587,7 @@ class BackupScan:
     path: Path
     header: dict
     tables: dict  # name -> {"meta": ..., "row_count": n, "sha256": ...}
+    others: list = field(default_factory=list)  # (name, kind) of the entries that are not tables
 
 
 def scan_backup(path, tables_wanted=None):
@@ -2597,8 +2599,9 @@ def scan_backup(path, tables_wanted=None):
     ints, uuids and most keys) cannot repeat, so only the last one is kept. A table whose keys
     do not keep rising in Python's order (text under a collation, an edited file) is checked
     again in a second pass with a set of its keys."""
-    header, tables, problems, unsorted = {}, {}, [], set()
-    for table in read_tables(path, label=f"reading {Path(path).name}", header=header):
+    header, tables, problems, unsorted, others = {}, {}, [], set(), []
+    for table in read_tables(path, label=f"reading {Path(path).name}", header=header,
+                             skipped=others):
         if tables_wanted is None or table.name in tables_wanted:
             if not scan_rows(table, problems):
                 unsorted.add(table.name)
@@ -2611,7 +2614,7 @@ def scan_backup(path, tables_wanted=None):
         shown = "; ".join(dict.fromkeys(problems[:5]))
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise ValidationError(f"{Path(path).name} is refused: {shown}{more}")
-    return BackupScan(Path(path), header, tables)
+    return BackupScan(Path(path), header, tables, others)
 
 
 def scan_rows(table, problems):
@@ -4027,6 +4030,7 @@ class RestoreRun:
         self.safety_recipients = None  # SAFETY_ENCRYPT_TO, read when the run starts
         self.safety_read_path = None  # the plain safety backup a rollback reads
         self.plain_copies = []  # plain copies of encrypted safety backups, removed at the end
+        self.storage = None  # the file's Storage side (StorageRestore), when the run restores it
 
     def run(self):
         """0 read the file, 1 safety backup, 2 validate, 3 record the counts and the plan,
@@ -4089,6 +4093,7 @@ class RestoreRun:
         self.tables, skipped = choose_restore_tables(scan, getattr(self.args, "tables", None))
         for name, why in skipped.items():
             log.warning("%s is left alone: %s", name, why)
+        self.storage = storage_side(self, scan)
         self.live = discover_tables(self.api.openapi())
         if not self.dry_run:
             self.restore_log = RestoreLog(
@@ -4116,12 +4121,18 @@ class RestoreRun:
             self.done("no safety backup")
             return
         self.safety_path = self.safety_file_path("safety_backup")
-        self.step(1, "SAFETY", f"safety backup of {len(present)} table(s) -> {self.safety_path}")
+        self.step(1, "SAFETY", f"safety backup of {len(present)} table(s)"
+                  + (f" and every object of the Storage bucket(s) "
+                     f"{', '.join(self.storage.covered)}" if self.storage else "")
+                  + f" -> {self.safety_path}")
         summary, self.safety_read_path = self.safety_snapshot(
             self.safety_path, present, self.live,
-            f"safety backup before {self.mode} of {self.file_path.name}")
+            f"safety backup before {self.mode} of {self.file_path.name}",
+            storage=self.storage.safety_options() if self.storage else False)
         self.restore_log.update(safety_backup_file=str(self.safety_path))
-        self.done(f"{summary['rows']} rows in {len(present)} tables, re-read and checked")
+        self.done(f"{summary['rows']} rows in {len(present)} tables"
+                  + (f", {summary['storage']['objects']} Storage objects" if self.storage else "")
+                  + ", re-read and checked")
         for name, table in summary["tables"].items():
             self.plans[name].safety_count = table["rows"]  # what a rollback brings back
 
@@ -4134,6 +4145,8 @@ class RestoreRun:
                   f"schema")
         try:
             self.order = validate_backup(scan, self.live, self.tables, critical)
+            if self.storage:
+                self.storage.validate()
         except ValidationError as exc:
             self.refuse(str(exc))
         self.done("ok" + (f"; critical tables present: {', '.join(critical)}" if critical else ""))
@@ -4168,9 +4181,14 @@ class RestoreRun:
         self.plan_summary = {name: {"insert": p.inserts, "update": p.updates,
                                     "delete": len(p.extra_keys), "unchanged": p.unchanged}
                              for name, p in self.plans.items()}
+        self.storage_plan = self.storage.plan() if self.storage else None
+        if self.storage:
+            log.info("  %s", self.storage.plan_line())
         if not self.dry_run:
             self.confirm()
             self.restore_log.update(before_counts=before, plan=self.plan_summary)
+            if self.storage:
+                self.restore_log.update(storage_plan=self.storage_plan)
             if self.json_changes:
                 self.restore_log.update(json_changes=self.json_changes)
             self.done(self.totals(inserts=sum(p.inserts for p in self.plans.values()),
@@ -4193,7 +4211,8 @@ class RestoreRun:
         self.done("dry run: nothing written")
         if self.args.json:
             emit(json.dumps({"status": "dry_run", "file": self.source, "before_counts": before,
-                             "plan": self.plan_summary, "json_changes": self.json_changes},
+                             "plan": self.plan_summary, "json_changes": self.json_changes,
+                             **({"storage_plan": self.storage_plan} if self.storage else {})},
                             indent=2))
         return EXIT_OK
 
@@ -4207,9 +4226,12 @@ class RestoreRun:
         upsert_restore(self.api, self.plans, self.order, self.progress)
         self.delete_extra()
         self.restore_log.tables(self.plans)
+        if self.storage:  # after the tables: auth users, tables, then Storage
+            self.restore_log.update(storage=self.storage.write(self.progress))
         data = self.restore_log.data
         self.done(self.totals(data["total_inserted"], data["total_updated"],
-                              data["total_deleted"]))
+                              data["total_deleted"])
+                  + (f"; {storage_totals(data['storage'])}" if self.storage else ""))
 
     def delete_extra(self):
         """A restore deletes nothing (rollback deletes the rows the file lacks)."""
@@ -4218,11 +4240,18 @@ class RestoreRun:
 
     def verify(self, before):
         """Step 5: counts, and every row of the file in the table with equal values."""
-        self.step(5, "VERIFY", "counts, and every row of the file in the table with equal values")
+        self.step(5, "VERIFY", "counts, and every row of the file in the table with equal values"
+                  + ("; every object of the file in Storage with its size and bytes (the MD5 "
+                     "ETag of what was sent)" if self.storage else ""))
         expected = {name: (before.get(name, 0) + p.outcome.inserted - len(p.extra_keys))
                     for name, p in self.plans.items()}
         mismatches = verify_restore(self.api, self.plans, self.file_path, expected, self.ignored,
                                     self.accept_json_null)
+        storage_mismatches = self.storage.verify() if self.storage else []
+        if storage_mismatches and not mismatches:
+            self.restore_log.update(storage_mismatches=storage_mismatches[:100])
+            raise RestoreFailure(None, f"Storage: {len(storage_mismatches)} difference(s) "
+                                       f"after writing: {'; '.join(storage_mismatches[:3])}")
         if mismatches:
             self.restore_log.update(mismatches=mismatches[:100])
             self.rewritten = rewritten_columns(mismatches, self.started)
@@ -4263,10 +4292,11 @@ class RestoreRun:
                         "restored keys:\n  %s", "\n  ".join(sql))
         data = self.restore_log.data
         skipped = data.get("tables_skipped") or {}
-        log.info("%s complete: %s, %d unchanged%s", self.mode,
+        log.info("%s complete: %s, %d unchanged%s%s", self.mode,
                  self.totals(data["total_inserted"], data["total_updated"],
                              data["total_deleted"]),
                  sum(p.unchanged for p in self.plans.values()),
+                 f"; {storage_totals(data['storage'])}" if self.storage else "",
                  "; NOT restored: " + "; ".join(f"{name} ({why})" for name, why in skipped.items())
                  if skipped else "")
         if self.args.json:
@@ -4385,14 +4415,14 @@ class RestoreRun:
         return new_file_path(self.paths.safety_backups, prefix,
                              ".json.gz" + (AGE_SUFFIX if self.safety_recipients else ""))
 
-    def safety_snapshot(self, path, tables, live, note):
+    def safety_snapshot(self, path, tables, live, note, storage=False):
         """Snapshot tables to path, a safety backup; returns (summary, the plain file a rollback
         reads). Encrypted to SAFETY_ENCRYPT_TO when it is set: the plain file is then written
         and verified under a temporary name, encrypted to path, and kept for this run's
         automatic rollback only."""
         if not self.safety_recipients:
             return snapshot(self.api, tables, live, path, self.config.host, SERVICE_ROLE,
-                            self.progress, note=note), path
+                            self.progress, note=note, storage=storage), path
         plain = path.parent / f"{TEMP_PREFIX}{os.getpid()}-plain-{plain_name(path.name)}"
         self.plain_copies.append(plain)
         summary = snapshot(self.api, tables, live, plain, self.config.host, SERVICE_ROLE,
@@ -4411,8 +4441,13 @@ class RestoreRun:
             self.safety_snapshot(failed_path, list(self.plans),
                                  discover_tables(self.api.openapi()),
                                  f"state after a failed {self.mode} of {self.file_path.name}")
-            return failed_path, rollback(self.api, self.plans, self.order, self.safety_read_path,
-                                         self.progress, leave_out, self.accept_json_null)
+            mismatches = rollback(self.api, self.plans, self.order, self.safety_read_path,
+                                  self.progress, leave_out, self.accept_json_null)
+            if self.storage:
+                mismatches += [{"table": None, "key": None, "problem": f"Storage: {problem}"}
+                               for problem in self.storage.undo(self.safety_read_path,
+                                                                self.progress)]
+            return failed_path, mismatches
         except KeyboardInterrupt:
             write_restore_log(self.restore_log, status="interrupted",
                               error="interrupted during rollback")
@@ -4771,10 +4806,11 @@ def listed_state(entry):
 
 
 def kept_manifest(folder):
-    """{(bucket, name): manifest row} of the newest backup in folder that has Storage objects
-    (empty when none has): what need not be downloaded again."""
-    names = sorted((n for n in local_backup_names(folder) if not n.endswith(AGE_SUFFIX)),
-                   key=lambda n: (backup_time(n), n), reverse=True)
+    """{(bucket, name): manifest row} of the newest backup (or safety backup) in folder that has
+    Storage objects (empty when none has): what need not be downloaded again."""
+    names = sorted((p.name for p in folder.iterdir() if name_time(p.name) and
+                    not p.name.endswith(AGE_SUFFIX)),
+                   key=lambda n: (name_time(n), n), reverse=True)
     for name in names:
         manifest, found = {}, False
         try:
@@ -4790,15 +4826,21 @@ def kept_manifest(folder):
     return {}
 
 
-def back_up_storage(api, writer, folder, progress):
+def back_up_storage(api, writer, folder, progress, covered=None, reuse=None):
     """Write storage.buckets and storage.objects into the backup being written, each object's
     bytes into folder/objects/ unless they are there already; returns the summary. A bucket
-    deleted during the backup fails it (IncompleteBackupError): no file is written."""
+    deleted during the backup fails it (IncompleteBackupError): no file is written.
+
+    covered: only these buckets (a restore's safety backup; those that do not exist are
+    recorded as covered, so that a rollback deletes them); reuse: (manifest, ObjectStore) of
+    another folder whose bytes are linked instead of downloaded when the listing matches."""
     store = ObjectStore(folder / OBJECTS_DIR)
     previous = kept_manifest(folder)
-    buckets = sorted(list_buckets(api), key=lambda b: b.get("id") or "")
+    buckets = sorted((b for b in list_buckets(api) if covered is None or b.get("id") in covered),
+                     key=lambda b: b.get("id") or "")
     writer.begin_table(STORAGE_BUCKETS, {"kind": KIND_BUCKETS, "columns": [
-        {"name": name} for name in BUCKET_FIELDS]})
+        {"name": name} for name in BUCKET_FIELDS],
+        **({"covered": list(covered)} if covered is not None else {})})
     writer.write_rows([{name: bucket.get(name) for name in BUCKET_FIELDS} for bucket in buckets])
     writer.end_table(count_before=len(buckets), count_after=len(buckets))
     writer.begin_table(STORAGE_OBJECTS, {"kind": KIND_OBJECTS, "objects_folder": OBJECTS_DIR,
@@ -4811,7 +4853,7 @@ def back_up_storage(api, writer, folder, progress):
         try:
             for name, entry in walk_bucket(api, bucket):
                 row = object_row(api, store, bucket, name, entry, previous.get((bucket, name)),
-                                 summary)
+                                 summary, reuse)
                 if row is None:
                     continue
                 rows.append(row)
@@ -4842,9 +4884,10 @@ def back_up_storage(api, writer, folder, progress):
     return summary
 
 
-def object_row(api, store, bucket, name, entry, known, summary):
+def object_row(api, store, bucket, name, entry, known, summary, reuse=None):
     """The manifest row of one listed object: from the kept manifest when the listing says it
-    is unchanged and its bytes are in the store, else downloaded; None when it is gone."""
+    is unchanged and its bytes are in the store (or in reuse's store: linked), else downloaded;
+    None when it is gone."""
     size, etag, updated_at = listed_state(entry)
     meta = entry.get("metadata") or {}
     row = {"bucket": bucket, "name": name, "size": size, "sha256": None,
@@ -4855,6 +4898,11 @@ def object_row(api, store, bucket, name, entry, known, summary):
             (size, etag, updated_at) and etag and store.has(known.get("sha256"), size):
         summary["unchanged"] += 1
         return {**row, "sha256": known["sha256"], "user_metadata": known.get("user_metadata")}
+    other = reuse[0].get((bucket, name)) if reuse else None
+    if other and same_object(other, entry) and reuse[1].has(other["sha256"], size):
+        link_object(reuse[1], store, other["sha256"])
+        summary["unchanged"] += 1
+        return {**row, "sha256": other["sha256"], "user_metadata": other.get("user_metadata")}
     got = download_object(api, store, bucket, name)
     # Storage lists user metadata since its migration 0059; an older one is asked per object.
     present, user_metadata = (bool(got), entry.get("user_metadata")) \
@@ -4870,6 +4918,20 @@ def object_row(api, store, bucket, name, entry, known, summary):
         # no ETag is kept, so that the next backup downloads it again.
         row.update(size=downloaded, etag=None)
     return {**row, "sha256": sha256, "user_metadata": user_metadata}
+
+
+def link_object(source, store, sha256):
+    """Put an object of another store into this one: a hard link, a copy across file systems."""
+    target = store.path(sha256)
+    if target.exists():
+        return
+    make_private_dir(target.parent, tighten=False)
+    try:
+        os.link(source.path(sha256), target)
+    except OSError:
+        temp = target.parent / f"{TEMP_PREFIX}{os.getpid()}-link"
+        shutil.copyfile(source.path(sha256), temp)
+        os.replace(temp, target)
 
 
 def verify_objects(path, entries):
@@ -4942,6 +5004,332 @@ def collect_objects(folder):
         log.info("retention: deleted %d Storage object(s) from %s/%s that no kept backup "
                  "refers to", len(unreferenced), folder.name, OBJECTS_DIR)
     return len(unreferenced)
+
+
+def object_key(row):
+    return row.get("bucket"), row.get("name")
+
+
+def same_object(row, entry):
+    """Whether a live object (a listing entry) holds what a manifest row says: size, ETag,
+    content type, cache control and user metadata. A row without an ETag (it changed during its
+    backup) is never the same."""
+    meta = entry.get("metadata") or {}
+    return (row.get("etag") is not None and meta.get("size") == row.get("size")
+            and meta.get("eTag") == row.get("etag")
+            and meta.get("mimetype") == row.get("content_type")
+            and meta.get("cacheControl") == row.get("cache_control")
+            and ("user_metadata" not in entry
+                 or entry.get("user_metadata") == row.get("user_metadata")))
+
+
+def bucket_settings(row):
+    return {name: row.get(name) for name in ("public", "file_size_limit", "allowed_mime_types")}
+
+
+def upload_object(api, store, row, create):
+    """Upload one object from the store (streamed from disk, SHA-256 and MD5 computed on the
+    way); create sends x-upsert false, so that an object that appeared since the plan is never
+    overwritten without a safety copy. Returns the MD5 of what was sent. Raises RestoreFailure
+    naming the object when Storage refuses it, or when the stored bytes do not match their
+    SHA-256."""
+    bucket, name = object_key(row)
+    headers = dict(api.storage_headers)
+    headers.update({"Content-Type": row.get("content_type") or "application/octet-stream",
+                    "cache-control": row.get("cache_control") or "no-cache",
+                    "x-upsert": "false" if create else "true"})
+    if row.get("user_metadata") is not None:
+        headers["x-metadata"] = base64.b64encode(compact_json(row["user_metadata"]).encode()
+                                                 ).decode()
+    sums = {}
+
+    def body():
+        sha, md5 = hashlib.sha256(), hashlib.md5()
+        sums.update(sha=sha, md5=md5)
+        with open(store.path(row["sha256"]), "rb") as f:
+            for chunk in iter(lambda: f.read(DOWNLOAD_CHUNK), b""):
+                sha.update(chunk)
+                md5.update(chunk)
+                yield chunk
+
+    headers["Content-Length"] = str(row["size"])
+    try:
+        api.request(f"uploading {bucket}/{name}", "POST",
+                    url=f"{api.storage_url}/object/{object_url_path(bucket, name)}",
+                    headers=headers, body=body, rejected=("400", "403", "404", "409", "413",
+                                                          "415"))
+    except ApiRejected as exc:
+        raise RestoreFailure(None, f"Storage refused {bucket}/{name}: {exc.status} "
+                                   f"{one_line(exc.message, 200)}") from None
+    if sums["sha"].hexdigest() != row["sha256"]:
+        raise RestoreFailure(None, f"the stored bytes of {bucket}/{name} no longer match their "
+                                   f"SHA-256 (damaged on disk while restoring)")
+    return sums["md5"].hexdigest()
+
+
+def delete_objects(api, bucket, names):
+    """Delete objects by name (DELETE /object/BUCKET with prefixes), a hundred at a time."""
+    for batch in chunks(names, DELETE_BATCH_SIZE):
+        storage_request(api, f"deleting {len(batch)} object(s) of {bucket}", "DELETE",
+                        "object/" + urllib.parse.quote(bucket, safe=""),
+                        body=compact_json({"prefixes": batch}).encode())
+
+
+def storage_side(run, scan):
+    """The file's Storage side (a StorageRestore) when the run restores it (restore --storage; a
+    rollback always), else None. A file whose Storage entries are left alone says so in one
+    line; restore --storage of a file without them is refused."""
+    in_file = any(kind in STORAGE_KINDS for _, kind in scan.others)
+    if in_file and not (run.deletes or getattr(run.args, "storage", False)):
+        log.info("the file's Storage buckets and objects are left alone (restore --storage "
+                 "restores them)")
+        return None
+    if not in_file:
+        if getattr(run.args, "storage", False):
+            raise ValidationError(f"{run.file_path.name} holds no Storage buckets or objects (it "
+                                  f"was backed up without --storage); nothing was written")
+        return None
+    if run.safety_recipients:
+        raise ConfigError("restore --storage cannot encrypt its safety backup (SAFETY_ENCRYPT_TO "
+                          "is set): Storage objects are kept in safety_backups/objects/ "
+                          "unencrypted; unset it for this restore, or restore without --storage")
+    return StorageRestore.of_file(run.api, run.file_path, deletes=run.deletes)
+
+
+def storage_totals(done):
+    """What a run did to Storage, for its last line."""
+    return (f"Storage: {done['objects_uploaded']} object(s) uploaded, "
+            f"{done['objects_overwritten']} overwritten, {done['objects_deleted']} deleted, "
+            f"{done['buckets_created']} bucket(s) created, {done['buckets_updated']} updated")
+
+
+class StorageRestore:
+    """The Storage side of a restore or a rollback to a file, one method per step of the run:
+    read (the file's buckets and manifest), validate (every object's bytes in objects/ with its
+    SHA-256), plan (live listing against the manifest), write (buckets, then uploads; a rollback
+    also deletes what the file lacks), verify (listing again: sizes, and ETags against the MD5 of
+    the bytes sent) and undo (what write did, from the safety backup). A restore never deletes an
+    object; a rollback (deletes) returns the buckets the file covers to exactly its state."""
+
+    def __init__(self, api, path, deletes=False):
+        self.api, self.path, self.deletes = api, Path(path), deletes
+        self.store = ObjectStore(self.path.parent / OBJECTS_DIR)
+        self.buckets, self.covered, self.rows = {}, [], {}
+        self.to_create, self.to_overwrite, self.to_delete = [], [], []
+        self.buckets_to_create, self.buckets_to_update, self.buckets_to_delete = [], [], []
+        self.unchanged = 0
+        self.created, self.overwritten, self.deleted = [], [], []  # what write() did
+        self.buckets_created, self.buckets_updated = [], {}  # id -> settings before
+
+    @classmethod
+    def of_file(cls, api, path, deletes=False):
+        """The file's Storage side, or None when it has none."""
+        restore = cls(api, path, deletes)
+        return restore if restore.read() else None
+
+    def read(self):
+        found = False
+        for entry in read_tables(self.path, kinds=STORAGE_KINDS):
+            found = True
+            if entry.kind == KIND_BUCKETS:
+                for row in entry.rows:
+                    self.buckets[row["id"]] = row
+                self.covered = entry.meta.get("covered") or list(self.buckets)
+            else:
+                for row in entry.rows:
+                    self.rows[object_key(row)] = row
+        return found
+
+    def validate(self):
+        """Every object of the file in objects/ with its SHA-256 (ValidationError otherwise)."""
+        verify_objects(self.path, {STORAGE_OBJECTS: {"meta": {"kind": KIND_OBJECTS}}})
+
+    def plan(self):
+        """The live buckets and objects of the buckets the file covers, against the file."""
+        live_buckets = {b["id"]: b for b in list_buckets(self.api)}
+        for bucket_id in self.covered:
+            row, live = self.buckets.get(bucket_id), live_buckets.get(bucket_id)
+            if row and not live:
+                self.buckets_to_create.append(row)
+            elif row and bucket_settings(row) != bucket_settings(live):
+                self.buckets_to_update.append((row, bucket_settings(live)))
+            elif not row and live and self.deletes:
+                self.buckets_to_delete.append(bucket_id)
+        for bucket_id in self.covered:
+            live_objects = {}
+            if bucket_id in live_buckets:
+                live_objects = {name: entry for name, entry in walk_bucket(self.api, bucket_id)}
+            for name, entry in live_objects.items():
+                row = self.rows.get((bucket_id, name))
+                if row is None:
+                    if self.deletes:
+                        self.to_delete.append((bucket_id, name))
+                elif same_object(row, entry):
+                    self.unchanged += 1
+                else:
+                    self.to_overwrite.append(row)
+            self.to_create += [row for (b, n), row in self.rows.items()
+                               if b == bucket_id and n not in live_objects]
+        return self.summary()
+
+    def summary(self):
+        size = lambda rows: sum(r.get("size") or 0 for r in rows)  # noqa: E731
+        return {"buckets_to_create": [b["id"] for b in self.buckets_to_create],
+                "buckets_to_update": [b["id"] for b, _ in self.buckets_to_update],
+                "buckets_to_delete": self.buckets_to_delete,
+                "objects_to_upload": len(self.to_create), "bytes_to_upload": size(self.to_create),
+                "objects_to_overwrite": len(self.to_overwrite),
+                "bytes_to_overwrite": size(self.to_overwrite),
+                "objects_to_delete": len(self.to_delete), "objects_unchanged": self.unchanged}
+
+    def plan_line(self):
+        s = self.summary()
+        return (f"Storage: {s['objects_to_upload']} object(s) to upload "
+                f"({human_size(s['bytes_to_upload'])}), {s['objects_to_overwrite']} to overwrite "
+                f"({human_size(s['bytes_to_overwrite'])})"
+                + (f", {s['objects_to_delete']} to delete" if self.deletes else "")
+                + f", {s['objects_unchanged']} unchanged; bucket(s) to create: "
+                f"{', '.join(s['buckets_to_create']) or 'none'}, to update: "
+                f"{', '.join(s['buckets_to_update']) or 'none'}"
+                + (f", to delete: {', '.join(s['buckets_to_delete']) or 'none'}"
+                   if self.deletes else ""))
+
+    def safety_options(self):
+        """snapshot's storage option for the run's safety backup: every live object of the
+        buckets the file covers (all that the run may overwrite or, in a rollback, delete), the
+        bytes the file holds already linked from its objects/ instead of downloaded."""
+        return {"covered": list(self.covered), "reuse": (self.rows, self.store)}
+
+    def write(self, progress):
+        """Buckets first, then the objects (uploads streamed from objects/), then, in a
+        rollback, the objects and buckets the file does not hold. Every action is recorded as
+        it is done, for undo()."""
+        api = self.api
+        for row in self.buckets_to_create:
+            storage_request(api, f"creating the bucket {row['id']}", "POST", "bucket",
+                            body=compact_json({"id": row["id"], "name": row.get("name") or
+                                               row["id"], **bucket_settings(row)}).encode())
+            self.buckets_created.append(row["id"])
+        for row, before in self.buckets_to_update:
+            storage_request(api, f"updating the bucket {row['id']}", "PUT",
+                            "bucket/" + urllib.parse.quote(row["id"], safe=""),
+                            body=compact_json({"id": row["id"], "name": row.get("name") or
+                                               row["id"], **bucket_settings(row)}).encode())
+            self.buckets_updated[row["id"]] = before
+        progress.start("Storage: uploading", len(self.to_create) + len(self.to_overwrite),
+                       unit="objects")
+        self.md5 = {}
+        for row, create in [(r, True) for r in self.to_create] + \
+                           [(r, False) for r in self.to_overwrite]:
+            self.md5[object_key(row)] = upload_object(api, self.store, row, create)
+            (self.created if create else self.overwritten).append(object_key(row))
+            progress.advance(1)
+        progress.close()
+        for bucket_id in dict.fromkeys(b for b, _ in self.to_delete):
+            names = [n for b, n in self.to_delete if b == bucket_id]
+            delete_objects(api, bucket_id, names)
+            self.deleted += [(bucket_id, n) for n in names]
+        for bucket_id in self.buckets_to_delete:
+            storage_request(api, f"deleting the bucket {bucket_id}", "DELETE",
+                            "bucket/" + urllib.parse.quote(bucket_id, safe=""), body=b"{}")
+        return {"buckets_created": len(self.buckets_created),
+                "buckets_updated": len(self.buckets_updated), "objects_uploaded":
+                len(self.created), "objects_overwritten": len(self.overwritten),
+                "objects_deleted": len(self.deleted)}
+
+    def verify(self):
+        """Every object of the file in the covered buckets with its size, content type, cache
+        control, user metadata and bytes: an uploaded object's ETag must be the MD5 of the bytes
+        sent (whose SHA-256 was checked on the way); where Storage's ETag is not an MD5 the
+        object is downloaded and its SHA-256 compared. In a rollback, no object the file lacks.
+        Returns the mismatches ([] when exact)."""
+        mismatches = []
+        live_buckets = {b["id"]: b for b in list_buckets(self.api)}
+        for bucket_id in self.covered:
+            row = self.buckets.get(bucket_id)
+            if row and bucket_id not in live_buckets:
+                mismatches.append(f"the bucket {bucket_id} is missing")
+                continue
+            if row and bucket_settings(row) != bucket_settings(live_buckets[bucket_id]):
+                mismatches.append(f"the bucket {bucket_id} has other settings")
+            if not row:
+                if self.deletes and bucket_id in live_buckets:
+                    mismatches.append(f"the bucket {bucket_id} is still there")
+                continue
+            live = dict(walk_bucket(self.api, bucket_id))
+            for (b, name), want in self.rows.items():
+                if b != bucket_id:
+                    continue
+                entry = live.get(name)
+                if entry is None:
+                    mismatches.append(f"{b}/{name} is missing")
+                    continue
+                if not self.holds(want, entry):
+                    mismatches.append(f"{b}/{name} differs from the file")
+            if self.deletes:
+                extra = [n for n in live if (bucket_id, n) not in self.rows]
+                mismatches += [f"{bucket_id}/{n} is not in the file" for n in extra]
+        return mismatches
+
+    def holds(self, want, entry):
+        meta = entry.get("metadata") or {}
+        if (meta.get("size"), meta.get("mimetype"), meta.get("cacheControl")) != \
+                (want.get("size"), want.get("content_type"), want.get("cache_control")):
+            return False
+        if "user_metadata" in entry and entry.get("user_metadata") != want.get("user_metadata"):
+            return False
+        sent = getattr(self, "md5", {}).get(object_key(want))
+        etag = str(meta.get("eTag") or "").strip('"')
+        if sent is None:  # not uploaded by this run: as the listing said before
+            return same_object(want, entry)
+        if re.fullmatch(r"[0-9a-f]{32}", etag):
+            return etag == sent
+        # Another backend's ETag: the bytes themselves, downloaded and hashed.
+        got = download_object(self.api, ObjectStore(self.store.folder), *object_key(want))
+        return got is not None and got[0] == want["sha256"]
+
+    def undo(self, safety_path, progress):
+        """Step 7 for Storage: what write() did, undone from the safety backup: the objects it
+        overwrote or deleted uploaded again as the safety backup holds them, the ones it created
+        deleted, bucket settings put back, buckets it created deleted. Returns the mismatches of
+        the check that follows ([] when exact)."""
+        safety = StorageRestore(self.api, safety_path)
+        safety.read()
+        before = [safety.rows[key] for key in self.overwritten + self.deleted
+                  if key in safety.rows]
+        for bucket_id in dict.fromkeys(b for b, _ in self.created):
+            delete_objects(self.api, bucket_id, [n for b, n in self.created if b == bucket_id])
+        progress.start("Storage: putting back", len(before), unit="objects")
+        safety.md5 = {}
+        for row in before:
+            safety.md5[object_key(row)] = upload_object(self.api, safety.store, row, False)
+            progress.advance(1)
+        progress.close()
+        for bucket_id, settings in self.buckets_updated.items():
+            storage_request(self.api, f"putting back the settings of the bucket {bucket_id}",
+                            "PUT", "bucket/" + urllib.parse.quote(bucket_id, safe=""),
+                            body=compact_json({"id": bucket_id, "name": bucket_id,
+                                               **settings}).encode())
+        for bucket_id in self.buckets_created:
+            storage_request(self.api, f"deleting the bucket {bucket_id}", "DELETE",
+                            "bucket/" + urllib.parse.quote(bucket_id, safe=""), body=b"{}")
+        # The check: each object written back holds the safety backup's bytes, and no object
+        # this run created is left.
+        live = {}
+        mismatches = []
+        for bucket_id in dict.fromkeys([b for b, _ in self.created] +
+                                       [object_key(r)[0] for r in before]):
+            if bucket_id in self.buckets_created:
+                continue
+            live[bucket_id] = dict(walk_bucket(self.api, bucket_id))
+        for row in before:
+            entry = live.get(row["bucket"], {}).get(row["name"])
+            if entry is None or not safety.holds(row, entry):
+                mismatches.append(f"{row['bucket']}/{row['name']} was not put back")
+        for bucket_id, name in self.created:
+            if name in live.get(bucket_id, {}) and (bucket_id, name) not in safety.rows:
+                mismatches.append(f"{bucket_id}/{name}, created by the restore, is still there")
+        return mismatches
 
 
 # --- 16. Retention and the heartbeat --------------------------------------------------------------
@@ -6445,6 +6833,10 @@ def build_parser():
     add_write_guard_arguments(restore)
     restore.add_argument("--tables", type=table_list, action="extend", metavar="A,B",
                          help="restore only these tables")
+    restore.add_argument("--storage", action="store_true",
+                         help="also restore the file's Storage buckets and objects: upload the "
+                              "missing and differing ones (none is deleted); without it they "
+                              "are left alone")
     restore.add_argument("--critical", type=table_list, action="extend", metavar="A,B",
                          help="tables that must be present and non-empty in the backup "
                               "(default: CRITICAL_TABLES, else none)")
