@@ -271,3 +271,182 @@ def test_the_setting_turns_storage_on(storage_seed, stack, data, capsys, monkeyp
     assert code == 0, err
     path = max((data / "backups").glob("supabase_backup_*"))
     assert len(manifest(path)[1]) > 2500
+
+
+# --- restore --safe --storage, rollback ----------------------------------------------------------
+
+def storage_state(db):
+    """Storage as the database holds it: every bucket's settings and every object's content
+    (ETag, the MD5 of its bytes), size, type, cache control and user metadata."""
+    return {"storage.buckets": sorted(str(row) for row in db.execute(
+                "SELECT id, public, file_size_limit, allowed_mime_types FROM storage.buckets")),
+            "storage.objects": sorted(str(row) for row in db.execute(
+                "SELECT bucket_id, name, metadata->>'eTag', metadata->>'size', "
+                "metadata->>'mimetype', metadata->>'cacheControl', user_metadata::text "
+                "FROM storage.objects"))}
+
+
+def damage_storage(client):
+    """A bad day: an object overwritten, one deleted, one added, a bucket's settings changed."""
+    docs = client.storage.from_("documents")
+    docs.upload("empty.txt", b"changed", {"upsert": "true", "content-type": "text/plain"})
+    docs.remove(["Résumé final.pdf"])
+    docs.upload("added/since.txt", b"added since the backup", {"content-type": "text/plain"})
+    client.storage.update_bucket("avatars", {"public": False, "file_size_limit": 1048576,
+                                             "allowed_mime_types": ["image/*"]})
+
+
+def uploads(stack):
+    return sum(1 for r in stack.requests if r.table == "storage.upload")
+
+
+def test_restore_brings_objects_back_and_leaves_new_ones(storage_seed, fresh_stack, data, db,
+                                                        capsys, client):
+    seed = seeded(data, storage_seed)
+    backed_up = storage_state(db)
+    damage_storage(client)
+    added = db.execute("SELECT metadata FROM storage.objects WHERE name = 'added/since.txt'"
+                       ).fetchone()
+    fresh_stack.requests.clear()
+    code, _, err = run(capsys, data, "restore", "--safe", "--storage", "--file", seed.name)
+    assert code == 0, err
+    now = storage_state(db)
+    added_row = [r for r in now["storage.objects"] if "'added/since.txt'" in r]
+    assert len(added_row) == 1 and added  # left alone: a restore never deletes
+    now["storage.objects"].remove(added_row[0])
+    assert now == backed_up
+    assert fresh_stack.storage.object_bytes("documents", "empty.txt") == b""
+    assert uploads(fresh_stack) == 2  # only the missing and the differing object
+    log = json.loads(next((data / "summaries").glob("restore_log_*")).read_text())
+    assert log["status"] == "succeeded"
+    assert log["storage"] == {"buckets_created": 0, "buckets_updated": 1, "objects_uploaded": 1,
+                              "objects_overwritten": 1, "objects_deleted": 0}
+    assert "Storage: 1 object(s) uploaded, 1 overwritten" in err.splitlines()[-1]
+
+
+def test_rollback_returns_the_buckets_to_exactly_the_saved_state(
+        storage_seed, fresh_stack, data, db, capsys, client):
+    seed = seeded(data, storage_seed)
+    damage_storage(client)
+    before_restore = storage_state(db)
+    code, _, err = run(capsys, data, "restore", "--safe", "--storage", "--file", seed.name)
+    assert code == 0, err
+    (safety,) = [n for n in files_in(data, "safety_backups") if n.startswith("safety_backup_")]
+    code, _, err = run(capsys, data, "rollback", "--yes", safety)
+    assert code == 0, err
+    assert storage_state(db) == before_restore
+    assert fresh_stack.storage.object_bytes("documents", "empty.txt") == b"changed"
+
+
+def test_dry_run_shows_the_plan_and_writes_nothing(storage_seed, fresh_stack, data, db, capsys,
+                                                   client):
+    seed = seeded(data, storage_seed)
+    damage_storage(client)
+    before = storage_state(db)
+    fresh_stack.requests.clear()
+    code, out, err = run(capsys, data, "restore", "--safe", "--storage", "--dry-run", "--json",
+                         "--file", seed.name)
+    assert code == 0, err
+    plan = json.loads(out)["storage_plan"]
+    assert (plan["objects_to_upload"], plan["bytes_to_upload"], plan["objects_to_overwrite"],
+            plan["buckets_to_update"]) == (1, 3100, 1, ["avatars"])
+    assert storage_state(db) == before and uploads(fresh_stack) == 0
+    assert "Storage: 1 object(s) to upload (3.0 KiB), 1 to overwrite" in err
+
+
+def test_without_the_flag_storage_is_left_alone_in_one_line(storage_seed, fresh_stack, data, db,
+                                                            capsys, client):
+    seed = seeded(data, storage_seed)
+    damage_storage(client)
+    before = storage_state(db)
+    code, _, err = run(capsys, data, "restore", "--safe", "--file", seed.name)
+    assert code == 0, err
+    assert storage_state(db) == before
+    assert [line for line in err.splitlines() if "Storage" in line] == [
+        "the file's Storage buckets and objects are left alone (restore --storage restores "
+        "them)"]
+
+
+def test_restore_storage_of_a_file_without_it_is_refused(data, capsys, matrix_row):
+    row = matrix_row("restore --storage of a backup made without --storage", "bad input",
+                     "refused in one line, nothing written", 7)
+    path = make_plain_backup(capsys, data)
+    code, _, err = run(capsys, data, "restore", "--safe", "--storage", "--file", path.name)
+    row.exited(code)
+    row.saw("the line says the file has no Storage", "holds no Storage" in error_line(err))
+    assert row.as_expected, row.observed
+
+
+def make_plain_backup(capsys, data):
+    code, _, err = run(capsys, data, "backup", "--tables", "app_settings")
+    assert code == 0, err
+    return max((data / "backups").glob("supabase_backup_*"))
+
+
+def test_an_upload_refused_rolls_storage_back(storage_seed, fresh_stack, data, db, capsys,
+                                              client, matrix_row):
+    row = matrix_row("Storage refuses an upload mid-restore", "restore fault",
+                     "rolled back: created objects deleted, overwritten ones put back", 8)
+    seed = seeded(data, storage_seed)
+    damage_storage(client)
+    before = storage_state(db)
+    fresh_stack.faults.add(kind="write", table="storage.upload", after=2, times=1, status=400,
+                           code="InvalidRequest", message="refused by the test")
+    code, _, err = run(capsys, data, "restore", "--safe", "--storage", "--file", seed.name)
+    row.exited(code)
+    row.saw("the line names the refused object", "refused by the test" in error_line(err))
+    row.compare(storage_state(db), before, "Storage exactly as before the restore")
+    assert row.as_expected, row.observed
+
+
+def test_damaged_object_in_the_backup_is_refused_before_writing(
+        storage_seed, fresh_stack, data, db, capsys, client, matrix_row):
+    row = matrix_row("Storage object of the backup damaged on disk", "bad input",
+                     "refused at validation, nothing written", 7)
+    seed = seeded(data, storage_seed)
+    damage_storage(client)
+    before = storage_state(db)
+    _, objects = manifest(seed)
+    target = data / "backups" / "objects" / objects[5]["sha256"][:2] / objects[5]["sha256"]
+    target.unlink()
+    target.write_bytes(b"not the object")
+    code, _, err = run(capsys, data, "restore", "--safe", "--storage", "--file", seed.name)
+    row.exited(code)
+    row.saw("the line says it is damaged", "damaged" in error_line(err))
+    row.compare(storage_state(db), before, "Storage untouched")
+    assert row.as_expected, row.observed
+
+
+def test_kill_9_mid_restore_then_rollback(storage_seed, fresh_stack, data, db, tmp_path,
+                                          client, matrix_row, capsys):
+    import subprocess
+    import sys
+
+    from helpers import REPO_ROOT, SETTINGS, kill_9, running
+    row = matrix_row("kill -9 during a Storage restore, then rollback", "restore fault",
+                     "rollback returns Storage to exactly the state before", 0)
+    seed = seeded(data, storage_seed)
+    damage_storage(client)
+    client.storage.from_("media").remove(["clips/0/clip-1.bin", "clips/0/clip-2.bin"])
+    before = storage_state(db)
+    fresh_stack.requests.clear()
+    fresh_stack.faults.add(kind="write", table="storage.upload", action="latency", delay=0.5)
+    app = tmp_path / "app"
+    app.mkdir()
+    shutil.copy(REPO_ROOT / "supabase_backup.py", app)
+    env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
+    env.update(SUPABASE_URL=fresh_stack.url, SUPABASE_SERVICE_ROLE_KEY=fresh_stack.service_role_key,
+               SUPABASE_BACKUP_DIR=str(data))
+    process = subprocess.Popen([sys.executable, str(app / "supabase_backup.py"), "restore",
+                                "--safe", "--storage", "--file", seed.name], cwd=tmp_path,
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    with running(process):
+        wait_for(lambda: uploads(fresh_stack) >= 2, what="the second upload")
+        kill_9(process)
+    fresh_stack.faults.clear()
+    row.saw("the restore was cut off after writing", storage_state(db) != before)
+    (safety,) = [n for n in files_in(data, "safety_backups") if n.startswith("safety_backup_")]
+    code, _, err = run(capsys, data, "rollback", "--yes", safety)
+    row.exited(code)
+    row.compare(storage_state(db), before, "Storage exactly as before the restore")
+    assert row.as_expected, (row.observed, err)
