@@ -4679,8 +4679,11 @@ class ObjectStore:
 
 
 class ObjectReceiver:
-    """One object on its way into the store: a temporary name, SHA-256 while it streams, fsync
-    and rename to its content's name by finish(); abort() throws it away."""
+    """One object on its way into the store: a temporary name, SHA-256 while it streams, and a
+    rename to its content's name by finish(); abort() throws it away. No fsync per object: one
+    os.sync() makes the new objects durable before the manifest that refers to them is finished
+    (back_up_storage). An fsync per object took 5.5 s of a 12 s first backup of the demo's 2,895
+    objects (profiled)."""
 
     def __init__(self, store):
         self.store = store
@@ -4694,17 +4697,13 @@ class ObjectReceiver:
         self.file.write(data)
 
     def finish(self):
-        """Put the object in place; returns (sha256, size)."""
-        self.file.flush()
-        os.fsync(self.file.fileno())
+        """Put the object in place; returns (sha256, size). A file of that name already there
+        is replaced by these bytes (the same, unless a crash before os.sync damaged it)."""
         self.file.close()
         sha256 = self.sha.hexdigest()
         target = self.store.path(sha256)
-        if target.exists():  # the same bytes are there already (another object, or a backup)
-            self.temp_path.unlink()
-        else:
-            target.parent.mkdir(mode=0o700, exist_ok=True)
-            os.replace(self.temp_path, target)
+        target.parent.mkdir(mode=0o700, exist_ok=True)
+        os.replace(self.temp_path, target)
         return sha256, self.size
 
     def abort(self):
@@ -4875,6 +4874,8 @@ def back_up_storage(api, writer, folder, progress, covered=None, reuse=None):
                                     f"during the backup; no backup file was written; run the "
                                     f"backup again")
     writer.end_table(count_before=summary["objects"], count_after=summary["objects"])
+    if summary["downloaded"]:
+        os.sync()  # the new objects on disk before the file that refers to them is finished
     progress.done(f"  Storage: {summary['objects']} objects in {len(buckets)} bucket(s), "
                   f"{human_size(summary['bytes'])}; {summary['downloaded']} downloaded "
                   f"({human_size(summary['downloaded_bytes'])}), {summary['unchanged']} "

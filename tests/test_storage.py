@@ -450,3 +450,26 @@ def test_kill_9_mid_restore_then_rollback(storage_seed, fresh_stack, data, db, t
     row.exited(code)
     row.compare(storage_state(db), before, "Storage exactly as before the restore")
     assert row.as_expected, (row.observed, err)
+
+
+ODD_NAMES = ["with space/and  more .txt", "ünï/cödé ✓.txt", "a/../b.txt", "/leading/slash.txt",
+             "dots/./in/./it", "100%/25%20.txt", "q?/h#sh.txt"]
+
+
+def test_odd_names_come_back_exactly(storage_seed, fresh_stack, data, db, capsys, matrix_row):
+    row = matrix_row("Storage objects with spaces, unicode, '..', '.', leading '/', %, ?, # in "
+                     "their names, deleted, then restored", "bad input",
+                     "backed up and restored under their exact names, bytes verified", 0)
+    seeded(data, storage_seed)
+    for name in ODD_NAMES:
+        fresh_stack.storage.put_object("documents", name, name.encode() * 2)
+    backed_up = storage_state(db)
+    path, _ = new_backup(capsys, data)
+    db.execute("DELETE FROM storage.objects WHERE name = ANY(%s)", [ODD_NAMES])
+    code, _, err = run(capsys, data, "restore", "--safe", "--storage", "--file", path.name)
+    row.exited(code)
+    restored = {name: fresh_stack.storage.object_bytes("documents", name) for name in ODD_NAMES}
+    row.saw("every name back with its bytes",
+            restored == {name: name.encode() * 2 for name in ODD_NAMES})
+    row.compare(storage_state(db), backed_up, "Storage exactly as backed up")
+    assert row.as_expected, (row.observed, err)
