@@ -14,8 +14,11 @@ Commands:
                   when complete and then verified; optionally encrypted to an
                   age recipient (--encrypt-to), copied to S3-compatible storage
                   (--to s3://bucket/prefix/), thinned by calendar (--keep-daily
-                  ...) and reported to a heartbeat URL (--ping)
-  check           verify a backup file offline (structure, row counts, checksums)
+                  ...) and reported to a heartbeat URL (--ping); with --storage
+                  also every Storage bucket and object (objects kept once each
+                  in backups/objects/, shared between backups)
+  check           verify a backup file offline (structure, row counts, checksums;
+                  the SHA-256 of every Storage object it refers to)
   list            the backups in backups/ (or at s3://bucket/prefix/), newest
                   first, with tables and rows
   prune           apply the retention rules to backups/ (and the off-site copies)
@@ -23,9 +26,11 @@ Commands:
                   rest stays
   restore         restore a backup file (a path, a name in backups/, or
                   s3://bucket/prefix/name); with --safe a safety backup is taken
-                  first and a failed restore is rolled back
-  rollback        bring tables back to exactly the state in a safety backup
-                  (rows it lacks are deleted), behind its own safety backup
+                  first and a failed restore is rolled back; --storage also
+                  uploads the file's missing and differing Storage objects
+  rollback        bring tables (and the Storage buckets it holds) back to exactly
+                  the state in a safety backup (rows and objects it lacks are
+                  deleted), behind its own safety backup
   list-safety     the safety backups, newest first, with the restore each one
                   protected and its outcome; flags interrupted restores
   cleanup-safety  delete safety backups older than 7 days (never the newest,
@@ -68,6 +73,8 @@ directory, else from .env next to this script (see .env.example):
                              this script; --data-dir overrides it)
   BACKUP_TABLES              the tables to back up, comma-separated (default:
                              every table; backup --tables overrides it)
+  BACKUP_STORAGE             1 to back up Storage's buckets and objects too
+                             (backup --storage)
   CRITICAL_TABLES            tables a restore requires present and non-empty in
                              the backup (default: none; restore --critical)
   VERIFY_IGNORE_COLUMNS      columns a restore leaves out of verification, e.g.
@@ -93,13 +100,13 @@ identity.
 #    2 Configuration                     13 Restore step 4: writing
 #    3 Supabase access (all requests)    14 Restore steps 5 and 7: verify, roll back
 #    4 Schema: what the API says         15 The restore run (RestoreRun, RollbackRun)
-#    5 Backup file format                16 Retention and the heartbeat
-#    6 Encryption at rest (age)          17 Inventory: backups/, safety_backups/, diff
-#    7 Off-site copies (S3)              18 Logs and output
-#    8 Background work and progress      19 Commands: backup, check, list
-#    9 Backup: reading tables            20 Commands: restore, rollback, ..., diff
-#   10 Restore steps 0 and 2: checking   21 Command line (build_parser, main)
-#   11 Comparing a file with live rows
+#    5 Backup file format                -- Storage objects (backup, check, retention); restore
+#    6 Encryption at rest (age)          16 Retention and the heartbeat
+#    7 Off-site copies (S3)              17 Inventory: backups/, safety_backups/, diff
+#    8 Background work and progress      18 Logs and output
+#    9 Backup: reading tables            19 Commands: backup, check, list
+#   10 Restore steps 0 and 2: checking   20 Commands: restore, rollback, ..., diff
+#   11 Comparing a file with live rows   21 Command line (build_parser, main)
 #
 # The restore flow (SAFETY.md), run by RestoreRun.run(), one method per step:
 #   0 read    RestoreRun.read_file      -> scan_backup (every checksum and key), discover_tables
@@ -111,6 +118,9 @@ identity.
 #   6 LOG     RestoreRun.write_log      -> write_restore_log
 #   7 ROLLBACK RestoreRun.recover (a failure in 4-5) -> snapshot of the failed state, rollback
 # A backup is cmd_backup -> run_backup -> snapshot; diff is diff_tables (TableComparison).
+# With Storage (restore --storage; a rollback whose file has it), each step calls the file's
+# StorageRestore: 1 snapshot(storage=...) -> back_up_storage, 2 .validate, 3 .plan, 4 .write
+# (after the tables), 5 .verify, 7 .undo.
 
 import argparse
 import base64
@@ -5007,7 +5017,12 @@ def collect_objects(folder):
     return len(unreferenced)
 
 
+# --- Storage objects: restore and rollback -------------------------------------------------------
+# The Storage side of a restore or rollback (StorageRestore), one method per step of RestoreRun:
+# safety backup options, validate, plan, write (uploads streamed from objects/), verify, undo.
+
 def object_key(row):
+    """(bucket, name) of a manifest row."""
     return row.get("bucket"), row.get("name")
 
 

@@ -1621,16 +1621,8 @@ class ApiHandler(BaseHTTPRequestHandler):
             table = urllib.parse.unquote(rest) if rest else None
             self._record.table = table
             faults = stack.faults.pick(method, table)
-            drop_after = False
-            for f in faults:
-                if f.action == "latency":
-                    time.sleep(f.delay)
-                elif f.action == "drop" and f.when == "before":
-                    raise DropConnection
-                elif f.action == "drop":
-                    drop_after = True
-                elif f.action == "error" and f.when == "before":
-                    raise ApiError(f.status, f.code, f.message)
+            drop_after = self._faults_before(
+                faults, lambda f: ApiError(f.status, f.code, f.message))
             status, out, headers = self._serve(method, table, parsed.query, body)
             for f in faults:
                 if f.action == "error" and f.when == "after":
@@ -1658,6 +1650,21 @@ class ApiHandler(BaseHTTPRequestHandler):
         finally:
             self._log_request(status)
 
+    def _faults_before(self, faults, error) -> bool:
+        """Apply the faults that act before the work (latency, a dropped connection, an error
+        made by error(fault)); returns whether the answer is to be cut off half-way."""
+        drop_after = False
+        for f in faults:
+            if f.action == "latency":
+                time.sleep(f.delay)
+            elif f.action == "drop" and f.when == "before":
+                raise DropConnection
+            elif f.action == "drop":
+                drop_after = True
+            elif f.action == "error" and f.when == "before":
+                raise error(f)
+        return drop_after
+
     def _storage(self, method: str, path: str, query: str, body: bytes) -> int:
         """The Storage API (tests/local_storage.py), with the fault switchboard: a fault's table
         is storage.bucket, storage.list, storage.download, storage.upload or storage.delete."""
@@ -1669,15 +1676,9 @@ class ApiHandler(BaseHTTPRequestHandler):
                  "storage.upload" if method in ("POST", "PUT") else "storage.delete")
         self._record.table = label
         try:
-            faults = stack.faults.pick(method, label)
-            self.storage_faults = [f for f in faults if f.action == "drop" and f.when == "after"]
-            for f in faults:
-                if f.action == "latency":
-                    time.sleep(f.delay)
-                elif f.action == "drop" and f.when == "before":
-                    raise DropConnection
-                elif f.action == "error":
-                    raise StorageError(f.status, f.code, f.message)
+            self.cut_download = self._faults_before(
+                stack.faults.pick(method, label), lambda f: StorageError(f.status, f.code,
+                                                                        f.message))
             return stack.storage.handle(self, method, path, query, body)
         except StorageError as err:
             self._send(err.status, err.body(), {}, method)
