@@ -473,3 +473,23 @@ def test_odd_names_come_back_exactly(storage_seed, fresh_stack, data, db, capsys
             restored == {name: name.encode() * 2 for name in ODD_NAMES})
     row.compare(storage_state(db), backed_up, "Storage exactly as backed up")
     assert row.as_expected, (row.observed, err)
+
+
+def test_the_storage_benchmark_writes_its_report(tmp_path):
+    """bench/storage.py once (--repeat 1), so that it never rots: it completes, and its report
+    holds every figure; nothing is asserted about speed, except what the second night asks for
+    (no download at all)."""
+    import subprocess
+    import sys
+
+    from helpers import REPO_ROOT
+    out = tmp_path / "RESULTS-storage.md"
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "storage.py"), "--repeat",
+                           "1", "--out", str(out)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = out.read_text()
+    for label in ("| first backup |", "| bare loop |", "| second night |", "## Machine",
+                  "python bench/storage.py --repeat 1", "Throughput, first backup / bare"):
+        assert label in report, label
+    assert "Second night, nothing changed: downloads [0]" in report
