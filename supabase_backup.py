@@ -6768,6 +6768,7 @@ def build_parser():
         ["backup", "--quiet backup --keep 14",
          "backup --tables users,packages,bookings --output /mnt/offsite/today.json.gz",
          "backup --exclude audit_log --json",
+         "--quiet backup --storage --keep 30     # tables, Storage buckets and objects",
          "--quiet backup --encrypt-to age1... --to s3://my-bucket/supabase/ --keep-daily 7 "
          "--keep-weekly 5 --keep-monthly 12 --ping https://hc-ping.com/UUID"])
     backup.add_argument("--tables", type=table_list, action="extend", metavar="A,B",
@@ -6838,7 +6839,8 @@ def build_parser():
         "restore a backup file; with --safe behind a safety backup and an automatic rollback",
         ["restore --safe --file supabase_backup_20251128_074723.json.gz",
          "restore --safe --dry-run --file supabase_backup_20251128_074723.json.gz",
-         "restore --safe --tables bookings --critical users,packages,bookings --file FILE"])
+         "restore --safe --tables bookings --critical users,packages,bookings --file FILE",
+         "restore --safe --storage --dry-run --file FILE   # Storage too: the plan"])
     restore.add_argument("--file", required=True, metavar="FILE",
                          help="the backup to restore: a path, a file name in backups/, or "
                               "s3://bucket/prefix/NAME")

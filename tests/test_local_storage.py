@@ -37,7 +37,7 @@ def test_buckets_come_with_their_settings(client):
     assert client.storage.get_bucket("documents").public is False
 
 
-def test_list_pages_by_100_with_folders_first_and_null_ids(client):
+def test_list_gives_folders_first_with_null_ids(client):
     avatars = client.storage.from_("avatars")
     top = avatars.list()
     assert top == [{"name": "users", "id": None, "updated_at": None, "created_at": None,
@@ -55,6 +55,20 @@ def test_list_pages_by_100_with_folders_first_and_null_ids(client):
     # Folders come first, then objects, and limit/offset count both.
     top = documents.list("", {"limit": 3})
     assert [e["id"] is None for e in top] == [True, True, False]
+
+
+def test_list_defaults_to_100_and_pages_by_offset(fresh_stack, client):
+    for n in range(150):
+        fresh_stack.storage.put_object("documents", f"many/{n:03d}.txt", b"x")
+    docs = client.storage.from_("documents")
+    first = docs.list("many")  # storage3 sends limit 100, storage's own default too
+    assert [e["name"] for e in first] == [f"{n:03d}.txt" for n in range(100)]
+    raw = client.storage.session.post(
+        f"{fresh_stack.url}/storage/v1/object/list/documents", json={"prefix": "many/"},
+        headers={"Authorization": f"Bearer {fresh_stack.service_role_key}"})
+    assert len(raw.json()) == 100  # no limit in the body: the server's default
+    rest = docs.list("many", {"limit": 100, "offset": 100})
+    assert [e["name"] for e in rest] == [f"{n:03d}.txt" for n in range(100, 150)]
 
 
 def test_every_object_is_reached_by_walking_folders_and_pages(client, db):

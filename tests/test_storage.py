@@ -493,3 +493,51 @@ def test_the_storage_benchmark_writes_its_report(tmp_path):
                   "python bench/storage.py --repeat 1", "Throughput, first backup / bare"):
         assert label in report, label
     assert "Second night, nothing changed: downloads [0]" in report
+
+
+def test_every_page_of_every_folder_is_read(storage_seed, stack, data, capsys, monkeypatch):
+    """With pages of 7 entries every folder of the demo takes several pages: the manifest is
+    still every object, once."""
+    seed = seeded(data, storage_seed)
+    monkeypatch.setattr(supabase_backup, "LIST_PAGE_SIZE", 7)
+    path, _ = new_backup(capsys, data)
+    assert manifest(path) == manifest(seed)
+    lists = sum(1 for r in stack.requests if r.table == "storage.list")
+    assert lists > 2895 / 7
+
+
+def test_list_and_diff_count_tables_only(storage_seed, stack, data, capsys):
+    seed = seeded(data, storage_seed)
+    code, out, err = run(capsys, data, "list", "--json")
+    assert code == 0, err
+    (entry,) = json.loads(out)
+    assert (entry["tables"], entry["rows"]) == (1, 5)
+    code, _, err = run(capsys, data, "diff", "--file", seed.name)
+    assert code == 0, err
+
+
+def test_cleanup_safety_deletes_only_objects_no_safety_backup_refers_to(
+        storage_seed, fresh_stack, data, capsys, client):
+    seed = seeded(data, storage_seed)
+    damage_storage(client)  # empty.txt now holds b"changed": only the first safety backup has it
+    for _ in range(2):
+        code, _, err = run(capsys, data, "restore", "--safe", "--storage", "--file", seed.name)
+        assert code == 0, err
+    first, newest = sorted(n for n in files_in(data, "safety_backups")
+                           if n.startswith("safety_backup_"))
+    old = "safety_backup_20200101_000000.json.gz"
+    os.rename(data / "safety_backups" / first, data / "safety_backups" / old)
+    for log_name in files_in(data, "summaries"):
+        log_path = data / "summaries" / log_name
+        log_path.write_text(log_path.read_text().replace(first, old))
+    store = data / "safety_backups" / "objects"
+    changed = hashlib.sha256(b"changed").hexdigest()
+    assert (store / changed[:2] / changed).exists()
+    code, out, err = run(capsys, data, "cleanup-safety")
+    assert code == 0, err
+    assert f"deleted {old}" in out
+    assert not (store / changed[:2] / changed).exists()
+    kept = {o["sha256"] for o in manifest(data / "safety_backups" / newest)[1]}
+    assert {p.name for p in store.glob("??/*")} == kept
+    code, _, err = run(capsys, data, "check", "--file", newest)
+    assert code == 0, err
