@@ -541,3 +541,28 @@ def test_cleanup_safety_deletes_only_objects_no_safety_backup_refers_to(
     assert {p.name for p in store.glob("??/*")} == kept
     code, _, err = run(capsys, data, "check", "--file", newest)
     assert code == 0, err
+
+
+def test_an_object_deleted_before_its_download_is_left_out_with_a_warning(
+        storage_seed, fresh_stack, data, capsys, client, db):
+    seeded(data, storage_seed)
+    media = client.storage.from_("media")
+    media.upload("clips/new-1.bin", b"one", {"content-type": "application/octet-stream"})
+    media.upload("clips/new-2.bin", b"two", {"content-type": "application/octet-stream"})
+    fresh_stack.requests.clear()
+    fresh_stack.faults.add(kind="read", table="storage.download", action="latency", delay=0.3)
+
+    def delete_the_second():
+        wait_for(lambda: downloads(fresh_stack) >= 1, what="the first download")
+        db.execute("DELETE FROM storage.objects WHERE name = 'clips/new-2.bin'")
+
+    deleter = threading.Thread(target=delete_the_second)
+    deleter.start()
+    try:
+        path, err = new_backup(capsys, data)
+    finally:
+        deleter.join()
+    names = {o["name"] for o in manifest(path)[1] if o["bucket"] == "media"}
+    assert "clips/new-1.bin" in names and "clips/new-2.bin" not in names
+    assert "Storage: media/clips/new-2.bin was deleted during the backup; it is not in this " \
+           "backup" in err
