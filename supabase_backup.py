@@ -4632,7 +4632,8 @@ KIND_BUCKETS, KIND_OBJECTS = "storage_buckets", "storage_objects"
 STORAGE_KINDS = (KIND_BUCKETS, KIND_OBJECTS)
 OBJECTS_DIR = "objects"
 # Entries asked for per listing request. Storage's own default is 100; its search function
-# returns min(limit, what is left), so a page shorter than asked is the last one.
+# returns min(limit, what is left), its limit capped at 1500 (migration 0059; uncapped before),
+# so a page shorter than asked is the last one.
 LIST_PAGE_SIZE = 1000
 DOWNLOAD_CHUNK = 1 << 20
 MANIFEST_BATCH = 500  # manifest rows written to the file at a time

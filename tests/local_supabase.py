@@ -14,6 +14,8 @@ SUPABASE_SERVICE_ROLE_KEY, SUPABASE_ANON_KEY and DATABASE_URL (and writes them
 to --env-file), and runs until Ctrl-C, then removes everything it started.
 With --s3 it also starts an S3-compatible server (moto's) on 127.0.0.1 with a
 bucket, and prints the AWS_* settings and BACKUP_REMOTE that `backup --to` uses.
+Storage's API is served under /storage/v1 (tests/local_storage.py): with the
+demo schema, three buckets with nested folders and about 2,900 objects.
 
 Tests import it: ``with LocalSupabase() as stack: ...`` gives ``stack.url``,
 the keys, ``stack.database_url``, ``stack.faults`` (fault injection),
