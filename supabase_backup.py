@@ -4759,18 +4759,35 @@ def list_folder(api, bucket, prefix):
 
 def walk_bucket(api, bucket):
     """Every object of a bucket as (name, listing entry): every folder level, in name order.
-    A name that starts with "/" or holds "//" has a folder named "" on the way: walked too."""
-    pending = [""]
+    A name that starts with "/" or holds "//" has a folder named "" on the way: walked too.
+
+    Storage matches the prefix of a listing case-insensitively, and its older search with ILIKE
+    (% and _ as wildcards): the listing of photos/ also holds the objects of a sibling Photos/
+    under the names they have there. Under such a folder every object is looked up by its exact
+    name (object info), and kept only when it is the object listed (the same id)."""
+    pending = [("", False)]
     while pending:
-        prefix = pending.pop()
+        prefix, ambiguous = pending.pop()
         folders = []
         for entry in list_folder(api, bucket, prefix):
             name = prefix + entry["name"]
             if entry.get("id") is None:
-                folders.append(name + "/")
-            else:
+                folders.append(entry["name"])
+            elif not ambiguous or (object_info(api, bucket, name) or {}).get("id") == \
+                    entry["id"]:
                 yield name, entry
-        pending.extend(reversed(folders))
+        pending.extend((prefix + folder + "/", ambiguous or overlapping(folder, folders))
+                       for folder in reversed(folders))
+
+
+def overlapping(folder, siblings):
+    """Whether Storage's prefix match of folder/ (ILIKE: any case, % and _ as wildcards, \\ an
+    escape) also takes in a sibling folder."""
+    if "\\" in folder:
+        return True
+    pattern = "".join(".*" if ch == "%" else "." if ch == "_" else re.escape(ch) for ch in folder)
+    return any(other != folder and re.fullmatch(pattern, other, re.IGNORECASE | re.DOTALL)
+               for other in siblings)
 
 
 def download_object(api, store, bucket, name):
@@ -4798,15 +4815,16 @@ def download_object(api, store, bucket, name):
     return received[0]
 
 
-def object_user_metadata(api, bucket, name):
-    """An object's user metadata (GET /object/info/BUCKET/NAME); (False, None) when it is gone."""
+def object_info(api, bucket, name):
+    """An object's info by its exact name (GET /object/info/BUCKET/NAME: id, size, user
+    metadata as "metadata", ...); None when there is no such object."""
     try:
         response = storage_request(api, f"reading the metadata of {bucket}/{name}", "GET",
                                    "object/info/" + object_url_path(bucket, name),
                                    rejected=("404",))
     except ApiRejected:
-        return False, None
-    return True, json.loads(response.content).get("metadata")
+        return None
+    return json.loads(response.content)
 
 
 def listed_state(entry):
@@ -4917,8 +4935,9 @@ def object_row(api, store, bucket, name, entry, known, summary, reuse=None):
         return {**row, "sha256": other["sha256"], "user_metadata": other.get("user_metadata")}
     got = download_object(api, store, bucket, name)
     # Storage lists user metadata since its migration 0059; an older one is asked per object.
-    present, user_metadata = (bool(got), entry.get("user_metadata")) \
-        if "user_metadata" in entry or not got else object_user_metadata(api, bucket, name)
+    info = {"metadata": entry.get("user_metadata")} if "user_metadata" in entry or not got \
+        else object_info(api, bucket, name)
+    present, user_metadata = bool(got and info is not None), (info or {}).get("metadata")
     if not present:
         summary["vanished"].append(f"{bucket}/{name}")
         return None

@@ -584,3 +584,29 @@ def test_restore_onto_emptied_storage_brings_everything_back(storage_seed, fresh
         assert hashlib.sha256(data_now).hexdigest() == row["sha256"], row["name"]
     assert "Storage: 2895 object(s) uploaded, 0 overwritten, 0 deleted, 3 bucket(s) created" \
         in err.splitlines()[-1]
+
+
+OVERLAPPING = ["Photos/a.txt", "photos/a.txt", "photos/b.txt", "Photos/2024/x.txt",
+               "photos/2024/y.txt", "a_b/1.txt", "aXb/2.txt", "50%/c.txt", "50abc/d.txt"]
+
+
+def test_folders_storage_lists_into_each_other_are_told_apart(storage_seed, fresh_stack, data,
+                                                             db, capsys, matrix_row):
+    row = matrix_row("Storage folders that differ only in case, or match each other's % or _ "
+                     "(Storage's listing mixes them)", "bad input",
+                     "every object backed up once under its own name, and restored", 0)
+    seeded(data, storage_seed)
+    for name in OVERLAPPING:
+        fresh_stack.storage.put_object("documents", name, name.encode())
+    backed_up = storage_state(db)
+    path, err = new_backup(capsys, data)
+    rows = [o for o in manifest(path)[1] if o["name"] in OVERLAPPING]
+    row.saw("each object once, with its own bytes",
+            sorted((o["name"], o["sha256"]) for o in rows) ==
+            sorted((n, hashlib.sha256(n.encode()).hexdigest()) for n in OVERLAPPING))
+    row.saw("no object reported as deleted", "deleted during the backup" not in err)
+    db.execute("DELETE FROM storage.objects WHERE name = ANY(%s)", [OVERLAPPING])
+    code, _, err = run(capsys, data, "restore", "--safe", "--storage", "--file", path.name)
+    row.exited(code)
+    row.compare(storage_state(db), backed_up, "Storage exactly as backed up")
+    assert row.as_expected, (row.observed, err)
