@@ -15,6 +15,8 @@ SUPABASE_SERVICE_ROLE_KEY, SUPABASE_ANON_KEY and DATABASE_URL (and writes them
 to --env-file), and runs until Ctrl-C, then removes everything it started.
 With --s3 it also starts an S3-compatible server (moto's) on 127.0.0.1 with a
 bucket, and prints the AWS_* settings and BACKUP_REMOTE that `backup --to` uses.
+Storage's API is served under /storage/v1 (tests/local_storage.py): with the
+demo schema, three buckets with nested folders and about 2,900 objects.
 
 Tests import it: ``with LocalSupabase() as stack: ...`` gives ``stack.url``,
 the keys, ``stack.database_url``, ``stack.faults`` (fault injection),
@@ -58,6 +60,7 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from local_auth import AUTH_USERS_SQL, AuthAdmin, GoTrueError
+from local_storage import STORAGE_PREFIX, LocalStorage, StorageError
 
 HERE = Path(__file__).resolve().parent
 DEMO_SCHEMA = HERE / "demo_schema.sql"
@@ -1604,6 +1607,9 @@ class ApiHandler(BaseHTTPRequestHandler):
             if path.startswith("/_local/"):
                 status = self._admin(method, path, body)
                 return
+            if path.startswith(STORAGE_PREFIX + "/") and stack.storage is not None:
+                status = self._storage(method, path, parsed.query, body)
+                return
             auth = path.startswith("/auth/v1/")  # the auth server (tests/local_auth.py)
             if not path.startswith("/rest/v1") and not auth:
                 status = 404
@@ -1613,16 +1619,8 @@ class ApiHandler(BaseHTTPRequestHandler):
             table = "auth.users" if auth else urllib.parse.unquote(rest) if rest else None
             self._record.table = table
             faults = stack.faults.pick(method, table)
-            drop_after = False
-            for f in faults:
-                if f.action == "latency":
-                    time.sleep(f.delay)
-                elif f.action == "drop" and f.when == "before":
-                    raise DropConnection
-                elif f.action == "drop":
-                    drop_after = True
-                elif f.action == "error" and f.when == "before":
-                    raise (GoTrueError if auth else ApiError)(f.status, f.code, f.message)
+            drop_after = self._faults_before(
+                faults, lambda f: (GoTrueError if auth else ApiError)(f.status, f.code, f.message))
             status, out, headers = (self._serve_auth(method, path[len("/auth/v1"):],
                                                      parsed.query, body) if auth else
                                     self._serve(method, table, parsed.query, body))
@@ -1655,6 +1653,40 @@ class ApiHandler(BaseHTTPRequestHandler):
                 raise
         finally:
             self._log_request(status)
+
+    def _faults_before(self, faults, error) -> bool:
+        """Apply the faults that act before the work (latency, a dropped connection, an error
+        made by error(fault)); returns whether the answer is to be cut off half-way."""
+        drop_after = False
+        for f in faults:
+            if f.action == "latency":
+                time.sleep(f.delay)
+            elif f.action == "drop" and f.when == "before":
+                raise DropConnection
+            elif f.action == "drop":
+                drop_after = True
+            elif f.action == "error" and f.when == "before":
+                raise error(f)
+        return drop_after
+
+    def _storage(self, method: str, path: str, query: str, body: bytes) -> int:
+        """The Storage API (tests/local_storage.py), with the fault switchboard: a fault's table
+        is storage.bucket, storage.list, storage.download, storage.upload or storage.delete."""
+        stack = self.server.stack
+        route = path[len(STORAGE_PREFIX):]
+        label = ("storage.bucket" if route.startswith("/bucket") else
+                 "storage.list" if route.startswith("/object/list/") else
+                 "storage.download" if method in ("GET", "HEAD") else
+                 "storage.upload" if method in ("POST", "PUT") else "storage.delete")
+        self._record.table = label
+        try:
+            self.cut_download = self._faults_before(
+                stack.faults.pick(method, label), lambda f: StorageError(f.status, f.code,
+                                                                        f.message))
+            return stack.storage.handle(self, method, path, query, body)
+        except StorageError as err:
+            self._send(err.status, err.body(), {}, method)
+            return err.status
 
     def _admin(self, method: str, path: str, body: bytes) -> int:
         """/_local/faults and /_local/stats: test control for an out-of-process server."""
@@ -2195,6 +2227,7 @@ class LocalSupabase:
         self._cache: dict[str, Relation] = {}
         self._cache_version: int | None = None
         self._cache_lock = threading.Lock()
+        self.storage: LocalStorage | None = None  # the Storage API (local_storage.py)
 
     # -- lifecycle
 
@@ -2205,6 +2238,10 @@ class LocalSupabase:
             with psycopg.connect(self.database_url, autocommit=True) as conn:
                 conn.execute(BOOTSTRAP_SQL)
             self.load_schema()
+            self.storage = LocalStorage(self.database_url)
+            self.storage.install()
+            if self.schema == "demo" and not self.sql_files:
+                self.storage.make_demo()
             self.pool = ConnectionPool(self.cluster.dsn("authenticator"), min_size=2,
                                        max_size=16, open=True, timeout=30,
                                        kwargs={"prepare_threshold": None})
@@ -2237,6 +2274,8 @@ class LocalSupabase:
             conn.execute("DELETE FROM auth.users")  # the demo's users come back with it
             conn.execute(PUBLIC_SCHEMA_SQL)
         self.load_schema()
+        if self.storage is not None and self.storage.seed_objects:
+            self.storage.reset()
         self.faults.clear()
         self.requests.clear()
 
@@ -2254,6 +2293,9 @@ class LocalSupabase:
         if self.cluster:
             self.cluster.stop()
             self.cluster = None
+        if self.storage:
+            self.storage.stop()
+            self.storage = None
 
     def __enter__(self) -> "LocalSupabase":
         return self.start()
