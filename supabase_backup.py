@@ -3857,19 +3857,21 @@ def skip_generated_column(plan, column):
              plan.name, column)
 
 
-def parents_written_first(plan):
+def parents_written_first(plan, failed):
     """The batches of a table, each with the Event its write sets when done, each given only
     once the batches holding the parents of its rows (the levels of spool_parents_first before
     its last row's) are written: the rows of one request may refer to each other, those of
-    requests in flight at once may not."""
+    requests in flight at once may not. Once a write has failed (failed is set), no more: the
+    batches waited for may never be sent."""
     sent = []  # (first line, Event) of the batches given so far
     for batch in spooled_batches(plan):
         if plan.level_starts:
             last = batch.start + len(batch) - 1
             needed = plan.level_starts[bisect.bisect_right(plan.level_starts, last) - 1]
             for start, event in sent:
-                if start < needed:
-                    event.wait()
+                while start < needed and not event.wait(0.1):
+                    if failed.is_set():
+                        return
             sent = [(start, event) for start, event in sent if not event.is_set()]
         event = threading.Event()
         sent.append((batch.start, event))
@@ -3906,8 +3908,13 @@ def upsert_restore(api, plans, order, progress):
                 except MissingParent as missing:
                     waiting.append(missing.batch)
             return written, waiting
+        except BaseException:
+            failed.set()  # no batch is given after a failure (parents_written_first)
+            raise
         finally:
             sent.set()
+
+    failed = threading.Event()
 
     pending = []
     for number, name in enumerate(order, 1):
@@ -3918,7 +3925,8 @@ def upsert_restore(api, plans, order, progress):
         # (its children) begins.
         for written, waiting in in_parallel(
                 (functools.partial(first_try, plan, batch, sent)
-                 for batch, sent in parents_written_first(plan)), api.jobs, grace=None):
+                 for batch, sent in parents_written_first(plan, failed)), api.jobs,
+                grace=None):
             pending.extend((plan, batch) for batch in waiting)
             progress.advance(written)
         progress.done(f"  {name}: {plan.outcome.inserted} inserted, {plan.outcome.updated} "
