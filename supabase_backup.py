@@ -2631,6 +2631,25 @@ class TableRead:
             self.ranges = list(zip(bounds, bounds[1:]))
         self.left, self.pages, self.count_after = len(self.ranges), 0, None
         self._done = threading.Lock()
+        # Per range: (first key, last key, whether its keys rose) in seen_key's order, for
+        # keys_rising(); None for a range without rows.
+        self.range_keys = [None] * len(self.ranges)
+
+    def keys_rising(self):
+        """Whether the table's keys rose from row to row in Python's order of seen_key, as the
+        file holds them: then a file of the same table can be merged with it row by row
+        (record_counts compares the file being restored with the safety backup so)."""
+        if self.paging != "keyset":
+            return False
+        last = None
+        for keys in self.range_keys:
+            if keys is None:
+                continue
+            first, end, rising = keys
+            if not rising or (last is not None and not _rises(last, first)):
+                return False
+            last = end
+        return True
 
     def range_read(self, api, pages):
         """A range's rows are read: the last range read takes the count after (so that it is
@@ -2678,12 +2697,21 @@ def read_range(api, table, index, spool):
     """Read one key range of a table into its spool (the first range checks the date style)."""
     after, until = table.ranges[index]
     pages, rows = TablePages(api, table.name, table.meta, after, until), 0
+    pk, first, last, rising = table.order_by, None, None, table.paging == "keyset"
     try:
         for page in pages:
             if index == 0 and rows == 0:
                 check_iso_dates(table.name, table.meta, page)
             spool.write(b"\n".join([row_json(row).encode() for row in page]) + b"\n")
             rows += len(page)
+            if rising:
+                for row in page:
+                    key = seen_key(row, pk)
+                    if last is not None and not _rises(last, key):
+                        rising = False
+                        break
+                    first, last = key if first is None else first, key
+        table.range_keys[index] = (first, last, rising) if rows else None
         table.range_read(api, pages.pages)
     except BaseException as exc:
         spool.finish(table_failure(table.name, exc))
@@ -2830,7 +2858,8 @@ def snapshot(api, tables, discovered, path, project_host, role, progress, note=N
                     summary["warnings"].append(f"{table.name} changed during the backup")
                 count, digest = writer.end_table(**trailer)
                 summary["tables"][table.name] = {"rows": count, "sha256": digest,
-                                                 "pages": table.pages, **trailer}
+                                                 "pages": table.pages, **trailer,
+                                                 "keys_rising": table.keys_rising()}
                 summary["rows"] += count
         if auth:
             back_up_auth_users(api, writer, summary, progress)
@@ -2936,12 +2965,15 @@ def scan_backup(path, tables_wanted=None):
     header, tables, problems, unsorted, others = {}, {}, [], set(), []
     for table in read_tables(path, label=f"reading {Path(path).name}", header=header,
                              kinds=(None, AUTH_KIND), skipped=others):
+        rising = None
         if tables_wanted is None or table.name in tables_wanted:
-            if not scan_rows(table, problems):
+            rising = scan_rows(table, problems)
+            if not rising:
                 unsorted.add(table.name)
         table.finish()
         tables[table.name] = {"meta": table.meta, "row_count": table.trailer.get("row_count"),
-                              "sha256": table.trailer.get("sha256")}
+                              "sha256": table.trailer.get("sha256"),
+                              "keys_rising": bool(rising) and not table.kind}
     if unsorted:
         problems.extend(_repeated_keys(path, unsorted))
     if problems:
@@ -3134,6 +3166,89 @@ class TableOutcome:
     counting: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
+class SafetyRows:
+    """The safety backup just taken (step 1), read beside the file in step 3 (record_counts),
+    table by table in the same order: a table's live rows as they were read moments ago, from
+    disk. Used for a table only where the two files can be merged row by row: a key, the same
+    forms of every column, and keys that rose in Python's order in both files (ints, uuids,
+    text in most collations); any other table is compared with the live table, as before."""
+
+    def __init__(self, path, summary_tables):
+        self.tables = read_tables(path)
+        self.rising = {name: table.get("keys_rising") for name, table in summary_tables.items()}
+
+    def rows_of(self, name, plan, forms, scanned):
+        """LocalRows of a table, or None where its live rows must be read from the project."""
+        if not (plan.primary_key and self.rising.get(name) and scanned.get("keys_rising")):
+            return None
+        for table in self.tables:
+            if table.name != name:
+                continue
+            wanted = with_stored_forms(plan.live_meta, forms)
+            if table.meta.get("primary_key") != plan.primary_key or \
+                    stored_forms(table.meta) != stored_forms(wanted):
+                return None
+            return LocalRows(table.rows, plan.primary_key)
+        return None
+
+    def close(self):
+        self.tables.close()
+
+
+def stored_forms(meta):
+    """(column, the form a file keeps it in) of each column of a table's metadata."""
+    return [(column["name"], column.get("stored_as")) for column in meta.get("columns") or []]
+
+
+class LocalRows:
+    """One table's live rows from the safety backup, in key order, handed out range by range
+    (upto) as RangeRead reads them from the project."""
+
+    def __init__(self, rows, primary_key):
+        self.rows, self.primary_key = iter(rows), primary_key
+        self.next = next(self.rows, None)
+
+    def upto(self, until):
+        """The rows up to the key values until (all the rest for None): a LocalRange."""
+        limit = None if until is None else seen_key(dict(zip(self.primary_key, until)),
+                                                    self.primary_key)
+        return LocalRange(self, limit)
+
+
+class LocalRange:
+    """A range of LocalRows, with RangeRead's ways: first_page(), its pages, join()."""
+
+    class pages:  # noqa: N801 - RangeRead.pages.in_range: no count is asked for
+        in_range = 0
+
+    def __init__(self, source, limit):
+        self.source, self.limit = source, limit
+        self._first, self._taken = None, False
+
+    def _page(self):
+        source, rows = self.source, []
+        while source.next is not None and len(rows) < PAGE_SIZE and (
+                self.limit is None or
+                not _rises(self.limit, seen_key(source.next, source.primary_key))):
+            rows.append(source.next)
+            source.next = next(source.rows, None)
+        return rows or None
+
+    def first_page(self):
+        if not self._taken:
+            self._first, self._taken = self._page(), True
+        return self._first
+
+    def join(self, timeout=None):
+        """Nothing runs in the background."""
+
+    def __iter__(self):
+        page = self.first_page()
+        while page:
+            yield page
+            page = self._page()
+
+
 class PendingRange(NamedTuple):
     """A chunk of file lines and the live range asked for to compare it with."""
     chunk: list
@@ -3162,7 +3277,7 @@ class TableComparison:
     """
 
     def __init__(self, api, name, live_meta, primary_key, columns, forms, listed=DIFF_EXAMPLES,
-                 live_total=None, json_null_ok=False):
+                 live_total=None, json_null_ok=False, local=None):
         # Live rows are read in the form the file keeps each column in (forms: file_forms).
         self.api, self.name = api, name
         self.live_meta = with_stored_forms(live_meta, forms)
@@ -3177,6 +3292,11 @@ class TableComparison:
         self.after = self.asked_until = None
         # Chunks whose ranges are read (up to api.jobs at once), oldest first.
         self.pending = collections.deque()
+        # The live rows from a file instead (LocalRows: the safety backup just taken), in an
+        # order merged with the file's: a range is then read from disk, exactly, at once.
+        self.local = local
+        if local is not None:
+            self.live_total = math.inf
         # The live row count (counted once, when not given): once that many rows are read, the
         # ranges left are not asked for (into an empty table, no range is).
         self.live_total = live_total
@@ -3206,7 +3326,7 @@ class TableComparison:
         return keyed
 
     def _count(self):
-        if self.live_total is None:
+        if self.live_total is None and self.local is None:
             counted = exact_count(self.api, self.name)
             self.live_total = math.inf if counted is None else counted
 
@@ -3217,7 +3337,7 @@ class TableComparison:
         chunk, self.chunk = self.chunk, []
         after, self.asked_until = self.asked_until, until
         self.pending.append(PendingRange(chunk, after, until, self._read(after, until)))
-        while len(self.pending) > self.api.jobs:
+        while len(self.pending) > (0 if self.local is not None else self.api.jobs):
             self._compare_next()
 
     def _compare_next(self):
@@ -3228,7 +3348,7 @@ class TableComparison:
         server's order, and moving back would read rows twice. Not moving on after an empty
         range is always right: the next range covers it, and it was empty."""
         pending = self.pending.popleft()
-        if pending.after != self.after:
+        if pending.after != self.after and self.local is None:
             if pending.read is not None:
                 pending.read.join(0)
             pending = pending._replace(after=self.after,
@@ -3242,6 +3362,8 @@ class TableComparison:
     def _read(self, after, until):
         """A RangeRead of the rows after `after` up to until, or None when every live row has
         been read already."""
+        if self.local is not None:
+            return self.local.upto(until)
         if self.in_ranges >= self.live_total:
             return None
         return RangeRead(self.api, self.name, self.live_meta, after, until)
@@ -3391,8 +3513,9 @@ class PlanComparison(TableComparison):
     again and makes such a row an update, or drops it when it is equal.
     """
 
-    def __init__(self, api, plan, spool_path, forms):
-        super().__init__(api, plan.name, plan.live_meta, plan.primary_key, plan.columns, forms)
+    def __init__(self, api, plan, spool_path, forms, local=None):
+        super().__init__(api, plan.name, plan.live_meta, plan.primary_key, plan.columns, forms,
+                         local=local)
         self.plan, self.spool_path = plan, spool_path
         self.spool = None
 
@@ -3624,10 +3747,14 @@ NO_EQUALITY_FORMATS = {"json", "xml", "point", "polygon", "jsonpath", "txid_snap
 # record_counts compares the file with the live rows and spools the rows to write; a row no
 # request can write (a NOT NULL foreign-key cycle) is found here, before the first write.
 
-def record_counts(api, scan, plans, spool_dir, extra_keys=False):
+def record_counts(api, scan, plans, spool_dir, extra_keys=False, safety=None):
     """Step 3: which backup rows will be inserted, updated or left alone, by comparing the file
     with the live rows in key ranges; rows to write are spooled per table to spool_dir. Returns
     the live row count of each table (the count before the writes).
+
+    With safety (a SafetyRows: the safety backup just taken), a table whose rows the safety
+    backup holds in a form and order the file can be merged with is compared with those rows,
+    read from disk: the live rows are read once for steps 1 and 3, not twice.
 
     With extra_keys, also the live rows whose keys the file does not hold (a rollback deletes
     them, so that the table ends up exactly as the file)."""
@@ -3637,7 +3764,10 @@ def record_counts(api, scan, plans, spool_dir, extra_keys=False):
         if plan is None:
             continue
         spool = spool_dir / f"{len(counts)}.jsonl"
-        comparison = (PlanComparison(api, plan, spool, file_forms(table.meta)) if plan.primary_key
+        forms = file_forms(table.meta)
+        local = safety.rows_of(table.name, plan, forms, scan.tables[table.name]) if safety \
+            else None
+        comparison = (PlanComparison(api, plan, spool, forms, local) if plan.primary_key
                       else KeylessComparison(api, plan, table.meta, spool))
         with contextlib.closing(comparison):
             for line in table.rows:
@@ -4143,9 +4273,12 @@ class Mismatches(list):
 
 
 def verify_restore(api, plans, reference_path, expected_counts, ignore_columns=(),
-                   json_null_ok=False):
+                   json_null_ok=False, proven=()):
     """Step 5: every row of the reference file is in the live table with equal values, and each
     table's count is as expected. Returns the Mismatches (dicts naming table and key).
+
+    The tables in proven are only counted: step 3 found every row of the file there with equal
+    values, and the run sent them no write, so reading them again would prove nothing more.
 
     The file is streamed against the live rows of each chunk's key range (TableComparison), so
     memory does not grow with the table. Values are compared in the file's forms (exact text);
@@ -4158,6 +4291,12 @@ def verify_restore(api, plans, reference_path, expected_counts, ignore_columns=(
     for table in read_tables(reference_path, as_bytes=True, label="verifying"):
         plan, name = plans.get(table.name), table.name
         if plan is None:
+            continue
+        if name in proven:
+            if name in expected_counts and counted[name] not in (None, expected_counts[name]):
+                mismatches.append({"table": name, "key": None, "problem": f"{counted[name]} "
+                                   f"rows, expected {expected_counts[name]}"})
+                mismatches.total += 1
             continue
         if plan.primary_key:
             comparison = TableComparison(
@@ -4443,6 +4582,7 @@ class RestoreRun:
         self._step, self.writing = None, False
         self.safety_recipients = None  # SAFETY_ENCRYPT_TO, read when the run starts
         self.safety_read_path = None  # the plain safety backup a rollback reads
+        self.safety_tables = {}  # what the safety backup holds of each table (its summary)
         self.plain_copies = []  # plain copies of encrypted safety backups, removed at the end
         self.storage = None  # the file's Storage side (StorageRestore), when the run restores it
 
@@ -4552,6 +4692,7 @@ class RestoreRun:
         for name, table in summary["tables"].items():
             if name in self.plans:
                 self.plans[name].safety_count = table["rows"]  # what a rollback brings back
+        self.safety_tables = summary["tables"]  # step 3 compares the file with these rows
 
     # -- 2. Validate ------------------------------------------------------------------------------
 
@@ -4582,7 +4723,14 @@ class RestoreRun:
         (record_counts); rows no request could write are refused here. Returns the counts."""
         self.step(3, "RECORD", "row counts before, and which rows will be inserted or updated"
                   + (" or deleted" if self.deletes else ""))
-        before = record_counts(self.api, scan, self.plans, spool_dir, extra_keys=self.deletes)
+        safety = SafetyRows(self.safety_read_path, self.safety_tables) \
+            if self.safety_read_path else None
+        try:
+            before = record_counts(self.api, scan, self.plans, spool_dir,
+                                   extra_keys=self.deletes, safety=safety)
+        finally:
+            if safety is not None:
+                safety.close()
         for name in self.order:
             plan = self.plans[name]
             log.info("  %s: %d rows now; %d to insert, %d to update, %s%d unchanged", name,
@@ -4712,8 +4860,12 @@ class RestoreRun:
                                        f"{'; '.join(problems[:3])}")
         expected = {name: (before.get(name, 0) + p.outcome.inserted - len(p.extra_keys))
                     for name, p in self.plans.items()}
+        # A table step 3 found equal to the file, row for row, and the run did not write to.
+        proven = {name for name, p in self.plans.items()
+                  if not p.touched and not p.inserts and not p.updates and not p.extra_keys
+                  and p.backup_rows == p.unchanged}
         mismatches = verify_restore(self.api, self.plans, self.file_path, expected, self.ignored,
-                                    self.accept_json_null)
+                                    self.accept_json_null, proven)
         storage_mismatches = self.storage.verify() if self.storage else []
         if storage_mismatches and not mismatches:
             self.restore_log.update(storage_mismatches=storage_mismatches[:100])
@@ -4723,7 +4875,9 @@ class RestoreRun:
             self.restore_log.update(mismatches=mismatches[:100])
             self.rewritten = rewritten_columns(mismatches, self.started)
             raise RestoreFailure(None, mismatch_message(mismatches, self.mode, self.started))
-        self.done("every row matches")
+        self.done("every row matches" + (
+            f" ({len(proven)} table(s) the run did not write to only counted: step 3 compared "
+            f"their rows)" if proven else ""))
 
     def failure(self, exc):
         """A failure in step 4 or 5, as the RestoreFailure that recover() rolls back. Ctrl-C is

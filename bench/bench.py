@@ -532,10 +532,11 @@ class Bench:
     """One size over one route: the files each operation leaves for the next, and the
     figures. The table is built once per size (build()); every round leaves it full."""
 
-    def __init__(self, stack, tool, work, rows, route=None):
+    def __init__(self, stack, tool, work, rows, route=None, jobs=None):
         self.stack, self.tool, self.rows = stack, tool, rows
         self.route = route or Route(stack)
         self.link = self.route.link
+        self.jobs = ["--jobs", str(jobs)] if jobs else []  # the tool's default otherwise
         self.work = work / f"rows-{rows}" / self.route.short.replace("/", "-")
         self.data_dir = self.work / "data"
         self.data_dir.mkdir(parents=True)
@@ -567,7 +568,7 @@ class Bench:
     def backup(self):
         output = self.work / "backup-run.json.gz"
         run = self.measure([sys.executable, str(self.tool), "--quiet", "backup", "--tables",
-                            TABLE, "--output", str(output), "--json"])
+                            TABLE, "--output", str(output), "--json", *self.jobs])
         summary = json.loads(run.pop("stdout"))
         run.update(bytes=output.stat().st_size, tool_requests=summary.get("requests"),
                    pages=summary["tables"][TABLE].get("pages"))
@@ -613,7 +614,7 @@ class Bench:
         if empty:
             truncate(self.stack)
         command = [sys.executable, str(self.tool), "--quiet", "restore", "--file",
-                   str(self.backup_file), "--tables", TABLE, "--json"]
+                   str(self.backup_file), "--tables", TABLE, "--json", *self.jobs]
         command.append("--safe" if safe else "--yes")
         run = self.logged_run("restore", command)
         settle(self.stack)
@@ -643,7 +644,7 @@ class Bench:
     def diff(self):
         """diff --file of the backup against the full table: every live row is indexed."""
         command = [sys.executable, str(self.tool), "--quiet", "diff", "--file",
-                   str(self.backup_file), "--tables", TABLE, "--json"]
+                   str(self.backup_file), "--tables", TABLE, "--json", *self.jobs]
         run = self.measure(command)
         result = json.loads(run.pop("stdout"))
         if not result["identical"] or result["tables"][TABLE]["file_rows"] != self.rows:
@@ -654,7 +655,7 @@ class Bench:
         """rollback to the backup onto the full table: a safety backup of every row, then every
         row compared, nothing to write, every row verified (the most memory a rollback takes)."""
         command = [sys.executable, str(self.tool), "--quiet", "rollback", str(self.backup_file),
-                   "--tables", TABLE, "--json"]
+                   "--tables", TABLE, "--json", *self.jobs]
         self.record("rollback", self.logged_run("rollback", command))
 
     def logged_run(self, op, command):
@@ -1270,6 +1271,8 @@ def build_parser():
                              "clients that accept it, as Supabase's gateway does)")
     parser.add_argument("--statement-timeout", default="60s", metavar="T",
                         help="the local API's statement timeout (default 60s; Supabase's is 8s)")
+    parser.add_argument("--jobs", type=int, default=None, metavar="N",
+                        help="pass --jobs N to the tool (default: the tool's own default)")
     parser.add_argument("--tool", type=Path, default=TOOL, metavar="PATH",
                         help="the supabase_backup.py to measure (default: this repository's)")
     parser.add_argument("--floor", choices=["read", "format", "write"], help=argparse.SUPPRESS)
@@ -1302,8 +1305,9 @@ def main(argv=None):
         routes = [Route(stack, rtt, mbit) for rtt, mbit in args.link]
         benches, wan = [], {}
         for rows in args.sizes:
-            bench = Bench(stack, args.tool.resolve(), work, rows)
-            across = [Bench(stack, args.tool.resolve(), work, rows, route) for route in routes]
+            bench = Bench(stack, args.tool.resolve(), work, rows, jobs=args.jobs)
+            across = [Bench(stack, args.tool.resolve(), work, rows, route, jobs=args.jobs)
+                      for route in routes]
             bench.build()
             for number in range(1, args.repeat + 1):
                 say(f"{rows} rows: round {number} of {args.repeat}")

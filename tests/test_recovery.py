@@ -476,9 +476,10 @@ def test_restore_into_an_emptied_table_asks_for_no_range_to_plan(fresh_stack, db
     assert_same_state(database_state(db), at_backup)
     reads = [r.method for r in stack.requests if r.table == "app_settings"
              and r.method in ("GET", "HEAD")]
-    # The safety backup: a count, one (empty) page, a count; the plan: a count, and no range,
-    # since the table is empty; the verification: a count, one range; the log: a count.
-    assert reads == ["HEAD", "GET", "HEAD", "HEAD", "HEAD", "GET", "HEAD"], " ".join(reads)
+    # The safety backup: a count, one (empty) page, a count; the plan: nothing, it compares the
+    # file with the safety backup just taken; the verification: a count, one range; the log: a
+    # count.
+    assert reads == ["HEAD", "GET", "HEAD", "HEAD", "GET", "HEAD"], " ".join(reads)
 
 
 def test_diff_names_a_table_that_no_longer_exists(fresh_stack, db, data, capsys):

@@ -878,3 +878,60 @@ def test_rows_refused_by_the_first_pass_do_not_trouble_the_second(tmp_path):
     assert "t: a row is not a JSON object" in message
     assert "t: a row has no value for key column id" in message
     assert "appears twice" not in message
+
+
+# --- what a restore reads (issue 14) -------------------------------------------------------------
+
+def page_reads(stack, table):
+    """The GET requests for rows of a table (pages and ranges; not the HEAD counts)."""
+    return [r for r in stack.requests if r.table == table and r.method == "GET"]
+
+
+@pytest.mark.parametrize("jobs", ["1", "4"])
+def test_restore_safe_onto_the_unchanged_table_reads_its_rows_once(stack, db, data, capsys,
+                                                                   jobs):
+    """The safety backup (step 1) reads the live rows; the plan (step 3) compares the file with
+    those rows on disk, and verification only counts a table the plan found equal and the run
+    did not write to: the rows cross the network once, as many pages as a backup reads."""
+    stack.requests.clear()
+    path = make_backup(capsys, data, "--tables", "bookings", "--jobs", jobs)
+    backup_reads = len(page_reads(stack, "bookings"))
+    stack.requests.clear()
+
+    code, _, err = run(capsys, data, "restore", "--safe", "--file", str(path), "--jobs", jobs)
+
+    assert code == 0, err
+    assert len(page_reads(stack, "bookings")) == backup_reads, err
+    assert write_requests(stack) == []
+    assert "only counted: step 3 compared their rows" in err
+    log = restore_log(data)
+    assert log["plan"]["bookings"] == {"insert": 0, "update": 0, "delete": 0, "unchanged": 5000}
+
+
+def test_the_plan_from_the_safety_backup_finds_every_change(fresh_stack, db, data, capsys):
+    """Compared with the safety backup instead of the live table, the plan still sees rows
+    changed, deleted and added since the backup; the restore brings back exactly the backup's
+    rows and leaves the added one."""
+    path = make_backup(capsys, data, "--tables", "users,bookings")
+    at_backup = database_state(db)
+    db.execute("UPDATE bookings SET notes = 'changed' WHERE id % 7 = 0")
+    db.execute("DELETE FROM bookings b WHERE id % 11 = 0 AND id % 7 <> 0 AND NOT EXISTS "
+               "(SELECT 1 FROM payments p WHERE p.booking_id = b.id) AND NOT EXISTS "
+               "(SELECT 1 FROM reviews r WHERE r.booking_id = b.id)")
+    db.execute("INSERT INTO bookings (user_id, package_id, status, notes) "
+               "SELECT user_id, package_id, status, 'added' FROM bookings LIMIT 1")
+    changed = db.execute("SELECT count(*) FROM bookings WHERE id % 7 = 0").fetchone()[0]
+    deleted = 5000 - db.execute("SELECT count(*) FROM bookings WHERE id <= 5000").fetchone()[0]
+    assert changed and deleted
+
+    code, _, err = run(capsys, data, "restore", "--safe", "--file", str(path))
+
+    assert code == 0, err
+    log = restore_log(data)
+    assert log["plan"]["bookings"]["update"] == changed
+    assert log["plan"]["bookings"]["insert"] == deleted
+    assert log["plan"]["users"] == {"insert": 0, "update": 0, "delete": 0, "unchanged": 2000}
+    added = db.execute("SELECT count(*) FROM bookings WHERE notes = 'added'").fetchone()[0]
+    assert added == 1
+    db.execute("DELETE FROM bookings WHERE notes = 'added'")
+    assert_same_state(database_state(db), at_backup)
