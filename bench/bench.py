@@ -902,8 +902,10 @@ def wan_section(benches, wan):
         "ideal pipe, with no loss and no TCP slow start: a real link of the same RTT and "
         "bandwidth is slower, never faster. One proxy of the link is in front of the API (the "
         "tool's SUPABASE_URL, the floors' URL), one in front of PostgreSQL (pg_dump's and "
-        "psql's), so that both cross the same link. The tool runs exactly as it is: one "
-        "request in flight on one kept-alive connection.")
+        "psql's), so that both cross the same link. The tool runs exactly as it is, with its "
+        "--jobs (the default unless bench.py --jobs says otherwise): that many requests in "
+        "flight, each on a kept-alive connection of its own (this stack speaks HTTP/1.1). The "
+        "API floors keep one request in flight.")
     add("")
     add("Bytes are the TCP payload each way as the proxy counted it (no TCP/IP headers, about "
         "3% more on a real wire). A turn is a connection's client speaking after the server "
@@ -943,7 +945,8 @@ def wan_section(benches, wan):
     add("")
     add("Medians. `link alone` is what the link costs a client with one request in flight: "
         "(turns + connections) x RTT + bytes down / bandwidth + bytes up / bandwidth; the "
-        "rest of the wall is work at either end that did not overlap a wait.")
+        "rest of the wall is work at either end that did not overlap a wait. Above 100%, the "
+        "requests in flight at once (--jobs) overlapped their round trips.")
     add("")
     add("| rows | route | operation | wall | down | up | API requests | turns | connections "
         "| round trips | down at bandwidth | up at bandwidth | link alone | of the wall |")
