@@ -721,16 +721,7 @@ class SupabaseApi:
         """
         import httpx
 
-        if auth_path:  # the auth server's admin API, with the key as its headers
-            url, headers = self.auth_url + auth_path, dict(self.auth_headers)
-            if body is not None:
-                headers["Content-Type"] = "application/json"
-        if headers is None:
-            headers = dict(self.headers)
-            if body is not None:
-                headers["Content-Type"] = "application/json"
-        if prefer:
-            headers["Prefer"] = prefer
+        url, headers = self._request_target(auth_path, url, headers, body, prefer)
         path = url or self.rest_url + "/" + (urllib.parse.quote(table, safe="") if table else "")
         attempts = len(RETRY_DELAYS) + 1 if not (writes == "once") else 1
         for attempt in range(1, attempts + 1):
@@ -750,26 +741,46 @@ class SupabaseApi:
                 if response.status_code < 400:
                     self.answered = True
                     return response
-                error = ApiRejected.from_response(response)
-                code = error.code
-                if code == STATEMENT_TIMEOUT:
-                    raise StatementTimeout(what)
-                if str(response.status_code) in rejected:
-                    raise error
-                # A bare HTTP status (three digits) is the gateway's, not PostgREST's; SQLSTATEs
-                # such as 23503 are all digits too, but five of them.
-                if writes and not is_transient(code) and code not in AUTH_CODES and \
-                        code not in MISSING_TABLE_CODES and not is_http_status(code):
-                    raise error
-                if not is_transient(code) or attempt == attempts:
-                    raise self.api_failure(what, error, attempt)
-                reason = f"{code} {one_line(error.message, 120)}"
+                reason = self._refused(what, response, writes, rejected, attempt, attempts)
             delay = RETRY_DELAYS[attempt - 1]
             # Until the project has answered once, a failure is most likely a wrong URL: the
             # attempts go to the log file, and the person reads one line.
             log.warning("%s: %s; retrying in %gs (attempt %d of %d)", what, reason, delay,
                         attempt + 1, attempts, extra={FILE_ONLY: not self.answered})
             time.sleep(delay)
+
+    def _request_target(self, auth_path, url, headers, body, prefer):
+        """The URL (None: the REST API's) and the headers of one request()."""
+        if auth_path:  # the auth server's admin API, with the key as its headers
+            url, headers = self.auth_url + auth_path, dict(self.auth_headers)
+            if body is not None:
+                headers["Content-Type"] = "application/json"
+        if headers is None:
+            headers = dict(self.headers)
+            if body is not None:
+                headers["Content-Type"] = "application/json"
+        if prefer:
+            headers["Prefer"] = prefer
+        return url, headers
+
+    def _refused(self, what, response, writes, rejected, attempt, attempts):
+        """An answer of 400 or more to request(): raises what the caller acts on, or the
+        failure when retrying cannot cure it or attempts ran out; else returns the reason to
+        try again."""
+        error = ApiRejected.from_response(response)
+        code = error.code
+        if code == STATEMENT_TIMEOUT:
+            raise StatementTimeout(what)
+        if str(response.status_code) in rejected:
+            raise error
+        # A bare HTTP status (three digits) is the gateway's, not PostgREST's; SQLSTATEs
+        # such as 23503 are all digits too, but five of them.
+        if writes and not is_transient(code) and code not in AUTH_CODES and \
+                code not in MISSING_TABLE_CODES and not is_http_status(code):
+            raise error
+        if not is_transient(code) or attempt == attempts:
+            raise self.api_failure(what, error, attempt)
+        return f"{code} {one_line(error.message, 120)}"
 
     def _attempt(self, method, url, params, headers, body, consume):
         """One attempt of request(), holding one of the --jobs slots; with consume, the answer
@@ -2830,38 +2841,11 @@ def snapshot(api, tables, discovered, path, project_host, role, progress, note=N
         raise ConfigError(f"a table of the public schema is named {AUTH_ENTRY}, the name the "
                           f"auth users take in a backup file: leave it out (--exclude "
                           f"{AUTH_ENTRY}) or rename it, then back up again")
-    header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
-              "tool_version": TOOL_VERSION, "created_at": utc_now().isoformat(),
-              "project_host": project_host, "key_role": role,
-              "rls_limited": role != SERVICE_ROLE}
-    if note:
-        header["note"] = note
-    try:
-        writer = BackupWriter(path, header)
-    except OSError as exc:
-        raise IncompleteBackupError(f"cannot create a file in {path.parent}: "
-                                    f"{exc.strerror or exc}; choose a folder you can write to "
-                                    f"(--output or --data-dir)") from None
+    writer, header = new_backup_writer(path, project_host, role, note)
     summary = {"file": str(path), "created_at": header["created_at"], "tables": {}, "rows": 0,
                "warnings": []}
     try:
-        for table, index, spool in read_live_tables(api, tables, discovered, path.parent):
-            if index == 0:
-                progress.start(f"{table.name} (table {tables.index(table.name) + 1} of "
-                               f"{len(tables)})", table.count_before)
-                writer.begin_table(table.name, {**table.meta, "order_by": table.order_by,
-                                                "paging": table.paging})
-            writer.write_lines(spool.blocks(), progress.advance)
-            if index == len(table.ranges) - 1:
-                trailer = table.trailer()
-                if table_read_note(table, writer.table_rows):
-                    trailer["count_mismatch"] = True
-                    summary["warnings"].append(f"{table.name} changed during the backup")
-                count, digest = writer.end_table(**trailer)
-                summary["tables"][table.name] = {"rows": count, "sha256": digest,
-                                                 "pages": table.pages, **trailer,
-                                                 "keys_rising": table.keys_rising()}
-                summary["rows"] += count
+        write_live_tables(api, tables, discovered, writer, summary, progress)
         if auth:
             back_up_auth_users(api, writer, summary, progress)
         if storage:
@@ -2878,7 +2862,52 @@ def snapshot(api, tables, discovered, path, project_host, role, progress, note=N
     except BaseException:
         writer.abort()
         raise
-    # Re-read what was written: a backup is only as good as the file on disk.
+    reread_backup(path, summary)
+    summary["bytes"] = path.stat().st_size
+    return summary
+
+
+def new_backup_writer(path, project_host, role, note):
+    """A BackupWriter for a new backup at path, and the header it writes."""
+    header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+              "tool_version": TOOL_VERSION, "created_at": utc_now().isoformat(),
+              "project_host": project_host, "key_role": role,
+              "rls_limited": role != SERVICE_ROLE}
+    if note:
+        header["note"] = note
+    try:
+        return BackupWriter(path, header), header
+    except OSError as exc:
+        raise IncompleteBackupError(f"cannot create a file in {path.parent}: "
+                                    f"{exc.strerror or exc}; choose a folder you can write to "
+                                    f"(--output or --data-dir)") from None
+
+
+def write_live_tables(api, tables, discovered, writer, summary, progress):
+    """Every table read from the project (read_live_tables), written to the backup in order;
+    each table's count, checksum and trailer go into summary."""
+    for table, index, spool in read_live_tables(api, tables, discovered, writer.path.parent):
+        if index == 0:
+            progress.start(f"{table.name} (table {tables.index(table.name) + 1} of "
+                           f"{len(tables)})", table.count_before)
+            writer.begin_table(table.name, {**table.meta, "order_by": table.order_by,
+                                            "paging": table.paging})
+        writer.write_lines(spool.blocks(), progress.advance)
+        if index == len(table.ranges) - 1:
+            trailer = table.trailer()
+            if table_read_note(table, writer.table_rows):
+                trailer["count_mismatch"] = True
+                summary["warnings"].append(f"{table.name} changed during the backup")
+            count, digest = writer.end_table(**trailer)
+            summary["tables"][table.name] = {"rows": count, "sha256": digest,
+                                             "pages": table.pages, **trailer,
+                                             "keys_rising": table.keys_rising()}
+            summary["rows"] += count
+
+
+def reread_backup(path, summary):
+    """Re-read what was written: a backup is only as good as the file on disk. A backup in
+    backups/ or safety_backups/ is then recorded in the folder's index."""
     header, checked = check_backup(path)
     if [name for name, entry in checked.items()
             if entry_kind(entry["meta"]) in (None, AUTH_KIND)] != list(summary["tables"]):
@@ -2886,8 +2915,6 @@ def snapshot(api, tables, discovered, path, project_host, role, progress, note=N
                                     f"inspection, but do not rely on it")
     if path.parent.name in (BACKUP_DIR, SAFETY_DIR) and not path.name.startswith(TEMP_PREFIX):
         record_in_index(path, header, checked)  # what list shows, recorded now it is checked
-    summary["bytes"] = path.stat().st_size
-    return summary
 
 
 # --- 10. Restore steps 0 and 2: checking a file ---------------------------------------------------
@@ -4134,17 +4161,27 @@ def upsert_restore(api, plans, order, progress):
     makes no progress, the waiting batches are halved from round to round, and a row that still
     cannot land on its own is named. Raises RestoreFailure.
     """
-    def write(plan, batch):
-        # From the first attempt on, the rows may have landed, whatever the answer says.
-        plan.mark_sent(batch)
-        try:
-            return write_rows(api, plan, batch)
-        except MissingParent:
-            raise
-        except Exception as exc:
-            plan.outcome.failure = plan.outcome.failure or one_line(exc, 400)
-            raise
+    pending = write_tables_once(api, plans, order, progress)
+    write_waiting_batches(api, pending)
 
+
+def write_sent(api, plan, batch):
+    """write_rows, with the batch marked sent first; a failure other than a missing parent
+    becomes the table's failure."""
+    # From the first attempt on, the rows may have landed, whatever the answer says.
+    plan.mark_sent(batch)
+    try:
+        return write_rows(api, plan, batch)
+    except MissingParent:
+        raise
+    except Exception as exc:
+        plan.outcome.failure = plan.outcome.failure or one_line(exc, 400)
+        raise
+
+
+def write_tables_once(api, plans, order, progress):
+    """Step 4's first pass: every batch of every table once, in order; returns the (plan,
+    batch) parts refused for a missing parent row."""
     def first_try(plan, made, sent):
         """A batch made ahead, in parts of the size when it is sent; returns (rows written,
         the parts waiting for parent rows)."""
@@ -4152,7 +4189,7 @@ def upsert_restore(api, plans, order, progress):
         try:
             for batch in at_most(made, plan):
                 try:
-                    written += write(plan, batch)
+                    written += write_sent(api, plan, batch)
                 except MissingParent as missing:
                     waiting.append(missing.batch)
             return written, waiting
@@ -4181,6 +4218,13 @@ def upsert_restore(api, plans, order, progress):
                       f"updated, {plan.unchanged} unchanged"
                       + (f", {sum(len(b) for p, b in pending if p is plan)} waiting for parent "
                          f"rows" if any(p is plan for p, _ in pending) else ""))
+    return pending
+
+
+def write_waiting_batches(api, pending):
+    """Step 4's later rounds: the batches refused for a missing parent row, tried again while
+    a round gets any through (halved, then written without their nullable references); the row
+    that still cannot land is named. Raises RestoreFailure."""
     errors, unlinked, split = {}, [], []
 
     def attempt(plan, batch):
@@ -4189,7 +4233,7 @@ def upsert_restore(api, plans, order, progress):
         # narrow down the rows that cannot land.
         for part in (halves(batch) if split and len(batch) > 1 else [batch]):
             try:
-                write(plan, part)
+                write_sent(api, plan, part)
             except MissingParent as missing:
                 errors[id(missing.batch)] = missing.error
                 refused.append(missing.batch)
@@ -6756,50 +6800,55 @@ def safety_inventory(data_dir, running=None, now=None):
         match = SAFETY_NAME_PATTERN.fullmatch(path.name)
         if not match or not path.is_file():
             continue
-        created = datetime.datetime.strptime(match.group(2), "%Y%m%d_%H%M%S").replace(
-            tzinfo=datetime.timezone.utc)
-        entry = {"file": path.name, "path": str(path), "kind": match.group(1),
-                 "created_at": created.isoformat(),
-                 "age_days": round((now - created).total_seconds() / 86400, 3),
-                 "bytes": path.stat().st_size, "run": None, "needs_rollback": False,
-                 "rolled_back_by": []}
-        rollbacks = []
-        for log_path, data in runs:
-            rollback_info = data.get("rollback") or {}
-            if Path(str(data.get("safety_backup_file"))).name == path.name:
-                role = "protected"
-            elif Path(str(rollback_info.get("failed_state_file"))).name == path.name:
-                role = "failed_state_of"
-            else:
-                role = None
-            if role:
-                status = data.get("status") or "in_progress"
-                # Running now only if the run that holds the lock is the one that wrote this log.
-                live_run = (status == "in_progress" and running is not None
-                            and f"(pid {data.get('pid')})" in running)
-                if live_run:
-                    outcome = f"running now ({running})"
-                else:
-                    outcome = OUTCOMES.get(status, (status, True))[0]
-                entry["run"] = {"log": log_path.name, "kind": data.get("kind", "restore"),
-                                "role": role, "file": data.get("backup_file"),
-                                "started_at": data.get("started_at"), "status": status,
-                                "outcome": outcome, "error": data.get("error")}
-                entry["needs_rollback"] = (role == "protected" and not live_run and
-                                           OUTCOMES.get(status, (None, True))[1])
-            if (data.get("kind") == "rollback" and data.get("status") == "succeeded" and
-                    Path(str(data.get("backup_file"))).name == path.name):
-                entry["rolled_back_by"].append(log_path.name)
-                rollbacks.append(str(data.get("started_at")))
-        # A later rollback to this file succeeded: what the run left is undone.
-        if entry["run"] and any(started >= str(entry["run"]["started_at"])
-                                for started in rollbacks):
-            entry["needs_rollback"] = False
-        entries.append(entry)
+        entries.append(safety_entry(path, match, runs, running, now))
     # Names hold whole seconds: the modification time orders two files of the same second.
     entries.sort(key=lambda e: (e["created_at"], Path(e["path"]).stat().st_mtime_ns),
                  reverse=True)
     return entries
+
+
+def safety_entry(path, match, runs, running, now):
+    """One safety backup's entry of safety_inventory(), its run found among the run logs."""
+    created = datetime.datetime.strptime(match.group(2), "%Y%m%d_%H%M%S").replace(
+        tzinfo=datetime.timezone.utc)
+    entry = {"file": path.name, "path": str(path), "kind": match.group(1),
+             "created_at": created.isoformat(),
+             "age_days": round((now - created).total_seconds() / 86400, 3),
+             "bytes": path.stat().st_size, "run": None, "needs_rollback": False,
+             "rolled_back_by": []}
+    rollbacks = []
+    for log_path, data in runs:
+        rollback_info = data.get("rollback") or {}
+        if Path(str(data.get("safety_backup_file"))).name == path.name:
+            role = "protected"
+        elif Path(str(rollback_info.get("failed_state_file"))).name == path.name:
+            role = "failed_state_of"
+        else:
+            role = None
+        if role:
+            status = data.get("status") or "in_progress"
+            # Running now only if the run that holds the lock is the one that wrote this log.
+            live_run = (status == "in_progress" and running is not None
+                        and f"(pid {data.get('pid')})" in running)
+            if live_run:
+                outcome = f"running now ({running})"
+            else:
+                outcome = OUTCOMES.get(status, (status, True))[0]
+            entry["run"] = {"log": log_path.name, "kind": data.get("kind", "restore"),
+                            "role": role, "file": data.get("backup_file"),
+                            "started_at": data.get("started_at"), "status": status,
+                            "outcome": outcome, "error": data.get("error")}
+            entry["needs_rollback"] = (role == "protected" and not live_run and
+                                       OUTCOMES.get(status, (None, True))[1])
+        if (data.get("kind") == "rollback" and data.get("status") == "succeeded" and
+                Path(str(data.get("backup_file"))).name == path.name):
+            entry["rolled_back_by"].append(log_path.name)
+            rollbacks.append(str(data.get("started_at")))
+    # A later rollback to this file succeeded: what the run left is undone.
+    if entry["run"] and any(started >= str(entry["run"]["started_at"])
+                            for started in rollbacks):
+        entry["needs_rollback"] = False
+    return entry
 
 
 def diff_tables(api, path, tables, live_tables):
@@ -7844,7 +7893,20 @@ def build_parser():
     # The commands are listed once, in the description (the docstring), not again here.
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND",
                                        help=argparse.SUPPRESS)
+    add_backup_parser(subparsers)
+    add_check_parser(subparsers)
+    add_list_parser(subparsers)
+    add_prune_parser(subparsers)
+    add_restore_parser(subparsers)
+    add_rollback_parser(subparsers)
+    add_list_safety_parser(subparsers)
+    add_cleanup_safety_parser(subparsers)
+    add_diff_parser(subparsers)
+    return parser
 
+
+def add_backup_parser(subparsers):
+    """The backup command and its options."""
     backup = add_command(
         subparsers, "backup", cmd_backup,
         "back up tables to a .json.gz file in backups/",
@@ -7889,6 +7951,9 @@ def build_parser():
     add_json_argument(backup)
     add_jobs_argument(backup)
 
+
+def add_check_parser(subparsers):
+    """The check command and its options."""
     check = add_command(
         subparsers, "check", cmd_check,
         "verify a backup file offline: structure, row counts and checksums of every table",
@@ -7900,6 +7965,9 @@ def build_parser():
     add_identity_argument(check)
     add_json_argument(check)
 
+
+def add_list_parser(subparsers):
+    """The list command and its options."""
     listing = add_command(subparsers, "list", cmd_list,
                           "list the backups in backups/ (or a folder, or at s3://bucket/prefix/), "
                           "newest first, with tables and rows",
@@ -7910,6 +7978,9 @@ def build_parser():
     add_identity_argument(listing)
     add_json_argument(listing)
 
+
+def add_prune_parser(subparsers):
+    """The prune command and its options."""
     prune = add_command(
         subparsers, "prune", cmd_prune,
         "delete the backups the retention rules do not keep, in backups/ and off-site",
@@ -7923,6 +7994,9 @@ def build_parser():
                             "delete nothing")
     add_json_argument(prune)
 
+
+def add_restore_parser(subparsers):
+    """The restore command and its options."""
     restore = add_command(
         subparsers, "restore", cmd_restore,
         "restore a backup file; with --safe behind a safety backup and an automatic rollback",
@@ -7966,6 +8040,9 @@ def build_parser():
     add_json_argument(restore)
     add_jobs_argument(restore)
 
+
+def add_rollback_parser(subparsers):
+    """The rollback command and its options."""
     rollback = add_command(
         subparsers, "rollback", cmd_rollback,
         "bring tables back to exactly the state in a safety backup (its own safety backup first)",
@@ -7991,6 +8068,9 @@ def build_parser():
     add_json_argument(rollback)
     add_jobs_argument(rollback)
 
+
+def add_list_safety_parser(subparsers):
+    """The list-safety command and its options."""
     list_safety = add_command(
         subparsers, "list-safety", cmd_list_safety,
         "list the safety backups, newest first, with the restore each protected and its outcome",
@@ -7998,6 +8078,9 @@ def build_parser():
     add_identity_argument(list_safety)
     add_json_argument(list_safety)
 
+
+def add_cleanup_safety_parser(subparsers):
+    """The cleanup-safety command and its options."""
     cleanup = add_command(
         subparsers, "cleanup-safety", cmd_cleanup_safety,
         "delete old safety backups, never the newest nor one whose restore failed or was "
@@ -8013,6 +8096,9 @@ def build_parser():
                               "(never the newest)")
     add_json_argument(cleanup)
 
+
+def add_diff_parser(subparsers):
+    """The diff command and its options."""
     diff = add_command(
         subparsers, "diff", cmd_diff,
         "compare a backup (or safety backup) with the live data; exit 10 when they differ",
@@ -8026,7 +8112,6 @@ def build_parser():
                       help="compare only these tables of the file")
     add_json_argument(diff)
     add_jobs_argument(diff)
-    return parser
 
 
 def check_usage(parser, args):
