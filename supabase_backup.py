@@ -685,10 +685,6 @@ class SupabaseApi:
         self.answered = False  # whether the project has answered a request yet
         self._counting = threading.Lock()  # requests are made by several threads
         self.set_jobs(jobs)
-        # The ~100,000 objects importing the client made live for the whole run: keep them out
-        # of the cyclic collector's way, so that collecting after each page costs next to
-        # nothing (see read_table).
-        gc.freeze()
 
     def set_jobs(self, jobs):
         """At most `jobs` requests in flight at once, whatever the number of threads asking
@@ -7133,6 +7129,17 @@ def begin_run(args):
     return config, paths
 
 
+def connect_project(config, jobs):
+    """The SupabaseApi of a command's run (the one place a run connects to the project); what
+    is live by then stays out of the cyclic collector's reach for the rest of the process."""
+    api = SupabaseApi(config, jobs)
+    # The ~100,000 objects importing the client made live for the whole run: keep them out
+    # of the cyclic collector's way, so that collecting after each page costs next to
+    # nothing (see read_table).
+    gc.freeze()
+    return api
+
+
 def local_data_dir(args):
     """The data folder for the commands that only read local files (no URL or key needed)."""
     return resolve_data_dir(args, merge_settings(setting_layers()))
@@ -7349,7 +7356,7 @@ def run_backup(args):
 def back_up_tables(args, config, role, path, shown):
     """The tables the run asks for, read from the project into a new file at path (snapshot);
     returns the backup's summary, with the requests it took. shown is the file's final name."""
-    api = SupabaseApi(config, args.jobs)
+    api = connect_project(config, args.jobs)
     try:
         if role == SERVICE_ROLE:
             discovered = discover_tables(api.openapi())
@@ -7510,7 +7517,7 @@ def cmd_restore(args):
         with data_lock(config.data_dir, "restore"):
             for folder in (paths.safety_backups, paths.summaries):
                 clear_partial_files(folder)
-            api = SupabaseApi(config, args.jobs)
+            api = connect_project(config, args.jobs)
             try:
                 return RestoreRun(api, config, paths, args, backup.path, source=backup.shown).run()
             finally:
@@ -7528,7 +7535,7 @@ def cmd_rollback(args):
         with data_lock(config.data_dir, "rollback"):
             for folder in (paths.safety_backups, paths.summaries):
                 clear_partial_files(folder)
-            api = SupabaseApi(config, args.jobs)
+            api = connect_project(config, args.jobs)
             try:
                 return RollbackRun(api, config, paths, args, backup.path,
                                   source=backup.shown).run()
@@ -7717,7 +7724,7 @@ def diff_backup(args, config, backup):
     if missing:
         raise ValidationError(f"{', '.join(missing)} not in {path.name} (it holds "
                               f"{', '.join(in_file) or 'no table'}); check --tables")
-    api = SupabaseApi(config, args.jobs)
+    api = connect_project(config, args.jobs)
     try:
         live = discover_tables(api.openapi())
         results = diff_tables(api, path, tables, live)
