@@ -5764,7 +5764,7 @@ class StorageRestore:
 
 # --- 19. The restore run: SAFETY.md's flow, step by step ------------------------------------------
 # RestoreRun.run() is the flow; one method per step. A rollback to a file is the same run with
-# the differences in RollbackRun.
+# the differences in RollbackRun (section 20).
 
 class RestoreRun:
     """One restore: SAFETY.md's numbered flow, one method per step, run() in that order. A
