@@ -7,12 +7,19 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections import Counter
 
 import pytest
 
-from helpers import error_line, make_backup, row_texts, run, wait_for
+from helpers import (REPO_ROOT, SETTINGS, assert_same_state, database_state, error_line,
+                     make_backup, row_texts, run, running, start_restore, wait_for)
 
 import supabase_backup
 
@@ -68,29 +75,27 @@ def test_backup_is_byte_identical_at_jobs_1_3_8_with_a_table_split_in_ranges(
     assert file_keys(files["8"], SCRATCH) == list(range(1, 301))
 
 
-def test_backup_of_text_keys_under_a_collation_is_byte_identical_across_jobs(
+def test_backup_of_numeric_keys_kept_as_text_is_byte_identical_across_jobs(
         capsys, data, db, monkeypatch):
-    """Text keys whose PostgreSQL order (en-US-x-icu, if the server has it, else the default
-    collation) is not Python's: split into ranges by the server's order, each range written in
-    order, the same bytes at --jobs 1 and 8, every key once."""
-    collation = db.execute("SELECT collname FROM pg_collation WHERE collname IN "
-                           "('en-US-x-icu', 'en_US.utf8', 'en_US') ORDER BY 1 LIMIT 1").fetchone()
-    collate = f' COLLATE "{collation[0]}"' if collation else ""
-    db.execute("DROP TABLE IF EXISTS public.jobs_text")
-    db.execute(f"CREATE TABLE public.jobs_text (k text{collate} PRIMARY KEY, n int)")
+    """A numeric key (kept as PostgreSQL's text in a file: "-1.5", "10", "9"), whose order as
+    text is not the server's: split into ranges by the server's order, each range written in
+    order, the same bytes at --jobs 1 and 8, every key once, in the server's order. (This
+    server has no ICU or en_US collation, so numeric-as-text stands for keys whose Python
+    order is not PostgreSQL's.)"""
+    db.execute("DROP TABLE IF EXISTS public.jobs_numeric")
+    db.execute("CREATE TABLE public.jobs_numeric (k numeric PRIMARY KEY, n int)")
     try:
-        db.execute("INSERT INTO public.jobs_text SELECT w, i FROM (SELECT i, "
-                   "(ARRAY['a','B','-c','é','Z','_x','10','9'])[1 + i % 8] || i AS w "
-                   "FROM generate_series(1, 300) i) s")
+        db.execute("INSERT INTO public.jobs_numeric SELECT (i - 150) * 1.5, i "
+                   "FROM generate_series(1, 300) i")
         monkeypatch.setattr(supabase_backup, "RANGE_ROWS", 40)
-        one = make_backup(capsys, data, "--tables", "jobs_text", "--jobs", "1")
-        eight = make_backup(capsys, data, "--tables", "jobs_text", "--jobs", "8")
+        one = make_backup(capsys, data, "--tables", "jobs_numeric", "--jobs", "1")
+        eight = make_backup(capsys, data, "--tables", "jobs_numeric", "--jobs", "8")
         assert backup_lines(one) == backup_lines(eight)
-        keys = file_keys(eight, "jobs_text", "k")
-        assert Counter(keys) == Counter(k for (k,) in db.execute("SELECT k FROM jobs_text"))
-        assert keys == [k for (k,) in db.execute("SELECT k FROM jobs_text ORDER BY k")]
+        keys = file_keys(eight, "jobs_numeric", "k")
+        assert keys == [k for (k,) in db.execute("SELECT k::text AS t FROM jobs_numeric ORDER BY k")]
+        assert keys != sorted(keys)  # the server's order is not Python's
     finally:
-        db.execute("DROP TABLE IF EXISTS public.jobs_text")
+        db.execute("DROP TABLE IF EXISTS public.jobs_numeric")
 
 
 def test_split_points_probed_while_rows_come_and_go_do_not_double_rows(
@@ -181,7 +186,6 @@ def test_requests_in_flight_never_exceed_jobs(capsys, data, stack, scratch, monk
     """Every read of the split table takes 0.3 s at the server: with --jobs 2 the backup
     takes at least (reads / 2) x 0.3 s, and less than reads x 0.3 s (it does overlap)."""
     monkeypatch.setattr(supabase_backup, "RANGE_ROWS", 40)
-    import time
     stack.faults.add(kind="read", table=SCRATCH, action="latency", delay=0.3)
     started = time.monotonic()
     make_backup(capsys, data, "--tables", SCRATCH, "--jobs", "2")
@@ -189,3 +193,113 @@ def test_requests_in_flight_never_exceed_jobs(capsys, data, stack, scratch, monk
     reads = len([r for r in stack.requests if r.table == SCRATCH])
     assert reads >= 10
     assert reads * 0.3 / 2 <= took < reads * 0.3, (reads, took)
+
+
+# --- One read: restore --safe plans from the safety backup just taken ----------------------------
+
+KEY_KINDS = {
+    # name: (key columns' definition, the key's SQL made of i, the primary key)
+    "negative ints": ("k int", "i - 150", "k"),
+    "numeric as text": ("k numeric", "(i - 150) * 1.5", "k"),
+    "big negative bigint": ("k bigint", "(i - 150) * 30000000000000007", "k"),
+    "composite int, text": ("a int, b text", "i % 7, 'x' || (300 - i)", "a, b"),
+    "uuid": ("k uuid", "md5(i::text)::uuid", "k"),
+    "mixed-case text": ("k text", "(ARRAY['a','B','-c','é','Z','_x','10','9'])[1 + i % 8] || i",
+                        "k"),
+}
+
+
+@pytest.mark.parametrize("kind", list(KEY_KINDS))
+@pytest.mark.parametrize("jobs", ["1", "4"])
+def test_restore_safe_plan_and_outcome_whatever_the_key(capsys, data, db, stack, monkeypatch,
+                                                        kind, jobs):
+    """A 300-row table keyed by `kind`: after the backup 60 rows change, 34 are deleted and one
+    is added. restore --safe plans exactly 34 inserts, 60 updates and 206 unchanged rows
+    (whether step 3 merges the file with the safety backup, keys rising in Python's order in
+    both, or reads the project, where they do not), and the table ends up as the backup plus
+    the added row, every value the same as PostgreSQL's text."""
+    columns, key_sql, pk = KEY_KINDS[kind]
+    monkeypatch.setattr(supabase_backup, "RANGE_ROWS", 40)
+    monkeypatch.setattr(supabase_backup, "COMPARE_CHUNK", 25)
+    db.execute("DROP TABLE IF EXISTS public.jobs_keys")
+    db.execute(f"CREATE TABLE public.jobs_keys ({columns}, n int, body text, PRIMARY KEY ({pk}))")
+    try:
+        db.execute(f"INSERT INTO public.jobs_keys SELECT {key_sql}, i, 'row ' || i "
+                   f"FROM generate_series(1, 300) i")
+        path = make_backup(capsys, data, "--tables", "jobs_keys", "--jobs", jobs)
+        at_backup = sorted(row_texts(db, "jobs_keys"))
+        db.execute("UPDATE public.jobs_keys SET body = 'changed' WHERE n % 5 = 0")
+        db.execute("DELETE FROM public.jobs_keys WHERE n % 7 = 0 AND n % 5 <> 0")
+        db.execute(f"INSERT INTO public.jobs_keys SELECT {key_sql}, i, 'added' "
+                   f"FROM generate_series(301, 301) i")
+        added = row_texts(db, "jobs_keys", "body = 'added'")
+
+        code, out, err = run(capsys, data, "restore", "--safe", "--file", path.name,
+                             "--jobs", jobs)
+
+        assert code == 0, err
+        names = [n for n in (data / "summaries").iterdir() if n.name.startswith("restore_log_")]
+        (log_path,) = names
+        log = json.loads(log_path.read_text())
+        assert log["plan"]["jobs_keys"] == {"insert": 34, "update": 60, "delete": 0,
+                                            "unchanged": 206}
+        assert sorted(row_texts(db, "jobs_keys")) == sorted(at_backup + added)
+    finally:
+        db.execute("DROP TABLE IF EXISTS public.jobs_keys")
+
+
+# --- Ctrl-C with requests in flight -------------------------------------------------------------
+
+def test_ctrl_c_with_batches_in_flight_rolls_back_exactly(fresh_stack, db, data, capsys,
+                                                           tmp_path):
+    """restore --safe --jobs 4 of 5000 changed bookings (5 batches), each write held 0.5 s at
+    the server: Ctrl-C while batches are in flight. The writes in flight are waited for, then
+    undone: exit 8 and bookings exactly as before."""
+    path = make_backup(capsys, data, "--tables", "bookings")
+    db.execute("UPDATE bookings SET notes = 'changed since'")
+    before = database_state(db)
+    slow = fresh_stack.faults.add(kind="write", table="bookings", action="latency", delay=0.5)
+    process = start_restore(fresh_stack, data, tmp_path, path,
+                            ["restore", "--safe", "--file", path.name, "--jobs", "4"],
+                            table="bookings")
+    with running(process):
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    wait_for(lambda: fresh_stack.writes("bookings") == slow.seen,
+             what="the server to answer the last write")
+    assert process.returncode == 8, stderr
+    assert "interrupted (Ctrl-C)" in error_line(stderr)
+    assert_same_state(database_state(db), before)
+
+
+def test_ctrl_c_during_a_backup_with_ranges_in_flight_leaves_no_file(stack, data, tmp_path,
+                                                                      scratch):
+    """backup --jobs 8 of a table split in ranges, every read held 0.5 s: Ctrl-C once ranges
+    are being read. The process ends within seconds (no thread keeps it alive), exit 130, and
+    no backup file, partial or not, is left."""
+    script = tmp_path / "app" / "supabase_backup.py"
+    script.parent.mkdir()
+    shutil.copy(REPO_ROOT / "supabase_backup.py", script)
+    env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
+    env.update(SUPABASE_URL=stack.url, SUPABASE_SERVICE_ROLE_KEY=stack.service_role_key,
+               SUPABASE_BACKUP_DIR=str(data))
+    stack.faults.add(kind="read", table=SCRATCH, action="latency", delay=0.5)
+    # 300 rows in ranges: RANGE_ROWS is the script's own; a copy with ranges of 40 rows.
+    text = script.read_text()
+    assert "\nRANGE_ROWS = 20_000\n" in text
+    script.write_text(text.replace("\nRANGE_ROWS = 20_000\n", "\nRANGE_ROWS = 40\n"))
+    process = subprocess.Popen([sys.executable, str(script), "backup", "--tables", SCRATCH,
+                                "--jobs", "8"], cwd=tmp_path, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with running(process):
+        wait_for(lambda: any(r.table == SCRATCH and "lte." in r.query
+                             for r in list(stack.requests)) or process.poll() is not None,
+                 what="a range to be read")
+        process.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        _, stderr = process.communicate(timeout=30)
+        took = time.monotonic() - started
+    assert process.returncode == 130, stderr
+    assert took < 5, took
+    assert "Traceback" not in stderr
+    assert os.listdir(data / "backups") == []  # nothing, not even a partial file
