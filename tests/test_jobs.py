@@ -19,7 +19,8 @@ from collections import Counter
 import pytest
 
 from helpers import (REPO_ROOT, SETTINGS, assert_same_state, database_state, error_line,
-                     make_backup, row_texts, run, running, start_restore, wait_for)
+                     make_backup, rewrite_backup, row_texts, run, running, start_restore,
+                     wait_for)
 
 import supabase_backup
 
@@ -138,7 +139,12 @@ def test_split_points_probed_while_rows_come_and_go_do_not_double_rows(
     (path,) = (data / "backups").iterdir()
     keys = file_keys(path, SCRATCH)
     doubled = sorted(k for k, n in Counter(keys).items() if n > 1)
-    assert not doubled, f"{len(doubled)} key(s) twice in the file ({changed[0]}), e.g. {doubled[:3]}"
+    # What the user meets then: the nightly backup said exit 0, and its restore is refused.
+    restore, _, restore_err = run(capsys, data, "restore", "--safe", "--dry-run", "--file",
+                                  path.name)
+    assert not doubled, (f"{len(doubled)} key(s) twice in the file ({changed[0]}), e.g. "
+                         f"{doubled[:3]}; its restore --dry-run exits {restore}")
+    assert restore == 0, restore_err
     # Every row that existed throughout the backup is in the file.
     survivors = set(range(151, 301)) if changed[0] == "deleted" else set(range(1, 301))
     assert survivors <= set(keys)
@@ -303,3 +309,59 @@ def test_ctrl_c_during_a_backup_with_ranges_in_flight_leaves_no_file(stack, data
     assert took < 5, took
     assert "Traceback" not in stderr
     assert os.listdir(data / "backups") == []  # nothing, not even a partial file
+
+
+@pytest.mark.parametrize("jobs", ["1", "8"])
+def test_a_self_referencing_tree_restored_onto_an_empty_table_at_jobs(capsys, data, db,
+                                                                      stack, jobs):
+    """A 3000-row tree whose every row refers to its parent (12 levels), parents' keys above
+    their children's so that key order puts children first: restored into the emptied table
+    with --jobs N (batches of several levels at once), every row comes back, exit 0."""
+    db.execute("DROP TABLE IF EXISTS public.jobs_tree")
+    db.execute("CREATE TABLE public.jobs_tree (id int PRIMARY KEY, "
+               "parent int REFERENCES public.jobs_tree (id), body text)")
+    try:
+        db.execute("INSERT INTO public.jobs_tree SELECT 10000 - i, "
+                   "CASE WHEN i > 1 THEN 10000 - i / 2 END, 'node ' || i "
+                   "FROM generate_series(1, 3000) i ORDER BY i")
+        path = make_backup(capsys, data, "--tables", "jobs_tree")
+        want = sorted(row_texts(db, "jobs_tree"))
+        db.execute("DELETE FROM public.jobs_tree")
+        code, out, err = run(capsys, data, "restore", "--safe", "--file", path.name,
+                             "--jobs", jobs)
+        assert code == 0, err
+        assert sorted(row_texts(db, "jobs_tree")) == want
+    finally:
+        db.execute("DROP TABLE IF EXISTS public.jobs_tree")
+
+
+# --- diff with ranges in flight -----------------------------------------------------------------
+
+def test_diff_at_jobs_1_and_8_says_the_same_of_a_file_out_of_the_servers_order(
+        fresh_stack, db, data, capsys, monkeypatch):
+    """diff --json of bookings (5000 rows, chunks of 100: 50 ranges, 8 in flight) after 3 rows
+    changed, 2 deleted and 1 added, from the backup and from a copy of it whose rows are in
+    reverse key order (ranges then come back empty and are asked for again): the same report
+    at --jobs 1 and 8, naming exactly those rows."""
+    monkeypatch.setattr(supabase_backup, "COMPARE_CHUNK", 100)
+    path = make_backup(capsys, data, "--tables", "bookings")
+    reverse = path.with_name("backup_reversed.json.gz")
+    db.execute("UPDATE bookings SET notes = 'changed' WHERE id IN (10, 2500, 4999)")
+    db.execute("DELETE FROM bookings b WHERE id IN (SELECT id FROM bookings b2 WHERE NOT EXISTS "
+               "(SELECT 1 FROM payments p WHERE p.booking_id = b2.id) AND NOT EXISTS "
+               "(SELECT 1 FROM reviews r WHERE r.booking_id = b2.id) ORDER BY id LIMIT 2)")
+    db.execute("INSERT INTO bookings (user_id, package_id, status, notes) "
+               "SELECT user_id, package_id, status, 'added' FROM bookings LIMIT 1")
+    shutil.copy(path, reverse)
+    rewrite_backup(reverse, lambda doc: doc["tables"]["bookings"]["rows"].reverse())
+    reports = {}
+    for name in (path.name, reverse.name):
+        for jobs in ("1", "8"):
+            code, out, err = run(capsys, data, "diff", "--file", name, "--json", "--jobs", jobs)
+            assert code == 10, err
+            reports[name, jobs] = json.loads(out)["tables"]["bookings"]
+    first = reports[path.name, "1"]
+    assert (first["only_in_file"], first["changed"], first["only_live"]) == (2, 3, 1), first
+    for key, report in reports.items():
+        assert {k: report[k] for k in ("only_in_file", "changed", "only_live")} == \
+            {k: first[k] for k in ("only_in_file", "changed", "only_live")}, key
