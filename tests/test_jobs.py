@@ -19,7 +19,8 @@ from collections import Counter
 import pytest
 
 from helpers import (REPO_ROOT, SETTINGS, assert_same_state, database_state, error_line,
-                     make_backup, rewrite_backup, row_texts, run, running, start_restore,
+                     make_backup, rewrite_backup, row_texts, run, running, safety_backup,
+                     start_restore, table_rows,
                      wait_for)
 
 import supabase_backup
@@ -51,12 +52,15 @@ def file_keys(path, table, key="id"):
 
 # --- Usage --------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("command", [["backup"], ["restore", "--safe", "--file", "x.json.gz"],
+                                     ["rollback", "x.json.gz"], ["diff", "--file", "x.json.gz"]])
 @pytest.mark.parametrize("value", ["0", "-1", "33", "1000", "six"])
-def test_jobs_out_of_range_is_a_usage_error(capsys, data, value):
-    code, out, err = run(capsys, data, "backup", "--jobs", value)
+def test_jobs_out_of_range_is_a_usage_error(capsys, data, stack, command, value):
+    """--jobs outside 1..32 on any command: exit 2 naming --jobs, no traceback, no request."""
+    code, out, err = run(capsys, data, *command, "--jobs", value)
     assert code == 2, err
     assert "--jobs" in err and "Traceback" not in err
-    assert not (data / "backups").exists() or not list((data / "backups").iterdir())
+    assert stack.requests == []
 
 
 # --- Backup: the same bytes whatever N ----------------------------------------------------------
@@ -365,3 +369,38 @@ def test_diff_at_jobs_1_and_8_says_the_same_of_a_file_out_of_the_servers_order(
     for key, report in reports.items():
         assert {k: report[k] for k in ("only_in_file", "changed", "only_live")} == \
             {k: first[k] for k in ("only_in_file", "changed", "only_live")}, key
+
+
+def test_a_row_changed_between_the_safety_read_and_the_plan_is_restored(
+        fresh_stack, db, data, capsys):
+    """DEFECT (or a trade-off to decide): restore --safe --jobs 1 of app_settings (unchanged)
+    and users (changed). Once the safety backup has read app_settings, and while it reads users
+    (held 1 s), an app changes one app_settings row. Before "one read", step 3 read the live
+    app_settings, planned that row's update and wrote the file's value back; now the plan
+    compares the file with the safety backup, finds app_settings equal, sends nothing, and
+    step 5 only counts it: exit 0, "every row matches", and the file's row is not there."""
+    stack = fresh_stack
+    path = make_backup(capsys, data, "--tables", "app_settings,users")
+    want = sorted(row_texts(db, "app_settings"))
+    db.execute("UPDATE users SET full_name = 'changed'")
+    stack.requests.clear()
+    stack.faults.add(kind="read", table="users", action="latency", delay=1.0, times=2)
+
+    def app_writes():
+        wait_for(lambda: any(r.table == "app_settings" and r.method == "GET"
+                             for r in list(stack.requests)), what="the safety read")
+        db.execute("UPDATE app_settings SET value = '\"the app wrote this\"' "
+                   "WHERE key = (SELECT min(key) FROM app_settings)")
+
+    app = threading.Thread(target=app_writes)
+    app.start()
+    try:
+        code, out, err = run(capsys, data, "restore", "--safe", "--file", path.name,
+                             "--jobs", "1")
+    finally:
+        app.join()
+    # The app's change came after the safety backup read app_settings (it holds the old value).
+    assert "the app wrote this" not in json.dumps(table_rows(safety_backup(data),
+                                                               "app_settings"))
+    assert code != 0 or sorted(row_texts(db, "app_settings")) == want, \
+        "restore said every row matches, but app_settings differs from the file"
