@@ -110,10 +110,11 @@ def test_split_points_probed_while_rows_come_and_go_do_not_double_rows(
     the other one is answered, the app changes the table: when the early answer was the lower
     point (key 100), 250 rows go in below every key, so the held upper probe (offset 199) lands
     on key -51; when it was the upper point (key 200), the 150 lowest rows are deleted, so the
-    held lower probe lands on key 250. Either way the
-    second point is not after the first, and the ranges (p1, p2], (p2, None] overlap: rows
-    between the two points are read twice. A backup must hold each key once, or restore
-    refuses the file ("key ... appears twice")."""
+    held lower probe lands on key 250. Either way the second point is not after the first,
+    and the ranges (None, p1] and (p2, None] overlap: the rows between the two points are read
+    twice. The backup exits 0 saying "rows that existed throughout are all in the file", and
+    restore refuses the file ("key [201] appears twice", exit 7). A backup must hold each key
+    once."""
     monkeypatch.setattr(supabase_backup, "RANGE_ROWS", 100)
     stack.faults.add(kind="read", table=SCRATCH, after=2, times=1, action="latency", delay=2.0)
     changed = []
@@ -157,7 +158,8 @@ def test_split_points_probed_while_rows_come_and_go_do_not_double_rows(
 # --- Restore with --jobs ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("jobs", ["1", "8"])
-def test_restore_safe_at_jobs_brings_back_exactly_the_backup(fresh_stack, db, data, capsys, jobs):
+def test_restore_safe_at_jobs_brings_back_exactly_the_backup(fresh_stack, db, data, capsys,
+                                                             jobs):
     """Every demo table changed (updated, rows deleted, a row added): restore --safe --jobs N
     puts back every row of the backup exactly and leaves the added row alone."""
     path = make_backup(capsys, data)
