@@ -2683,9 +2683,15 @@ RANGES_PER_JOB = 16
 
 def split_points(api, table, count):
     """Key values that cut a table in ranges of about equal size (each the key of the last row
-    of a range), found by offset, several requests at once; [] for one range. Rows that come
-    and go while the ranges are read do not matter: the ranges still cover every key."""
-    ranges = min(math.ceil(count / RANGE_ROWS), RANGES_PER_JOB * api.jobs) if api.jobs > 1 else 1
+    of a range), found by offset, several requests at once; [] for one range.
+
+    The probes are answered at different moments: while rows come and go, their keys may come
+    back out of the server's order, and ranges cut at them would overlap (rows read twice). So
+    one more request reads the rows with those keys in the server's order (a key deleted
+    meanwhile drops out; at most DELETE_BATCH_SIZE keys, which travel in the URL). Rows that come
+    and go while the ranges are read do not matter: the ranges cover every key, once."""
+    ranges = min(math.ceil(count / RANGE_ROWS), RANGES_PER_JOB * api.jobs,
+                 DELETE_BATCH_SIZE + 1) if api.jobs > 1 else 1
     if ranges < 2:
         return []
 
@@ -2693,12 +2699,14 @@ def split_points(api, table, count):
         rows = api.page(table.name, table.select, table.order_by, None, 1, offset)
         return [rows[0].get(column) for column in table.order_by] if rows else None
 
-    points = []
-    for key in in_parallel((functools.partial(key_at, count * i // ranges - 1)
-                            for i in range(1, ranges)), api.jobs):
-        if key is not None and (not points or key != points[-1]):
-            points.append(key)
-    return points
+    found = {compact_json(key): key for key in in_parallel(
+        (functools.partial(key_at, count * i // ranges - 1) for i in range(1, ranges)), api.jobs)
+        if key is not None}
+    if not found:
+        return []
+    rows = api.page(table.name, table.select, table.order_by, None, len(found),
+                    where=[key_filter(table.order_by, list(found.values()))])
+    return [[row.get(column) for column in table.order_by] for row in rows]
 
 
 def read_range(api, table, index, spool):
@@ -3334,8 +3342,6 @@ class TableComparison:
         # The live rows from a file instead (LocalRows: the safety backup just taken), in an
         # order merged with the file's: a range is then read from disk, exactly, at once.
         self.local = local
-        if local is not None:
-            self.live_total = math.inf
         # The live row count (counted once, when not given): once that many rows are read, the
         # ranges left are not asked for (into an empty table, no range is).
         self.live_total = live_total
@@ -4333,12 +4339,9 @@ class Mismatches(list):
 
 
 def verify_restore(api, plans, reference_path, expected_counts, ignore_columns=(),
-                   json_null_ok=False, proven=()):
+                   json_null_ok=False):
     """Step 5: every row of the reference file is in the live table with equal values, and each
     table's count is as expected. Returns the Mismatches (dicts naming table and key).
-
-    The tables in proven are only counted: step 3 found every row of the file there with equal
-    values, and the run sent them no write, so reading them again would prove nothing more.
 
     The file is streamed against the live rows of each chunk's key range (TableComparison), so
     memory does not grow with the table. Values are compared in the file's forms (exact text);
@@ -4351,12 +4354,6 @@ def verify_restore(api, plans, reference_path, expected_counts, ignore_columns=(
     for table in read_tables(reference_path, as_bytes=True, label="verifying"):
         plan, name = plans.get(table.name), table.name
         if plan is None:
-            continue
-        if name in proven:
-            if name in expected_counts and counted[name] not in (None, expected_counts[name]):
-                mismatches.append({"table": name, "key": None, "problem": f"{counted[name]} "
-                                   f"rows, expected {expected_counts[name]}"})
-                mismatches.total += 1
             continue
         if plan.primary_key:
             comparison = TableComparison(
@@ -6081,12 +6078,8 @@ class RestoreRun:
                                        f"{'; '.join(problems[:3])}")
         expected = {name: (before.get(name, 0) + p.outcome.inserted - len(p.extra_keys))
                     for name, p in self.plans.items()}
-        # A table step 3 found equal to the file, row for row, and the run did not write to.
-        proven = {name for name, p in self.plans.items()
-                  if not p.touched and not p.inserts and not p.updates and not p.extra_keys
-                  and p.backup_rows == p.unchanged}
         mismatches = verify_restore(self.api, self.plans, self.file_path, expected, self.ignored,
-                                    self.accept_json_null, proven)
+                                    self.accept_json_null)
         storage_mismatches = self.storage.verify() if self.storage else []
         if storage_mismatches and not mismatches:
             self.restore_log.update(storage_mismatches=storage_mismatches[:100])
@@ -6096,9 +6089,7 @@ class RestoreRun:
             self.restore_log.update(mismatches=mismatches[:100])
             self.rewritten = rewritten_columns(mismatches, self.started)
             raise RestoreFailure(None, mismatch_message(mismatches, self.mode, self.started))
-        self.done("every row matches" + (
-            f" ({len(proven)} table(s) the run did not write to only counted: step 3 compared "
-            f"their rows)" if proven else ""))
+        self.done("every row matches")
 
     def failure(self, exc):
         """A failure in step 4 or 5, as the RestoreFailure that recover() rolls back. Ctrl-C is

@@ -105,16 +105,16 @@ def test_backup_of_numeric_keys_kept_as_text_is_byte_identical_across_jobs(
 
 def test_split_points_probed_while_rows_come_and_go_do_not_double_rows(
         capsys, data, stack, db, scratch, monkeypatch):
-    """DEFECT. backup --jobs 2 of a 300-row table cut in 3 ranges probes its two split points
+    """Found in review. backup --jobs 2 of a 300-row table cut in 3 ranges probes its two split points
     (offsets 99 and 199) at once; the first probe to reach the server is held 2 s. As soon as
     the other one is answered, the app changes the table: when the early answer was the lower
     point (key 100), 250 rows go in below every key, so the held upper probe (offset 199) lands
     on key -51; when it was the upper point (key 200), the 150 lowest rows are deleted, so the
     held lower probe lands on key 250. Either way the second point is not after the first,
     and the ranges (None, p1] and (p2, None] overlap: the rows between the two points are read
-    twice. The backup exits 0 saying "rows that existed throughout are all in the file", and
-    restore refuses the file ("key [201] appears twice", exit 7). A backup must hold each key
-    once."""
+    twice: the backup exited 0 and restore refused the file ("key [201] appears twice", exit
+    7). The points are now put in the server's order by one more request. A backup must hold
+    each key once."""
     monkeypatch.setattr(supabase_backup, "RANGE_ROWS", 100)
     stack.faults.add(kind="read", table=SCRATCH, after=2, times=1, action="latency", delay=2.0)
     changed = []
@@ -375,12 +375,12 @@ def test_diff_at_jobs_1_and_8_says_the_same_of_a_file_out_of_the_servers_order(
 
 def test_a_row_changed_between_the_safety_read_and_the_plan_is_restored(
         fresh_stack, db, data, capsys):
-    """DEFECT (or a trade-off to decide): restore --safe --jobs 1 of app_settings (unchanged)
-    and users (changed). Once the safety backup has read app_settings, and while it reads users
-    (held 1 s), an app changes one app_settings row. Before "one read", step 3 read the live
-    app_settings, planned that row's update and wrote the file's value back; now the plan
-    compares the file with the safety backup, finds app_settings equal, sends nothing, and
-    step 5 only counts it: exit 0, "every row matches", and the file's row is not there."""
+    """Found in review. restore --safe --jobs 1 of app_settings (unchanged) and users (changed).
+    Once the safety backup has read app_settings, and while it reads users (held 1 s), an app
+    changes one app_settings row. Step 3 compares the file with the safety backup and finds
+    app_settings equal, so nothing is sent to it; step 5 reads it again and finds the app's
+    change, so the restore is rolled back (it once only counted such a table: exit 0, "every
+    row matches", the file's row not there). Never exit 0 with the file's row missing."""
     stack = fresh_stack
     path = make_backup(capsys, data, "--tables", "app_settings,users")
     want = sorted(row_texts(db, "app_settings"))
