@@ -92,7 +92,9 @@ directory, else from .env next to this script (see .env.example):
   BACKUP_AGE_IDENTITY        the age identity file that decrypts them (--identity)
   SAFETY_ENCRYPT_TO          age public key(s) to encrypt safety backups to
   BACKUP_PING_URL            a healthchecks.io-style URL pinged by backup (--ping)
-Every run of a command appends to logs/supabase_backup.log in the data folder.
+backup, restore, rollback and diff keep up to --jobs N requests in flight (default 6; 1 is
+gentlest on a busy shared project). Every run of a command appends to logs/supabase_backup.log in
+the data folder.
 The service key is never printed or logged, nor the AWS secret key, nor an age
 identity.
 """
@@ -169,7 +171,7 @@ except ImportError:  # a Python without the requirements: missing_package() says
 
 # --- 1. Constants and exceptions ------------------------------------------------------------------
 
-TOOL_VERSION = "0.5.0"
+TOOL_VERSION = "0.6.0"
 FORMAT_NAME = "supabase_backup"
 FORMAT_VERSION = 3
 # version 1: values as PostgREST sent them (numeric as text); version 3: entries of other kinds

@@ -215,16 +215,24 @@ def wait_for(condition, timeout=20.0, what="the condition"):
         time.sleep(0.01)
 
 
-def start_restore(stack, data, tmp_path, path, command=None, table="users"):
-    """`python supabase_backup.py restore --safe --file PATH` (or the command given) in a process
-    of its own, once it is writing to table (a write more than it has had so far)."""
-    writes_before = stack.writes(table)
+def script_and_env(stack, data, tmp_path):
+    """A copy of supabase_backup.py in tmp_path/app (the process runs it, whatever the tests
+    change in the repository meanwhile), and the environment that points it at the stack and
+    the data folder, with no other setting."""
     script = tmp_path / "app" / "supabase_backup.py"
     script.parent.mkdir()
     shutil.copy(REPO_ROOT / "supabase_backup.py", script)
     env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
     env.update(SUPABASE_URL=stack.url, SUPABASE_SERVICE_ROLE_KEY=stack.service_role_key,
                SUPABASE_BACKUP_DIR=str(data))
+    return script, env
+
+
+def start_restore(stack, data, tmp_path, path, command=None, table="users"):
+    """`python supabase_backup.py restore --safe --file PATH` (or the command given) in a process
+    of its own, once it is writing to table (a write more than it has had so far)."""
+    writes_before = stack.writes(table)
+    script, env = script_and_env(stack, data, tmp_path)
     command = command or ["restore", "--safe", "--file", path.name]
     process = subprocess.Popen([sys.executable, str(script), *command], cwd=tmp_path, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

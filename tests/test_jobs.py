@@ -18,10 +18,9 @@ from collections import Counter
 
 import pytest
 
-from helpers import (REPO_ROOT, SETTINGS, assert_same_state, database_state, error_line,
-                     make_backup, rewrite_backup, row_texts, run, running, safety_backup,
-                     start_restore, table_rows,
-                     wait_for)
+from helpers import (assert_same_state, database_state, error_line, make_backup,
+                     rewrite_backup, row_texts, run, running, safety_backup, script_and_env,
+                     start_restore, table_rows, wait_for)
 
 import supabase_backup
 
@@ -289,12 +288,7 @@ def test_ctrl_c_during_a_backup_with_ranges_in_flight_leaves_no_file(stack, data
     """backup --jobs 8 of a table split in ranges, every read held 0.5 s: Ctrl-C once ranges
     are being read. The process ends within seconds (no thread keeps it alive), exit 130, and
     no backup file, partial or not, is left."""
-    script = tmp_path / "app" / "supabase_backup.py"
-    script.parent.mkdir()
-    shutil.copy(REPO_ROOT / "supabase_backup.py", script)
-    env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
-    env.update(SUPABASE_URL=stack.url, SUPABASE_SERVICE_ROLE_KEY=stack.service_role_key,
-               SUPABASE_BACKUP_DIR=str(data))
+    script, env = script_and_env(stack, data, tmp_path)
     stack.faults.add(kind="read", table=SCRATCH, action="latency", delay=0.5)
     # 300 rows in ranges: RANGE_ROWS is the script's own; a copy with ranges of 40 rows.
     text = script.read_text()
