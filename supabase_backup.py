@@ -2134,9 +2134,10 @@ def delete_remote(client, location, names):
 
 
 # --- 8. Background work and progress --------------------------------------------------------------
-# All the threading: work done ahead of its consumer (read_ahead: the next page, the next
-# batch; RangeRead: a key range's first page), compression beside encoding (CompressingWriter);
-# and the one progress display.
+# All the threading: several requests at once (Parallel: a backup's key ranges, a restore's
+# batches), what one thread makes and another takes as it comes (Spool), work done ahead of its
+# consumer (ReadAhead: a key range's first pages, RangeRead), compression beside encoding
+# (CompressingWriter); and the one progress display.
 
 class _Failed(NamedTuple):
     error: BaseException
@@ -2338,16 +2339,6 @@ class Spool:
                     return
         finally:
             self.file.close()
-
-
-def read_ahead(items, depth=2):
-    """The items of an iterator, made ahead by ReadAhead; its thread is stopped when the
-    consumer stops, done or not (an error, Ctrl-C)."""
-    ahead = ReadAhead(items, depth)
-    try:
-        yield from ahead
-    finally:
-        ahead.close()
 
 
 class RangeRead:
@@ -3993,7 +3984,7 @@ def parse_batch(lines, start):
 
 def at_most(batch, plan):
     """A batch in parts of at most plan.batch_size rows, read as each part is taken: batches made
-    ahead (read_ahead) at a size a statement timeout has since halved are not sent whole."""
+    ahead (in_parallel's window) at a size a statement timeout has since halved are not sent whole."""
     begin = 0
     while begin < len(batch):
         size = plan.batch_size

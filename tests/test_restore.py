@@ -769,18 +769,24 @@ def test_a_spool_read_error_mid_write_rolls_back_to_exactly_the_state_before(
     assert log["status"] == "rolled_back" and log["rollback"]["verified"] is True
 
 
-def test_read_ahead_hands_out_every_item_in_order_and_stops_its_thread():
+def test_in_parallel_hands_out_every_result_in_order_and_stops_its_threads():
     import threading
 
-    assert list(supabase_backup.read_ahead(iter(range(1000)))) == list(range(1000))
+    def call(n):
+        return lambda: n
+
+    assert list(supabase_backup.in_parallel(map(call, range(1000)), 4)) == list(range(1000))
 
     def broken():
-        yield 1
-        raise OSError("disk")
+        yield call(1)
+
+        def fail():
+            raise OSError("disk")
+        yield fail
 
     seen = []
     with pytest.raises(OSError, match="disk"):
-        for item in supabase_backup.read_ahead(broken()):
+        for item in supabase_backup.in_parallel(broken(), 4):
             seen.append(item)
     assert seen == [1]
 
@@ -790,16 +796,16 @@ def test_read_ahead_hands_out_every_item_in_order_and_stops_its_thread():
         try:
             n = 0
             while True:
-                yield n
+                yield call(n)
                 n += 1
         finally:
             closed.append(True)
 
-    ahead = supabase_backup.read_ahead(endless())
-    assert [next(ahead) for _ in range(3)] == [0, 1, 2]
-    ahead.close()
+    results = supabase_backup.in_parallel(endless(), 4)
+    assert [next(results) for _ in range(3)] == [0, 1, 2]
+    results.close()
     assert closed == [True]
-    assert not any(t.name == "read-ahead" for t in threading.enumerate())
+    assert not any(t.name == "parallel" and t.is_alive() for t in threading.enumerate())
 
 
 def test_seen_key_tells_rows_apart_exactly_when_row_key_does():
