@@ -1032,6 +1032,10 @@ UNORDERABLE_FORMATS = {"json", "point", "line", "lseg", "box", "path", "polygon"
                        "tsvector", "tsquery"}
 
 
+# Why complex: two ways to choose, each with its own refusals: named tables (--tables or
+# BACKUP_TABLES; views allowed), refused when in another schema or unknown, kept as given; else
+# every writable table less --exclude, refused when an excluded name is unknown. Each refusal's
+# message sits beside the rule it enforces; split, the halves would be tiny and far apart.
 def select_tables(discovered, wanted=None, exclude=None):
     """The tables to back up, in name order: the named ones (views too), else every writable one."""
     if wanted:
@@ -1523,6 +1527,10 @@ def upgraded_meta(header, meta):
     return {**meta, "columns": columns}
 
 
+# Why complex: one state machine over a streamed file tells apart a row line, a table's opening
+# line, its closing record (row count and checksum compared), the file's closing record (complete
+# or not) and anything else, and refuses data after the end or a file that stops early. The current
+# table, its row count and digest are state every branch shares: they cannot become functions alone.
 def _read_lines(path, first, stream, parse_rows=True, as_bytes=False):
     """The streaming reader for the layout BackupWriter writes."""
     if not first.endswith(b',"tables":{\n'):
@@ -2546,6 +2554,10 @@ class TablePages:
         self.whole_tail, self.warned = None, False  # see whole_groups
         self.in_range = None  # with `until`: how many rows the range holds (its first answer)
 
+    # Why complex: one loop does keyset paging (by key) and offset paging (no key; pages cut at
+    # whole groups of tied rows), halves the page on a statement timeout down to a floor, counts a
+    # key range with its first page and learns the server's row cap to know the last page. Page
+    # size, position and cap are the loop's shared state; apart, each piece would need all of it.
     def __iter__(self):
         name, page_size, after, offset = self.name, PAGE_SIZE, self.after, 0
         while True:
@@ -3008,6 +3020,10 @@ def scan_backup(path, tables_wanted=None):
     return BackupScan(Path(path), header, tables, others)
 
 
+# Why complex: a single pass over a table's rows, streamed from the file, makes every check: an
+# entry that is not a table handed on, a row that is not an object, extra or lacking columns (a
+# keyless table's checks end there), a key column without a value, and whether keys keep rising.
+# Checks in separate functions would each read the table again, or share this pass's state.
 def scan_rows(table, problems):
     """scan_backup's checks of one table's rows (problems collects what is wrong); returns
     whether its keys kept rising (when not, they are checked again with a set: _repeated_keys)."""
@@ -3042,6 +3058,10 @@ def scan_rows(table, problems):
     return rising
 
 
+# Why complex: every reason to refuse is named at once, before any write: a critical table
+# missing or empty, a table gone from the project, columns dropped (drift), a changed primary key,
+# a relation the API cannot write. Each check is one branch adding to one list of problems; in
+# helpers, the whole list of refusals would no longer read in one place.
 def validate_backup(scan, live_tables, restore_tables, critical):
     """Step 2: refuse a backup that cannot be restored faithfully, before anything is written.
 
@@ -3785,6 +3805,10 @@ NO_EQUALITY_FORMATS = {"json", "xml", "point", "polygon", "jsonpath", "txid_snap
 # record_counts compares the file with the live rows and spools the rows to write; a row no
 # request can write (a NOT NULL foreign-key cycle) is found here, before the first write.
 
+# Why complex: per table: not restored (skipped), the safety backup holding exactly the file's rows
+# (unchanged, nothing compared), a keyed comparison (against the safety backup's rows if usable,
+# else the live ones) or a keyless one, a rollback's extra keys; then, all spools written, rows-sent
+# marks and parents-first self-references. Each comparison is its own class; this only picks one.
 def record_counts(api, scan, plans, spool_dir, extra_keys=False, safety=None):
     """Step 3: which backup rows will be inserted, updated or left alone, by comparing the file
     with the live rows in key ranges; rows to write are spooled per table to spool_dir. Returns
@@ -3829,6 +3853,10 @@ def record_counts(api, scan, plans, spool_dir, extra_keys=False, safety=None):
     return counts
 
 
+# Why complex: three stages: the NOT NULL foreign keys between planned tables (out early when
+# their tables form no cycle), the graph of rows to insert along them, and a depth-first search
+# with an explicit path (no recursion, whatever the chain's length) returning the first cycle of
+# rows. The first stages share the edges; the search could be a function of its own.
 def unwritable_cycle(scan, plans):
     """Rows to insert that refer to each other across tables through NOT NULL foreign keys:
     each request is its own transaction, so none of them can be written first. Returns the
@@ -3887,6 +3915,10 @@ def private_opener(path, flags):
 MAX_PARENT_DEPTH = 100  # deeper rows keep file order and wait for their parents (upsert_restore)
 
 
+# Why complex: two stages sharing the key map: each row's depth below its self-referencing parents
+# (walked without recursion, capped at MAX_PARENT_DEPTH, a cycle left to the retries), then the
+# spool rewritten level by level through a temporary file per depth, noting where each level
+# starts. Only keys stay in memory; the depth walk could still be a function of its own.
 def spool_parents_first(plan, columns):
     """Reorder a table's spool so that each row comes after the rows it refers to through a
     self-reference (users.referred_by): batches then land whole, whatever the key order.
@@ -4027,6 +4059,10 @@ def refused_column(exc):
     return match.group(1) if match else None
 
 
+# Why complex: each refusal needs its own answer: a statement timeout (halve the batch, or name
+# the lone row), a GENERATED ALWAYS column (identity or key: patch by key; unnamed or already left
+# out: fail; else leave it out, resend), a missing parent (raised, retried later), any other
+# (bisect to the row, name it). One recursion over batch halves serves all, learning in the plan.
 def write_rows(api, plan, batch, count=True):
     """Write one batch of (is_insert, row) to a table, learning as it goes; returns rows written.
 
@@ -4404,6 +4440,10 @@ def mismatch_message(mismatches, what, since):
     return f"{what} verification found {total} mismatch(es): {shown}{advice}"
 
 
+# Why complex: the advice to ignore a column needs full evidence, gate after gate: every mismatch
+# is "different values", every sampled one names its columns, a pair of columns at most in all,
+# every live value there a time taken during this run. A failed gate gives no advice; together the
+# gates are the argument that the advice cannot hide real corruption, so they stay in one place.
 def rewritten_columns(mismatches, since):
     """{table: [columns]} when the evidence says a trigger rewrote them on every write
     (moddatetime): every mismatch is a row that differs only in the same column or two, and
@@ -4550,6 +4590,10 @@ def delete_extra(api, plans, order, path):
         reconcile.insert_missing()
 
 
+# Why complex: the order is the safety argument: keyless tables lose their surplus first, inserted
+# rows are deleted (deferred when still referred to), the safety rows of updated or deleted rows
+# are written back, deferred deletes retried, keyless rows put back, then all verified. The
+# write-back plans and spools could be a helper; the sequence itself should stay in one place.
 def rollback(api, plans, order, safety_path, progress, ignore_columns=(), json_null_ok=False):
     """Bring every touched table back to the safety backup: delete the rows the restore inserted,
     write back the safety rows of the rows it updated (or deleted), then verify the tables against
@@ -4645,6 +4689,10 @@ def wants_auth_users(args, config):
                       f"(or leave it out) not to")
 
 
+# Why complex: GoTrue pages by offset, newest first, so the list may shift while read: each page
+# must be a list of users, pages follow the Link header (else a full page means more), and a
+# reading counts only if it adds up to X-Total-Count and equals the one before; else warn, read
+# again. Reading one whole list could be a function of its own; here would stay the agreement.
 def list_auth_users(api, what="listing the auth users"):
     """Every user the admin API returns, every page: ({id: user}, the server's count).
 
@@ -4848,6 +4896,10 @@ class AuthRestore:
 
     # -- step 3: the plan
 
+    # Why complex: each user of the file is one of: not live and without email or phone (anonymous,
+    # not creatable), not live with an email or phone a live user holds (a conflict), not live
+    # otherwise (to create), live with other metadata (to update, or left alone without
+    # --update-users). One loop over the users sorts them into the lists the plan reports.
     def plan(self, api):
         """Users to create (the file's, by id, that the project lacks), metadata to put back
         (only when asked); conflicts (a user to create whose email or phone a live user with
@@ -4975,6 +5027,10 @@ class AuthRestore:
 
     # -- step 7: undo
 
+    # Why complex: undo in reverse: metadata put back where it still differs, then each created user
+    # deleted unless gone already (also a lost answer's not-found) or signed in since (kept and
+    # reported); every failure is collected, not raised, and only a clean undo is verified against a
+    # new listing. All cases feed the one list of problems the run reports.
     def roll_back(self, api):
         """Undo this run's writes: metadata put back as it was, users it created deleted (only
         while they have never signed in). Returns the problems (empty: exact)."""
@@ -5253,6 +5309,10 @@ def kept_manifest(folder):
     return {}
 
 
+# Why complex: the order makes the entries trustworthy: buckets (a safety backup: the covered
+# ones), each bucket's objects in batches, a bucket gone mid-walk or deleted meanwhile failing the
+# backup, the entry closed, new objects synced to disk before the file is finished, vanished ones
+# warned of. The bucket list read first is checked at the end; the steps share writer and summary.
 def back_up_storage(api, writer, folder, progress, covered=None, reuse=None):
     """Write storage.buckets and storage.objects into the backup being written, each object's
     bytes into folder/objects/ unless they are there already; returns the summary. A bucket
@@ -5313,6 +5373,10 @@ def back_up_storage(api, writer, folder, progress, covered=None, reuse=None):
     return summary
 
 
+# Why complex: an object's bytes come from the kept manifest (listing unchanged, bytes in the
+# store), another folder's store (linked), or a download that may find it gone (vanished, no row)
+# or changed (no ETag kept); an older Storage needs its user metadata asked per object. Every case
+# fills the same manifest row and summary counts, so they read best side by side.
 def object_row(api, store, bucket, name, entry, known, summary, reuse=None):
     """The manifest row of one listed object: from the kept manifest when the listing says it
     is unchanged and its bytes are in the store (or in reuse's store: linked), else downloaded;
@@ -5579,6 +5643,10 @@ class StorageRestore:
         """Every object of the file in objects/ with its SHA-256 (ValidationError otherwise)."""
         verify_objects(self.path, {STORAGE_OBJECTS: {"meta": {"kind": KIND_OBJECTS}}})
 
+    # Why complex: per covered bucket: to create, to update (other settings) or, in a rollback, to
+    # delete; per live object: not in the file (deleted in a rollback only), the same (unchanged)
+    # or not (overwritten); each file object not live is uploaded. Restore and rollback differ only
+    # in the deletes, so one plan with that flag is clearer than two near-copies.
     def plan(self):
         """The live buckets and objects of the buckets the file covers, against the file."""
         live_buckets = {b["id"]: b for b in list_buckets(self.api)}
@@ -5672,6 +5740,10 @@ class StorageRestore:
                 len(self.created), "objects_overwritten": len(self.overwritten),
                 "objects_deleted": len(self.deleted)}
 
+    # Why complex: per covered bucket: missing, other settings, or (rollback) one the file lacks
+    # still there; per file object: missing or differing (holds); in a rollback, live objects the
+    # file lacks. Each bucket is listed once and every case adds to one list of mismatches; restore
+    # and rollback differ only in the deletes.
     def verify(self):
         """Every object of the file in the covered buckets with its size, content type, cache
         control, user metadata and bytes: an uploaded object's ETag must be the MD5 of the bytes
@@ -5723,6 +5795,10 @@ class StorageRestore:
         got = download_object(self.api, ObjectStore(self.store.folder), *object_key(want))
         return got is not None and got[0] == want["sha256"]
 
+    # Why complex: two halves: undo what write() did (created objects deleted, overwritten or
+    # deleted ones uploaded again from the safety backup, bucket settings put back, created
+    # buckets deleted), then a check listing the touched buckets again. The check could be a
+    # method of its own; the undo's order (objects before the buckets they sit in) must stay.
     def undo(self, safety_path, progress):
         """Step 7 for Storage: what write() did, undone from the safety backup: the objects it
         overwrote or deleted uploaded again as the safety backup holds them, the ones it created
@@ -6491,6 +6567,10 @@ def backup_time(name):
         tzinfo=datetime.timezone.utc)
 
 
+# Why complex: two kinds of policy give each backup its reasons: the calendar rules (--keep-last,
+# then the newest backup of each day, week and month, up to each rule's count) or --keep and
+# --keep-days (both must hold); the backup just written is always kept. One list of reasons built
+# here is what prune prints, whichever kind applies.
 def retention_plan(names, policy, protect=None, now=None):
     """[(name, reasons kept)] for backup names, newest first; a name with no reason is to be
     deleted. The calendar rules mean what restic's mean: --keep-daily N keeps the newest backup
@@ -6802,6 +6882,10 @@ def safety_inventory(data_dir, running=None, now=None):
     return entries
 
 
+# Why complex: each run log may name this file as the backup that protected its run or as the
+# failed state it kept; a run in progress may be the live one holding the lock; the outcome says
+# whether a rollback is needed, and a later successful rollback to this file clears that. All of
+# it builds one entry in one pass over the logs.
 def safety_entry(path, match, runs, running, now):
     """One safety backup's entry of safety_inventory(), its run found among the run logs."""
     created = datetime.datetime.strptime(match.group(2), "%Y%m%d_%H%M%S").replace(
@@ -6864,6 +6948,10 @@ def diff_tables(api, path, tables, live_tables):
     return results
 
 
+# Why complex: the table gone live (every file row only in the file); no primary key, or one that
+# differs from the live one (a multiset of row digests); the same key (key ranges, through
+# TableComparison); and columns on one side only. The multiset comparison could be a function of
+# its own, as the keyed one is a class.
 def diff_table(api, table, live_meta):
     """diff_tables for one table of the file (a BackupTable) against its live rows."""
     result = {"file_rows": 0, "live_rows": 0, "only_in_file": 0, "only_live": 0, "changed": 0,
@@ -7457,6 +7545,10 @@ def cmd_check(args):
     return EXIT_OK
 
 
+# Why complex: backups from a folder or an off-site location; printed as JSON, as "no backups",
+# or as a table whose rows tell readable, damaged and otherwise unreadable backups apart; damaged
+# ones set the exit code; a remote listing ends with how to check one. The table's rows could
+# move to a helper; the rest is the command's one flow.
 def cmd_list(args):
     """List the backups in backups/ (or at an s3:// location), newest first."""
     setup_local_run(args)
@@ -7609,6 +7701,10 @@ def cmd_list_safety(args):
     return EXIT_OK
 
 
+# Why complex: each old safety backup is deleted or kept for one reason: the newest pre-run one
+# (always kept), needed to recover (kept unless --force), a failed unlink; younger ones skipped;
+# --dry-run deletes nothing; then JSON or text. Choosing and printing could be two functions (the
+# data lock covers only the choosing and deleting).
 def cmd_cleanup_safety(args):
     """Delete old safety backups, never the newest nor one a user may still need."""
     setup_local_run(args)
@@ -7664,6 +7760,10 @@ def cmd_cleanup_safety(args):
     return EXIT_OK
 
 
+# Why complex: the same report is built twice, for backups/ (under the data lock) and for the
+# off-site copies, each in a dry-run and a real shape, then printed as JSON or as lines with a
+# log line per side. A helper building one side's report from its plan and deletions would
+# remove the near-copy.
 def cmd_prune(args):
     """Apply the retention rules to backups/ and the off-site copies, without a backup."""
     policy = RetentionPolicy.from_args(args)
@@ -7709,6 +7809,10 @@ def cmd_diff(args):
         return diff_backup(args, config, backup)
 
 
+# Why complex: refusals before any request (names that are not tables, names not in the file),
+# the comparison with the connection closed after it, then JSON or text, and the exit code for
+# differences or none. It is cmd_diff's body once the file is readable; each branch is an outcome
+# the user sees, in the order they happen.
 def diff_backup(args, config, backup):
     """diff for a readable backup (see cmd_diff)."""
     path = backup.path
@@ -8120,6 +8224,10 @@ def add_diff_parser(subparsers):
     add_jobs_argument(diff)
 
 
+# Why complex: one flat list of usage mistakes argparse cannot see (options that need or exclude
+# others, a bare run, retention rules that clash or are missing, a --to that is not an off-site
+# URL), each one condition and one parser.error. STYLE.md wants them checked in one place after
+# parsing.
 def check_usage(parser, args):
     """Usage mistakes argparse cannot see by itself; each one exits 2 through parser.error."""
     if getattr(args, "update_users", False) and not args.auth:
