@@ -101,19 +101,20 @@ identity.
 
 # The map of this file: its numbered sections, in the order data flows through them.
 #
-#    1 Constants and exceptions          14 Restore step 4: writing
-#    2 Configuration                     15 Restore steps 5 and 7: verify, roll back
-#    3 Supabase access (all requests)    16 Auth users: backup and restore steps (--auth)
-#    4 Schema: what the API says         17 Storage objects: backup, check, retention
-#    5 Backup file format                18 Storage objects: restore and rollback steps
-#    6 Encryption at rest (age)          19 The restore run (RestoreRun)
-#    7 Off-site copies (S3)              20 The rollback run (RollbackRun), sequence SQL
-#    8 Background work and progress      21 Retention and the heartbeat
-#    9 Backup: reading tables            22 Inventory: backups/, safety_backups/, diff
-#   10 Restore steps 0 and 2: checking   23 Logs and output
-#   11 A table's plan and outcome        24 Commands: backup, check, list
-#   12 Comparing a file with live rows   25 Commands: restore, rollback, ..., diff
-#   13 Restore step 3: the counts, plan  26 Command line (build_parser, main)
+#    1 Constants and exceptions          15 Restore steps 5 and 7: verify, roll back
+#    2 Configuration                     16 Auth users: backup and restore steps (--auth)
+#    3 Supabase access (all requests)    17 Storage objects: backup, check, retention
+#    4 Schema: what the API says         18 Storage objects: restore and rollback steps
+#    5 Backup file format                19 What a restore run's steps share (RunParts)
+#    6 Encryption at rest (age)          20 The restore run (RestoreRun)
+#    7 Off-site copies (S3)              21 The rollback run (RollbackRun), sequence SQL
+#    8 Background work and progress      22 Retention and the heartbeat
+#    9 Backup: reading tables            23 Inventory: backups/, safety_backups/, diff
+#   10 Restore steps 0 and 2: checking   24 Logs and output
+#   11 A table's plan and outcome        25 Commands: backup, check, list
+#   12 Comparing a file with live rows   26 Commands: restore, rollback, ..., diff
+#   13 Restore step 3: the counts, plan  27 Command line (build_parser, main)
+#   14 Restore step 4: writing
 #
 # The restore flow (SAFETY.md), run by RestoreRun.run(), one method per step:
 #   0 read    RestoreRun.read_file      -> scan_backup (every checksum and key), discover_tables
@@ -123,7 +124,8 @@ identity.
 #   4 RESTORE RestoreRun.restore        -> upsert_restore (write_rows); RollbackRun: delete_extra
 #   5 VERIFY  RestoreRun.verify         -> verify_restore (TableComparison)
 #   6 LOG     RestoreRun.write_log      -> write_restore_log
-#   7 ROLLBACK RestoreRun.recover (a failure in 4-5) -> snapshot of the failed state, rollback
+#   7 ROLLBACK RestoreRun.recover (a failure in 4-5) -> RunParts.roll_back: a snapshot of the
+#             failed state, then rollback
 # With --auth (a rollback: a file holding users) each step does the users too, through
 # RestoreRun.auth (AuthRestore): 1 snapshot(auth=True), 3 plan_auth_users, 4 write_auth_users
 # (before the tables), 5 AuthRestore.verify, 7 AuthRestore.roll_back (after the tables).
@@ -2142,77 +2144,11 @@ def delete_remote(client, location, names):
 
 
 # --- 8. Background work and progress --------------------------------------------------------------
-# All the threading: several requests at once (Parallel: a backup's key ranges, a restore's
-# batches), what one thread makes and another takes as it comes (Spool), work done ahead of its
-# consumer (ReadAhead: a key range's first pages, RangeRead), compression beside encoding
-# (CompressingWriter); and the one progress display.
-
-class _Failed(NamedTuple):
-    error: BaseException
-
-
-class ReadAhead:
-    """The one way work is done in the background: the items of an iterator, made up to `depth`
-    ahead of their consumer by a thread of its own, from the moment this is made. Reading and
-    parsing the next batch then overlaps waiting for the server's answer to this one, and a key
-    range's first page is read while the range before is compared. Only the making is ahead;
-    whoever consumes the items still does one thing at a time, in order. An error of the
-    iterator is raised where its item would have been."""
-
-    _FINISHED = object()
-
-    def __init__(self, items, depth=2):
-        self.items, self.depth = items, depth
-        self._queue, self._ready, self._stop = collections.deque(), threading.Condition(), False
-        self._thread = threading.Thread(target=self._make, name="read-ahead", daemon=True)
-        self._thread.start()
-
-    def _put(self, item):
-        with self._ready:
-            while len(self._queue) >= self.depth and not self._stop:
-                self._ready.wait()
-            self._queue.append(item)
-            self._ready.notify_all()
-
-    def _make(self):
-        try:
-            for item in self.items:
-                self._put(item)
-                if self._stop:
-                    return
-            self._put(self._FINISHED)
-        except BaseException as exc:  # handed to the consumer, raised there
-            self._put(_Failed(exc))
-        finally:
-            close = getattr(self.items, "close", None)
-            if close is not None:
-                close()
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        with self._ready:
-            while not self._queue:
-                self._ready.wait()
-            item = self._queue.popleft()
-            if item is self._FINISHED or isinstance(item, _Failed):
-                self._queue.appendleft(item)  # the end stays the end
-            self._ready.notify_all()
-        if item is self._FINISHED:
-            raise StopIteration
-        if isinstance(item, _Failed):
-            raise item.error
-        return item
-
-    def close(self, timeout=THREAD_GRACE):
-        """Stop making items. A request in flight may take its time, and the thread only reads,
-        so it gets a moment (timeout), not a wait for the request's timeout."""
-        with self._ready:
-            self._stop = True
-            self._ready.notify_all()
-        self._thread.join(timeout)
-
+# All the threading, one primitive: Parallel runs calls in threads of its own, a bounded number
+# ahead, and hands their results back in order. It makes several requests at once (in_parallel: a
+# backup's key ranges, a restore's batches), reads a key range's pages ahead of their comparison
+# (RangeRead: one thread) and compresses beside encoding (CompressingWriter: one thread, fed by
+# put()). Spool carries what one thread makes to another; and the one progress display.
 
 class _Call:
     """One call of in_parallel: its function, and its result or error once done."""
@@ -2223,14 +2159,14 @@ class _Call:
 
 
 class Parallel:
-    """The one way requests are made several at once: calls (functions without arguments)
-    taken from an iterator as room frees up, up to `jobs` running at once in threads of their
-    own, and at most `ahead` (2 x jobs by default) started and not yet taken: memory bounded.
-    take() returns the results in the order of the calls, raising a call's error in its place.
-    close() drops the calls not started and gives those running a moment (THREAD_GRACE): they
-    only read, and their daemon threads do not outlive the process. Writes (grace None) are
-    waited for, however long: a rollback must not start while a write may still land.
-    SupabaseApi.request holds a slot per request, so --jobs bounds what is in flight
+    """The one way work is done in the background: calls (functions without arguments) taken
+    from an iterator as room frees up, or handed over with put(), up to `jobs` running at once in
+    threads of their own, and at most `ahead` (2 x jobs by default) started and not yet taken:
+    memory bounded. take() returns the results in the order of the calls, raising a call's error
+    in its place. close() drops the calls not started and gives those running a moment
+    (THREAD_GRACE): they only read, and their daemon threads do not outlive the process. Writes
+    (grace None) are waited for, however long: a rollback must not start while a write may still
+    land. SupabaseApi.request holds a slot per request, so --jobs bounds what is in flight
     however many such pools are at work."""
 
     def __init__(self, calls, jobs, ahead=None, grace=THREAD_GRACE):
@@ -2261,13 +2197,17 @@ class Parallel:
             function = next(self.calls, None)
             if function is None:
                 return
-            call = _Call(function)
-            self.waiting.append(call)
-            self._todo.put(call)
-            if len(self._threads) < min(self.jobs, len(self.waiting)):
-                thread = threading.Thread(target=self._work, name="parallel", daemon=True)
-                thread.start()
-                self._threads.append(thread)
+            self.put(function)
+
+    def put(self, function):
+        """Start one more call (its result taken in turn); the caller keeps within `ahead`."""
+        call = _Call(function)
+        self.waiting.append(call)
+        self._todo.put(call)
+        if len(self._threads) < min(self.jobs, len(self.waiting)):
+            thread = threading.Thread(target=self._work, name="parallel", daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
     def take(self):
         """The result of the oldest call not taken, once it is done; then start more."""
@@ -2350,84 +2290,88 @@ class Spool:
 
 
 class RangeRead:
-    """The live rows of one key range (TablePages with after and until), read ahead (ReadAhead)
-    from the start, so that its first page overlaps comparing the range before. Reads only."""
+    """The live rows of one key range (TablePages with after and until), read by a thread of
+    its own (a Parallel of one) from the start and up to two pages ahead, so that its first page
+    overlaps comparing the range before. Reads only."""
 
     def __init__(self, api, name, meta, after, until):
         self.pages = TablePages(api, name, meta, after, until)
-        self._ahead = ReadAhead(iter(self.pages), depth=1)
+        # One thread calls next() on the pages, in order; None marks the end of the range.
+        self._ahead = Parallel(itertools.repeat(functools.partial(next, iter(self.pages), None)),
+                               1, ahead=2)
+        self._ahead.fill()
         self._first, self._taken = None, False
+
+    def _next_page(self):
+        """The next page, or None (the thread stopped) when the range has no more."""
+        try:
+            page = self._ahead.take()
+        except BaseException:
+            self._ahead.close()
+            raise
+        if page is None:
+            self._ahead.close()
+        return page
 
     def first_page(self):
         """The range's first page, or None when it holds no rows; raises what reading raised."""
         if not self._taken:
-            self._first, self._taken = next(self._ahead, None), True
+            self._first, self._taken = self._next_page(), True
         return self._first
 
     def join(self, timeout=None):
         """After an error elsewhere: stop reading, giving a request in flight a moment."""
-        self._ahead.close(THREAD_GRACE if timeout is None else timeout)
+        self._ahead.grace = THREAD_GRACE if timeout is None else timeout
+        self._ahead.close()
 
     def __iter__(self):
-        first = self.first_page()
-        if first is not None:
-            yield first
-            yield from self._ahead
+        page = self.first_page()
+        while page is not None:
+            yield page
+            page = self._next_page()
 
 
 class CompressingWriter:
     """Bytes written here are compressed and written to `target` (a GzipFile) by a thread of its
-    own, 256 KB at a time: zlib lets go of the interpreter while it compresses, so that runs
-    on another core beside reading and encoding the next page. An error there (a full disk) is
-    raised by the next write(), or by close()."""
+    own (a Parallel of one, fed by put()), 256 KB at a time: zlib lets go of the interpreter while
+    it compresses, so that runs on another core beside reading and encoding the next page. An
+    error there (a full disk) is raised by a later write(), or by close()."""
 
     CHUNK = 1 << 18
 
     def __init__(self, target):
         self.target = target
         self._parts, self._size = [], 0
-        self._chunks = queue.Queue(maxsize=2)
-        self._error, self._dropping = None, False
-        self._thread = threading.Thread(target=self._compress, name="compress", daemon=True)
-        self._thread.start()
+        # Up to three chunks handed on and not yet written; a write waits for the disk, as a
+        # target written to directly would (grace None: close() waits for the write in hand).
+        self._work = Parallel((), 1, ahead=3, grace=None)
 
-    def _compress(self):
-        while True:
-            data = self._chunks.get()
-            if data is None:
-                return
-            if self._error is None and not self._dropping:
-                try:
-                    self.target.write(data)
-                except BaseException as exc:  # raised by write() or close(), in their thread
-                    self._error = exc
-
-    def _raise(self):
-        if self._error is not None:
-            raise self._error
+    def _hand_on(self):
+        data, self._parts, self._size = b"".join(self._parts), [], 0
+        while len(self._work.waiting) >= self._work.ahead:
+            self._work.take()  # raises what writing an earlier chunk raised
+        self._work.put(functools.partial(self.target.write, data))
 
     def write(self, data):
-        self._raise()
         self._parts.append(data)
         self._size += len(data)
         if self._size >= self.CHUNK:
-            self._chunks.put(b"".join(self._parts))
-            self._parts, self._size = [], 0
+            self._hand_on()
 
     def close(self):
         """Compress what is left and wait until everything is written."""
-        if self._parts:
-            self._chunks.put(b"".join(self._parts))
-            self._parts, self._size = [], 0
-        self._chunks.put(None)
-        self._thread.join()
-        self._raise()
+        try:
+            if self._parts:
+                self._hand_on()
+            while self._work.waiting:
+                self._work.take()
+        finally:
+            self._work.close()
 
     def abort(self):
         """Drop what is not written yet and stop the thread."""
-        self._dropping, self._parts = True, []
-        self._chunks.put(None)
-        self._thread.join()
+        self._parts = []
+        self._work.close()
 
 
 class Progress:
@@ -3853,10 +3797,10 @@ def record_counts(api, scan, plans, spool_dir, extra_keys=False, safety=None):
     return counts
 
 
-# Why complex: three stages: the NOT NULL foreign keys between planned tables (out early when
-# their tables form no cycle), the graph of rows to insert along them, and a depth-first search
-# with an explicit path (no recursion, whatever the chain's length) returning the first cycle of
-# rows. The first stages share the edges; the search could be a function of its own.
+# Why complex: two stages sharing the edges: the NOT NULL foreign keys between planned tables,
+# each to another table's whole primary key (out early when they form no cycle of tables), then
+# the graph of the rows to insert along them; first_cycle searches it. Each condition on an edge
+# is a case the API could in fact write, so they stay together.
 def unwritable_cycle(scan, plans):
     """Rows to insert that refer to each other across tables through NOT NULL foreign keys:
     each request is its own transaction, so none of them can be written first. Returns the
@@ -3879,6 +3823,13 @@ def unwritable_cycle(scan, plans):
             if is_insert:
                 graph[(name, key)] = [(parent, compact_json([row.get(column)]))
                                       for column, parent in edges[name]]
+    return first_cycle(graph)
+
+
+def first_cycle(graph):
+    """The nodes of the first cycle found in graph (node -> the nodes it needs; a node not in
+    graph needs nothing), or []. Depth first with a path of its own: no recursion, whatever
+    the length of a chain of rows."""
     state = {}  # 1: on the path, 2: done
     for start in graph:
         path = [(start, iter(graph[start]))]
@@ -3915,10 +3866,6 @@ def private_opener(path, flags):
 MAX_PARENT_DEPTH = 100  # deeper rows keep file order and wait for their parents (upsert_restore)
 
 
-# Why complex: two stages sharing the key map: each row's depth below its self-referencing parents
-# (walked without recursion, capped at MAX_PARENT_DEPTH, a cycle left to the retries), then the
-# spool rewritten level by level through a temporary file per depth, noting where each level
-# starts. Only keys stay in memory; the depth walk could still be a function of its own.
 def spool_parents_first(plan, columns):
     """Reorder a table's spool so that each row comes after the rows it refers to through a
     self-reference (users.referred_by): batches then land whole, whatever the key order.
@@ -3932,19 +3879,7 @@ def spool_parents_first(plan, columns):
             parents[row_key(row, plan.primary_key)] = [
                 row_key({plan.primary_key[0]: row.get(column)}, plan.primary_key)
                 for column in columns if row.get(column) is not None]
-    depths = {}  # 0: refers to no row of the spool; n: one more than its deepest parent
-    for start in parents:
-        path = [start] if start not in depths else []  # up the references to known depths
-        while path:
-            key = path[-1]
-            unknown = [p for p in parents[key] if p in parents and p not in depths
-                       and p not in path]  # a parent on the path is a cycle: left to the retries
-            if unknown and len(path) <= MAX_PARENT_DEPTH:
-                path.append(unknown[0])
-                continue
-            path.pop()
-            depths[key] = min(MAX_PARENT_DEPTH, 1 + max(
-                (depths.get(p, -1) for p in parents[key] if p in parents), default=-1))
+    depths = parent_depths(parents)
     if not any(depths.values()):
         return
     levels, sizes = {}, collections.Counter()
@@ -3969,6 +3904,26 @@ def spool_parents_first(plan, columns):
         for level in levels.values():
             level.close()
             os.unlink(level.name)
+
+
+def parent_depths(parents):
+    """Each key's depth (key -> the keys of the rows it refers to): 0 when it refers to no key
+    of parents, else one more than its deepest parent, at most MAX_PARENT_DEPTH. Walked
+    without recursion; a cycle is cut where it closes (its rows are left to the retries)."""
+    depths = {}
+    for start in parents:
+        path = [start] if start not in depths else []  # up the references to known depths
+        while path:
+            key = path[-1]
+            unknown = [p for p in parents[key] if p in parents and p not in depths
+                       and p not in path]  # a parent on the path is a cycle: left to the retries
+            if unknown and len(path) <= MAX_PARENT_DEPTH:
+                path.append(unknown[0])
+                continue
+            path.pop()
+            depths[key] = min(MAX_PARENT_DEPTH, 1 + max(
+                (depths.get(p, -1) for p in parents[key] if p in parents), default=-1))
+    return depths
 
 
 # --- 14. Restore step 4: writing ------------------------------------------------------------------
@@ -4689,10 +4644,6 @@ def wants_auth_users(args, config):
                       f"(or leave it out) not to")
 
 
-# Why complex: GoTrue pages by offset, newest first, so the list may shift while read: each page
-# must be a list of users, pages follow the Link header (else a full page means more), and a
-# reading counts only if it adds up to X-Total-Count and equals the one before; else warn, read
-# again. Reading one whole list could be a function of its own; here would stay the agreement.
 def list_auth_users(api, what="listing the auth users"):
     """Every user the admin API returns, every page: ({id: user}, the server's count).
 
@@ -4701,28 +4652,7 @@ def list_auth_users(api, what="listing the auth users"):
     it fails (IncompleteBackupError) rather than miss a user."""
     previous = None
     for attempt in range(1, AUTH_LIST_PASSES + 1):
-        users, totals, page = {}, set(), 1
-        while True:
-            response = api.request(f"{what} (page {page})", "GET",
-                                   params=[("page", str(page)), ("per_page", str(AUTH_PAGE_SIZE))],
-                                   auth_path="/admin/users")
-            try:
-                batch = json.loads(response.content)["users"]
-                if not (isinstance(batch, list) and all(isinstance(u, dict) and "id" in u
-                                                        for u in batch)):
-                    raise ValueError("not a list of users")
-            except (ValueError, KeyError, TypeError):
-                raise ConnectionFailure(f"{what}: {api.url}/auth/v1/admin/users answered "
-                                        f"without a list of users; check SUPABASE_URL") from None
-            total = response.headers.get("X-Total-Count", "")
-            if total.isdigit():
-                totals.add(int(total))
-            users.update((user["id"], user) for user in batch)
-            link = response.headers.get("Link")
-            more = 'rel="next"' in link if link is not None else len(batch) == AUTH_PAGE_SIZE
-            if not batch or not more:
-                break
-            page += 1
+        users, totals = read_auth_user_list(api, what)
         adds_up = len(totals) <= 1 and all(len(users) == total for total in totals)
         if adds_up and previous == set(users):
             return users, (totals.pop() if totals else len(users))
@@ -4740,6 +4670,34 @@ def list_auth_users(api, what="listing the auth users"):
     raise IncompleteBackupError(f"{what}: in {AUTH_LIST_PASSES} readings, no two in a row held "
                                 f"the same users adding up to the server's count, so none can "
                                 f"be shown complete; run again when sign-ups are quieter")
+
+
+def read_auth_user_list(api, what):
+    """One reading of the whole user list, page after page: ({id: user}, the set of counts
+    the pages' X-Total-Count gave). Pages follow the Link header; without one, a full page
+    means there may be more."""
+    users, totals, page = {}, set(), 1
+    while True:
+        response = api.request(f"{what} (page {page})", "GET",
+                               params=[("page", str(page)), ("per_page", str(AUTH_PAGE_SIZE))],
+                               auth_path="/admin/users")
+        try:
+            batch = json.loads(response.content)["users"]
+            if not (isinstance(batch, list) and all(isinstance(u, dict) and "id" in u
+                                                    for u in batch)):
+                raise ValueError("not a list of users")
+        except (ValueError, KeyError, TypeError):
+            raise ConnectionFailure(f"{what}: {api.url}/auth/v1/admin/users answered "
+                                    f"without a list of users; check SUPABASE_URL") from None
+        total = response.headers.get("X-Total-Count", "")
+        if total.isdigit():
+            totals.add(int(total))
+        users.update((user["id"], user) for user in batch)
+        link = response.headers.get("Link")
+        more = 'rel="next"' in link if link is not None else len(batch) == AUTH_PAGE_SIZE
+        if not batch or not more:
+            return users, totals
+        page += 1
 
 
 def back_up_auth_users(api, writer, summary, progress):
@@ -5795,10 +5753,6 @@ class StorageRestore:
         got = download_object(self.api, ObjectStore(self.store.folder), *object_key(want))
         return got is not None and got[0] == want["sha256"]
 
-    # Why complex: two halves: undo what write() did (created objects deleted, overwritten or
-    # deleted ones uploaded again from the safety backup, bucket settings put back, created
-    # buckets deleted), then a check listing the touched buckets again. The check could be a
-    # method of its own; the undo's order (objects before the buckets they sit in) must stay.
     def undo(self, safety_path, progress):
         """Step 7 for Storage: what write() did, undone from the safety backup: the objects it
         overwrote or deleted uploaded again as the safety backup holds them, the ones it created
@@ -5824,8 +5778,11 @@ class StorageRestore:
         for bucket_id in self.buckets_created:
             storage_request(self.api, f"deleting the bucket {bucket_id}", "DELETE",
                             "bucket/" + urllib.parse.quote(bucket_id, safe=""), body=b"{}")
-        # The check: each object written back holds the safety backup's bytes, and no object
-        # this run created is left.
+        return self.undo_mismatches(safety, before)
+
+    def undo_mismatches(self, safety, before):
+        """The check after undo(): each object written back (before) holds the safety backup's
+        bytes, and no object this run created is left. Returns what is not so."""
         live = {}
         mismatches = []
         for bucket_id in dict.fromkeys([b for b, _ in self.created] +
@@ -5843,11 +5800,184 @@ class StorageRestore:
         return mismatches
 
 
-# --- 19. The restore run: SAFETY.md's flow, step by step ------------------------------------------
-# RestoreRun.run() is the flow; one method per step. A rollback to a file is the same run with
-# the differences in RollbackRun (section 20).
+# --- 19. What a restore run's steps share ---------------------------------------------------------
+# RunParts: the numbered step lines and their log (step, done, fail_step), the settings a run
+# reads, the refusals before any write (json values the API would change, rows that only a
+# transaction could write), writing a safety backup, and step 7's way back to one. RestoreRun
+# (section 20) is the flow made of them.
 
-class RestoreRun:
+class RunParts:
+    """What the steps of a restore run share. RestoreRun (the flow, below) sets the attributes
+    these use in its __init__: api, config, paths, args, plans, order, auth, storage, the
+    restore log and the safety backup's paths."""
+
+    @property
+    def accept_json_null(self):
+        return bool(getattr(self.args, "accept_json_null", False))
+
+    # Why complex: one list of findings ends three ways (refused; refused, but only JSON nulls,
+    # which --accept-json-null lets through; warned), and the dry run's plan shows them all:
+    # each message names the fix for its own case.
+    def check_json_changes(self):
+        """Before any write: the json values the API would change on the way in (json_change),
+        in rows of the file to write, or in live rows the restore overwrites (a rollback would
+        write them back). Refused; a JSON null only unless --accept-json-null. Returns what was
+        found, for the plan and the log."""
+        found = [{"table": plan.name, "column": column, "change": change, "rows": count,
+                  "first_keys": keys,
+                  "in": "the file" if side == "file" else "live rows the restore overwrites"}
+                 for plan in self.plans.values()
+                 for (side, column, change), (count, keys) in sorted(plan.json_changes.items())]
+        if not found:
+            return []
+        refused = [f for f in found if f["change"] != JSON_NULL or not self.accept_json_null]
+        text = "; ".join(f"{f['table']}.{f['column']}: {f['change']}, in {f['rows']} row(s) of "
+                         f"{f['in']} (first key(s) {', '.join(f['first_keys'])})"
+                         for f in (refused or found)[:5])
+        if refused and not self.dry_run:
+            self.fail_step("refused", text)
+            nulls_only = all(f["change"] == JSON_NULL for f in refused)
+            error = (f"the API would change these json values on the way in: {text}; the "
+                     f"database was not touched; "
+                     + ("to restore them as SQL NULL, run again with --accept-json-null"
+                        if nulls_only else
+                        "restore the other tables (--tables) and put these rows back in the SQL "
+                        "editor"))
+            if self.restore_log:
+                write_restore_log(self.restore_log, status="refused", error=error)
+            raise ValidationError(error)
+        log.warning("the API will change these json values on the way in%s: %s",
+                    " (refused without --accept-json-null)" if refused else "", text)
+        return found
+
+    def check_cycles(self, scan):
+        """Before any write: refuse rows that only a transaction could write (see
+        unwritable_cycle)."""
+        cycle = unwritable_cycle(scan, self.plans)
+        if not cycle:
+            return
+        rows = " -> ".join(f"{table} {key}" for table, key in cycle[:6])
+        columns = ", ".join(f"{table}.{fk['column']} -> {fk['references_table']}"
+                            for table in dict.fromkeys(t for t, _ in cycle)
+                            for fk in scan.tables[table]["meta"].get("foreign_keys") or []
+                            if fk["references_table"] in {t for t, _ in cycle})
+        error = (f"rows to insert refer to each other through NOT NULL foreign keys ({columns}: "
+                 f"{rows} -> back to the first): the API writes each request in its own transaction, so "
+                 f"none of them can be written first; the database was not touched; insert "
+                 f"these rows in one transaction in the SQL editor, or make one of the foreign "
+                 f"keys nullable, then restore again")
+        self.fail_step("refused", error)
+        if self.restore_log:
+            write_restore_log(self.restore_log, status="refused", error=error)
+        raise ValidationError(error)
+
+    def safety_file_path(self, prefix):
+        """A new name in safety_backups/ (.json.gz.age when safety backups are encrypted)."""
+        return new_file_path(self.paths.safety_backups, prefix,
+                             ".json.gz" + (AGE_SUFFIX if self.safety_recipients else ""))
+
+    def safety_snapshot(self, path, tables, live, note, storage=False):
+        """Snapshot tables to path, a safety backup; returns (summary, the plain file a rollback
+        reads). Encrypted to SAFETY_ENCRYPT_TO when it is set: the plain file is then written
+        and verified under a temporary name, encrypted to path, and kept for this run's
+        automatic rollback only."""
+        auth = self.auth is not None  # the live users too, when the run writes users
+        if not self.safety_recipients:
+            return snapshot(self.api, tables, live, path, self.config.host, SERVICE_ROLE,
+                            self.progress, note=note, auth=auth, storage=storage), path
+        plain = path.parent / f"{TEMP_PREFIX}{os.getpid()}-plain-{plain_name(path.name)}"
+        self.plain_copies.append(plain)
+        summary = snapshot(self.api, tables, live, plain, self.config.host, SERVICE_ROLE,
+                           self.progress, note=note, auth=auth)
+        encrypt_backup(plain, path, self.safety_recipients)
+        return summary, plain
+
+    def roll_back(self, leave_out):
+        """Step 7: a snapshot of the failed state (double safety), then back to the safety
+        backup (rollback), verified; returns (the failed state's file, the mismatches). From its
+        announcement on, a Ctrl-C stops the rollback with the command that finishes it."""
+        failed_path = self.safety_file_path("failed_state")
+        try:
+            self.step(7, "ROLLBACK", f"snapshot of the failed state -> {failed_path}, then back "
+                      f"to {self.safety_path.name}")
+            self.safety_snapshot(failed_path, list(self.plans),
+                                 discover_tables(self.api.openapi()),
+                                 f"state after a failed {self.mode} of {self.file_path.name}")
+            mismatches = rollback(self.api, self.plans, self.order, self.safety_read_path,
+                                  self.progress, leave_out, self.accept_json_null)
+            if self.storage:
+                mismatches += [{"table": None, "key": None, "problem": f"Storage: {problem}"}
+                               for problem in self.storage.undo(self.safety_read_path,
+                                                                self.progress)]
+            if self.auth:  # after the tables: their rows may refer to the users it deletes
+                mismatches = [{"table": None, "key": None, "problem": f"{AUTH_ENTRY}: {problem}"}
+                              for problem in self.auth.roll_back(self.api)] + mismatches
+            return failed_path, mismatches
+        except KeyboardInterrupt:
+            write_restore_log(self.restore_log, status="interrupted",
+                              error="interrupted during rollback")
+            raise InterruptedRestore(self.rollback_hint()) from None
+        except Exception as rollback_exc:  # whatever it was, the rollback did not finish
+            if not isinstance(rollback_exc, (RestoreFailure, BackupError)):
+                log.error("unexpected error during the rollback", exc_info=True,
+                          extra={FILE_ONLY: True})
+            return failed_path, [{"table": None, "key": None,
+                                  "problem": one_line(rollback_exc, 300)}]
+
+    def left_out(self, leave_out):
+        """({table: rows written back}, {table: columns left out of the rollback's
+        verification}) for the tables whose rows were written back."""
+        not_verified, written_back = {}, {}
+        for name, plan in self.plans.items():
+            columns = [c for c in plan.columns if c not in compared_columns(plan, leave_out)]
+            written_back[name] = sum(1 for is_insert, _ in plan.sent_spool_keys()
+                                     if not is_insert)
+            if written_back[name] and columns:
+                not_verified[name] = columns
+        return written_back, not_verified
+
+    def rollback_hint(self):
+        if self.safety_path is None:
+            return "(no safety backup was taken)"
+        identity = (" --identity YOUR_AGE_IDENTITY_FILE" if self.safety_recipients and not
+                    self.config.settings.get("BACKUP_AGE_IDENTITY") else "")
+        return f"python {PROG} rollback {self.safety_path.name}{identity}"
+
+    def critical(self):
+        return getattr(self.args, "critical", None) or self.setting_list("CRITICAL_TABLES")
+
+    def ignore_columns(self):
+        return set(getattr(self.args, "ignore_columns", None) or
+                   self.setting_list("VERIFY_IGNORE_COLUMNS"))
+
+    def setting_list(self, name):
+        """A comma-separated setting as a list ([] when unset); ConfigError when malformed."""
+        try:
+            return table_list(self.config.settings[name]) if self.config.settings.get(name) else []
+        except argparse.ArgumentTypeError as exc:
+            raise ConfigError(f"{name}: {exc}") from None
+
+    def step(self, number, tag, text):
+        self._step = (number, tag)
+        log.info("%d. [%s] %s", number, tag, text)
+        if self.restore_log:
+            self.restore_log.step(number, tag)
+
+    def done(self, detail):
+        log.info("   -> %s", detail)
+        if self.restore_log:
+            self.restore_log.step(*self._step, detail=detail, status="ok")
+
+    def fail_step(self, status, detail):
+        if self.restore_log and self._step:
+            self.restore_log.step(*self._step, detail=detail, status=status)
+
+
+# --- 20. The restore run: SAFETY.md's flow, step by step ------------------------------------------
+# RestoreRun.run() is the flow; one method per step, made of section 19's parts. A rollback to a
+# file is the same run with the differences in RollbackRun (section 21).
+
+class RestoreRun(RunParts):
     """One restore: SAFETY.md's numbered flow, one method per step, run() in that order. A
     rollback to a file is the same run; RollbackRun holds what differs."""
 
@@ -6018,16 +6148,7 @@ class RestoreRun:
         finally:
             if safety is not None:
                 safety.close()
-        for name in self.order:
-            plan = self.plans[name]
-            log.info("  %s: %d rows now; %d to insert, %d to update, %s%d unchanged", name,
-                     before.get(name, 0), plan.inserts, plan.updates,
-                     f"{len(plan.extra_keys)} to delete, " if self.deletes else "",
-                     plan.unchanged)
-            # Live rows whose key (or, without a key, whose values) the file does not hold.
-            extra = before.get(name, 0) - plan.unchanged - plan.updates
-            if extra > 0 and not self.deletes:
-                log.info("    %d row(s) added since the backup: left alone", extra)
+        self.log_counts(before)
         self.json_changes = self.check_json_changes()
         self.check_cycles(scan)
         self.plan_summary = {name: {"insert": p.inserts, "update": p.updates,
@@ -6050,6 +6171,19 @@ class RestoreRun:
                                   deletes=sum(len(p.extra_keys) for p in self.plans.values()),
                                   verb="to "))
         return before
+
+    def log_counts(self, before):
+        """Step 3's line per table: its live rows and what the plan does with them."""
+        for name in self.order:
+            plan = self.plans[name]
+            log.info("  %s: %d rows now; %d to insert, %d to update, %s%d unchanged", name,
+                     before.get(name, 0), plan.inserts, plan.updates,
+                     f"{len(plan.extra_keys)} to delete, " if self.deletes else "",
+                     plan.unchanged)
+            # Live rows whose key (or, without a key, whose values) the file does not hold.
+            extra = before.get(name, 0) - plan.unchanged - plan.updates
+            if extra > 0 and not self.deletes:
+                log.info("    %d row(s) added since the backup: left alone", extra)
 
     def plan_auth_users(self):
         """Step 3 for the auth users: the plan and its limits, printed; conflicts refused."""
@@ -6257,166 +6391,9 @@ class RestoreRun:
                            f"back to {self.safety_path.name} and verified: the database is as "
                            f"before{except_columns} (log: {self.restore_log.path})")
 
-    @property
-    def accept_json_null(self):
-        return bool(getattr(self.args, "accept_json_null", False))
-
-    def check_json_changes(self):
-        """Before any write: the json values the API would change on the way in (json_change),
-        in rows of the file to write, or in live rows the restore overwrites (a rollback would
-        write them back). Refused; a JSON null only unless --accept-json-null. Returns what was
-        found, for the plan and the log."""
-        found = [{"table": plan.name, "column": column, "change": change, "rows": count,
-                  "first_keys": keys,
-                  "in": "the file" if side == "file" else "live rows the restore overwrites"}
-                 for plan in self.plans.values()
-                 for (side, column, change), (count, keys) in sorted(plan.json_changes.items())]
-        if not found:
-            return []
-        refused = [f for f in found if f["change"] != JSON_NULL or not self.accept_json_null]
-        text = "; ".join(f"{f['table']}.{f['column']}: {f['change']}, in {f['rows']} row(s) of "
-                         f"{f['in']} (first key(s) {', '.join(f['first_keys'])})"
-                         for f in (refused or found)[:5])
-        if refused and not self.dry_run:
-            self.fail_step("refused", text)
-            nulls_only = all(f["change"] == JSON_NULL for f in refused)
-            error = (f"the API would change these json values on the way in: {text}; the "
-                     f"database was not touched; "
-                     + ("to restore them as SQL NULL, run again with --accept-json-null"
-                        if nulls_only else
-                        "restore the other tables (--tables) and put these rows back in the SQL "
-                        "editor"))
-            if self.restore_log:
-                write_restore_log(self.restore_log, status="refused", error=error)
-            raise ValidationError(error)
-        log.warning("the API will change these json values on the way in%s: %s",
-                    " (refused without --accept-json-null)" if refused else "", text)
-        return found
-
-    def check_cycles(self, scan):
-        """Before any write: refuse rows that only a transaction could write (see
-        unwritable_cycle)."""
-        cycle = unwritable_cycle(scan, self.plans)
-        if not cycle:
-            return
-        rows = " -> ".join(f"{table} {key}" for table, key in cycle[:6])
-        columns = ", ".join(f"{table}.{fk['column']} -> {fk['references_table']}"
-                            for table in dict.fromkeys(t for t, _ in cycle)
-                            for fk in scan.tables[table]["meta"].get("foreign_keys") or []
-                            if fk["references_table"] in {t for t, _ in cycle})
-        error = (f"rows to insert refer to each other through NOT NULL foreign keys ({columns}: "
-                 f"{rows} -> back to the first): the API writes each request in its own transaction, so "
-                 f"none of them can be written first; the database was not touched; insert "
-                 f"these rows in one transaction in the SQL editor, or make one of the foreign "
-                 f"keys nullable, then restore again")
-        self.fail_step("refused", error)
-        if self.restore_log:
-            write_restore_log(self.restore_log, status="refused", error=error)
-        raise ValidationError(error)
-
-    def safety_file_path(self, prefix):
-        """A new name in safety_backups/ (.json.gz.age when safety backups are encrypted)."""
-        return new_file_path(self.paths.safety_backups, prefix,
-                             ".json.gz" + (AGE_SUFFIX if self.safety_recipients else ""))
-
-    def safety_snapshot(self, path, tables, live, note, storage=False):
-        """Snapshot tables to path, a safety backup; returns (summary, the plain file a rollback
-        reads). Encrypted to SAFETY_ENCRYPT_TO when it is set: the plain file is then written
-        and verified under a temporary name, encrypted to path, and kept for this run's
-        automatic rollback only."""
-        auth = self.auth is not None  # the live users too, when the run writes users
-        if not self.safety_recipients:
-            return snapshot(self.api, tables, live, path, self.config.host, SERVICE_ROLE,
-                            self.progress, note=note, auth=auth, storage=storage), path
-        plain = path.parent / f"{TEMP_PREFIX}{os.getpid()}-plain-{plain_name(path.name)}"
-        self.plain_copies.append(plain)
-        summary = snapshot(self.api, tables, live, plain, self.config.host, SERVICE_ROLE,
-                           self.progress, note=note, auth=auth)
-        encrypt_backup(plain, path, self.safety_recipients)
-        return summary, plain
-
-    def roll_back(self, leave_out):
-        """Step 7: a snapshot of the failed state (double safety), then back to the safety
-        backup (rollback), verified; returns (the failed state's file, the mismatches). From its
-        announcement on, a Ctrl-C stops the rollback with the command that finishes it."""
-        failed_path = self.safety_file_path("failed_state")
-        try:
-            self.step(7, "ROLLBACK", f"snapshot of the failed state -> {failed_path}, then back "
-                      f"to {self.safety_path.name}")
-            self.safety_snapshot(failed_path, list(self.plans),
-                                 discover_tables(self.api.openapi()),
-                                 f"state after a failed {self.mode} of {self.file_path.name}")
-            mismatches = rollback(self.api, self.plans, self.order, self.safety_read_path,
-                                  self.progress, leave_out, self.accept_json_null)
-            if self.storage:
-                mismatches += [{"table": None, "key": None, "problem": f"Storage: {problem}"}
-                               for problem in self.storage.undo(self.safety_read_path,
-                                                                self.progress)]
-            if self.auth:  # after the tables: their rows may refer to the users it deletes
-                mismatches = [{"table": None, "key": None, "problem": f"{AUTH_ENTRY}: {problem}"}
-                              for problem in self.auth.roll_back(self.api)] + mismatches
-            return failed_path, mismatches
-        except KeyboardInterrupt:
-            write_restore_log(self.restore_log, status="interrupted",
-                              error="interrupted during rollback")
-            raise InterruptedRestore(self.rollback_hint()) from None
-        except Exception as rollback_exc:  # whatever it was, the rollback did not finish
-            if not isinstance(rollback_exc, (RestoreFailure, BackupError)):
-                log.error("unexpected error during the rollback", exc_info=True,
-                          extra={FILE_ONLY: True})
-            return failed_path, [{"table": None, "key": None,
-                                  "problem": one_line(rollback_exc, 300)}]
-
-    def left_out(self, leave_out):
-        """({table: rows written back}, {table: columns left out of the rollback's
-        verification}) for the tables whose rows were written back."""
-        not_verified, written_back = {}, {}
-        for name, plan in self.plans.items():
-            columns = [c for c in plan.columns if c not in compared_columns(plan, leave_out)]
-            written_back[name] = sum(1 for is_insert, _ in plan.sent_spool_keys()
-                                     if not is_insert)
-            if written_back[name] and columns:
-                not_verified[name] = columns
-        return written_back, not_verified
-
-    def rollback_hint(self):
-        if self.safety_path is None:
-            return "(no safety backup was taken)"
-        identity = (" --identity YOUR_AGE_IDENTITY_FILE" if self.safety_recipients and not
-                    self.config.settings.get("BACKUP_AGE_IDENTITY") else "")
-        return f"python {PROG} rollback {self.safety_path.name}{identity}"
-
-    def critical(self):
-        return getattr(self.args, "critical", None) or self.setting_list("CRITICAL_TABLES")
-
-    def ignore_columns(self):
-        return set(getattr(self.args, "ignore_columns", None) or
-                   self.setting_list("VERIFY_IGNORE_COLUMNS"))
-
-    def setting_list(self, name):
-        """A comma-separated setting as a list ([] when unset); ConfigError when malformed."""
-        try:
-            return table_list(self.config.settings[name]) if self.config.settings.get(name) else []
-        except argparse.ArgumentTypeError as exc:
-            raise ConfigError(f"{name}: {exc}") from None
-
-    def step(self, number, tag, text):
-        self._step = (number, tag)
-        log.info("%d. [%s] %s", number, tag, text)
-        if self.restore_log:
-            self.restore_log.step(number, tag)
-
-    def done(self, detail):
-        log.info("   -> %s", detail)
-        if self.restore_log:
-            self.restore_log.step(*self._step, detail=detail, status="ok")
-
-    def fail_step(self, status, detail):
-        if self.restore_log and self._step:
-            self.restore_log.step(*self._step, detail=detail, status=status)
 
 
-# --- 20. The rollback run; what a restore asks first and prints last ------------------------------
+# --- 21. The rollback run; what a restore asks first and prints last ------------------------------
 # RollbackRun: a rollback to a file is RestoreRun with what differs overridden. Without --safe a
 # restore asks first (confirm_unsafe_restore); step 6 prints sequence_sql, the SQL that moves each
 # integer key's sequence past the restored rows.
@@ -6524,7 +6501,7 @@ tablesample then to trailing true union unique user using variadic verbose when 
 with""".split())
 
 
-# --- 21. Retention and the heartbeat --------------------------------------------------------------
+# --- 22. Retention and the heartbeat --------------------------------------------------------------
 # Which backups to keep, in backups/ and at the off-site location alike, judged by the UTC time
 # in their names; and the pings that tell a monitor (healthchecks.io and the like) how a
 # scheduled backup went.
@@ -6703,7 +6680,7 @@ def ping_url(text):
     return text
 
 
-# --- 22. Inventory: what backups/ and safety_backups/ hold, and diff ------------------------------
+# --- 23. Inventory: what backups/ and safety_backups/ hold, and diff ------------------------------
 
 def backup_summary(path, settings=None, identity=None, data_dir=None):
     """created_at, tables and rows of a backup, read from its content (the whole file, decrypted
@@ -6948,10 +6925,6 @@ def diff_tables(api, path, tables, live_tables):
     return results
 
 
-# Why complex: the table gone live (every file row only in the file); no primary key, or one that
-# differs from the live one (a multiset of row digests); the same key (key ranges, through
-# TableComparison); and columns on one side only. The multiset comparison could be a function of
-# its own, as the keyed one is a class.
 def diff_table(api, table, live_meta):
     """diff_tables for one table of the file (a BackupTable) against its live rows."""
     result = {"file_rows": 0, "live_rows": 0, "only_in_file": 0, "only_live": 0, "changed": 0,
@@ -6965,23 +6938,17 @@ def diff_table(api, table, live_meta):
     result["columns_only_in_file"] = [c for c in table.columns if c not in live_columns]
     result["columns_only_live"] = [c for c in live_columns if c not in table.columns]
     columns = [c for c in table.columns if c in live_columns]
+    return diff_rows(api, table, live_meta, columns, result)
+
+
+def diff_rows(api, table, live_meta, columns, result):
+    """diff_table's rows: matched by key where the file's primary key is the live one, else
+    compared as whole rows."""
     pk = list(table.meta.get("primary_key") or [])
     if not pk or pk != list(live_meta["primary_key"]):
-        result["compared_as"] = "whole rows (no primary key)"
-        live_rows = collections.Counter()
-        for page in TablePages(api, table.name, with_stored_forms(live_meta,
-                                                                  file_forms(table.meta))):
-            result["live_rows"] += len(page)
-            live_rows.update(row_digest(row, columns) for row in page)
-        for line in table.rows:
-            result["file_rows"] += 1
-            digest = row_digest(parse_row(line), columns)
-            if live_rows[digest] > 0:
-                live_rows[digest] -= 1
-            else:
-                result["only_in_file"] += 1
-        result["only_live"] = sum(live_rows.values())
-        return result
+        return diff_whole_rows(api, table, live_meta, columns, result,
+                               "no primary key" if not pk else
+                               "the file's primary key is not the live one")
     with contextlib.closing(TableComparison(api, table.name, live_meta, pk, columns,
                                             file_forms(table.meta))) as comparison:
         for line in table.rows:
@@ -6997,13 +6964,32 @@ def diff_table(api, table, live_meta):
     return result
 
 
+def diff_whole_rows(api, table, live_meta, columns, result, why):
+    """diff_table for a table compared as a multiset of whole rows (why: no key to match rows
+    by): a file row is in the live table when an equal live row is left over for it."""
+    result["compared_as"] = f"whole rows ({why})"
+    live_rows = collections.Counter()
+    for page in TablePages(api, table.name, with_stored_forms(live_meta, file_forms(table.meta))):
+        result["live_rows"] += len(page)
+        live_rows.update(row_digest(row, columns) for row in page)
+    for line in table.rows:
+        result["file_rows"] += 1
+        digest = row_digest(parse_row(line), columns)
+        if live_rows[digest] > 0:
+            live_rows[digest] -= 1
+        else:
+            result["only_in_file"] += 1
+    result["only_live"] = sum(live_rows.values())
+    return result
+
+
 def has_differences(result):
     return bool(result["only_in_file"] or result["only_live"] or result["changed"] or
                 result["columns_only_in_file"] or result["columns_only_live"] or
                 result.get("missing_live"))
 
 
-# --- 23. Logs and output --------------------------------------------------------------------------
+# --- 24. Logs and output --------------------------------------------------------------------------
 # The restore log in summaries/; the one logging setup (stderr for people, the log file in
 # logs/); data for stdout (emit).
 
@@ -7203,7 +7189,7 @@ def close_logging():
         handler.close()
 
 
-# --- 24. Commands: backup, check, list ------------------------------------------------------------
+# --- 25. Commands: backup, check, list ------------------------------------------------------------
 
 def begin_run(args):
     """Every command's first step: load the configuration, make the data folders, start the log."""
@@ -7591,7 +7577,7 @@ def cmd_list(args):
     return EXIT_OK
 
 
-# --- 25. Commands: restore, rollback, list-safety, cleanup-safety, prune, diff --------------------
+# --- 26. Commands: restore, rollback, list-safety, cleanup-safety, prune, diff --------------------
 
 def cmd_restore(args):
     """Restore a backup file behind the safety net (SAFETY.md's numbered flow)."""
@@ -7701,10 +7687,6 @@ def cmd_list_safety(args):
     return EXIT_OK
 
 
-# Why complex: each old safety backup is deleted or kept for one reason: the newest pre-run one
-# (always kept), needed to recover (kept unless --force), a failed unlink; younger ones skipped;
-# --dry-run deletes nothing; then JSON or text. Choosing and printing could be two functions (the
-# data lock covers only the choosing and deleting).
 def cmd_cleanup_safety(args):
     """Delete old safety backups, never the newest nor one a user may still need."""
     setup_local_run(args)
@@ -7714,33 +7696,7 @@ def cmd_cleanup_safety(args):
         return EXIT_OK
     with data_lock(data_dir, "cleanup-safety"):
         entries = safety_inventory(data_dir)  # we hold the lock: no other run is going on
-        deleted, kept, freed = [], [], 0
-        # The newest snapshot taken before a run (not a failed-state one): what the data was
-        # last known good as.
-        newest = next((e for e in entries if e["kind"] == "safety_backup"), None)
-        for entry in entries:
-            if entry["age_days"] < args.older_than:
-                continue
-            if entry is newest:
-                kept.append((entry, "the newest safety backup is always kept"))
-                continue
-            run = entry["run"] or {}
-            needed = entry["needs_rollback"] or (
-                run.get("role") == "failed_state_of" and OUTCOMES.get(run["status"],
-                                                                      (None, True))[1])
-            if needed and not args.force:
-                kept.append((entry, f"its {run.get('kind', 'restore')} "
-                                    f"{run.get('outcome', '')}; it may be needed to recover "
-                                    f"(--force deletes it anyway)"))
-                continue
-            if not args.dry_run:
-                try:
-                    Path(entry["path"]).unlink()
-                except OSError as exc:
-                    kept.append((entry, f"could not delete it: {exc.strerror or exc}"))
-                    continue
-            deleted.append(entry)
-            freed += entry["bytes"]
+        deleted, kept, freed = delete_old_safety_backups(entries, args)
         if deleted and not args.dry_run:
             collect_objects(data_dir / SAFETY_DIR)
     verb = "would delete" if args.dry_run else "deleted"
@@ -7760,10 +7716,38 @@ def cmd_cleanup_safety(args):
     return EXIT_OK
 
 
-# Why complex: the same report is built twice, for backups/ (under the data lock) and for the
-# off-site copies, each in a dry-run and a real shape, then printed as JSON or as lines with a
-# log line per side. A helper building one side's report from its plan and deletions would
-# remove the near-copy.
+def delete_old_safety_backups(entries, args):
+    """cleanup-safety's choice, under the data lock: each safety backup older than
+    --older-than deleted (not under --dry-run) or kept for one reason. Returns (the entries
+    deleted, [(entry, why it was kept)], the bytes freed)."""
+    deleted, kept, freed = [], [], 0
+    # The newest snapshot taken before a run (not a failed-state one): what the data was last
+    # known good as.
+    newest = next((e for e in entries if e["kind"] == "safety_backup"), None)
+    for entry in entries:
+        if entry["age_days"] < args.older_than:
+            continue
+        if entry is newest:
+            kept.append((entry, "the newest safety backup is always kept"))
+            continue
+        run = entry["run"] or {}
+        needed = entry["needs_rollback"] or (
+            run.get("role") == "failed_state_of" and OUTCOMES.get(run["status"], (None, True))[1])
+        if needed and not args.force:
+            kept.append((entry, f"its {run.get('kind', 'restore')} {run.get('outcome', '')}; it "
+                                f"may be needed to recover (--force deletes it anyway)"))
+            continue
+        if not args.dry_run:
+            try:
+                Path(entry["path"]).unlink()
+            except OSError as exc:
+                kept.append((entry, f"could not delete it: {exc.strerror or exc}"))
+                continue
+        deleted.append(entry)
+        freed += entry["bytes"]
+    return deleted, kept, freed
+
+
 def cmd_prune(args):
     """Apply the retention rules to backups/ and the off-site copies, without a backup."""
     policy = RetentionPolicy.from_args(args)
@@ -7777,25 +7761,31 @@ def cmd_prune(args):
     if folder.is_dir():
         with data_lock(local_data_dir(args), "prune"):
             plan, deleted = apply_retention(folder, policy, dry_run=args.dry_run)
-        report["local"] = {"folder": str(folder), "kept": {n: r for n, r in plan if r},
-                           "deleted": [n for n, r in plan if not r] if args.dry_run else deleted}
+        report["local"] = prune_report("folder", str(folder), plan, deleted, args.dry_run)
         lines += retention_lines(str(folder) + "/", plan, args.dry_run)
     if remote:
         plan, deleted = apply_remote_retention(client, remote, policy, dry_run=args.dry_run)
-        report["remote"] = {"location": remote.url(), "kept": {n: r for n, r in plan if r},
-                            "deleted": [n for n, r in plan if not r] if args.dry_run else deleted}
+        report["remote"] = prune_report("location", remote.url(), plan, deleted, args.dry_run)
         lines += retention_lines(remote.url(), plan, args.dry_run)
     if args.json:
         emit(json.dumps(report, indent=2))
         return EXIT_OK
     for line in lines:
         emit(line)
-    for side in ("local", "remote"):
-        if report[side] is not None:
-            log.info("%s: %d kept, %d %s", report[side].get("folder") or report[side]["location"],
-                     len(report[side]["kept"]), len(report[side]["deleted"]),
+    for side in (report["local"], report["remote"]):
+        if side is not None:
+            log.info("%s: %d kept, %d %s", side.get("folder") or side["location"],
+                     len(side["kept"]), len(side["deleted"]),
                      "would be deleted (dry run)" if args.dry_run else "deleted")
     return EXIT_OK
+
+
+def prune_report(side, where, plan, deleted, dry_run):
+    """One side of prune's report (side "folder": backups/; "location": the off-site copies):
+    each kept backup with its reasons, and the backups deleted (under --dry-run, those that
+    would be)."""
+    return {side: where, "kept": {name: reasons for name, reasons in plan if reasons},
+            "deleted": [name for name, reasons in plan if not reasons] if dry_run else deleted}
 
 
 def cmd_diff(args):
@@ -7874,7 +7864,7 @@ def diff_text(name, result):
     return "\n".join(lines)
 
 
-# --- 26. Command line -----------------------------------------------------------------------------
+# --- 27. Command line -----------------------------------------------------------------------------
 
 def table_list(text):
     """argparse type: 'a, b,c' -> ['a', 'b', 'c'], refusing empty names."""

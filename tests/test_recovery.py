@@ -331,6 +331,23 @@ def test_diff_is_silent_on_identical_data_and_names_every_difference(fresh_stack
     assert report["tables"]["users"]["changed"] == 0
 
 
+def test_diff_says_why_a_table_is_compared_as_whole_rows(fresh_stack, db, data, capsys):
+    """A table whose primary key changed since the backup cannot be matched by key: diff says
+    so (not "no primary key"), and still finds the one row that differs."""
+    path = make_backup(capsys, data, "--tables", "app_settings,audit_events")
+    db.execute("ALTER TABLE app_settings DROP CONSTRAINT app_settings_pkey, "
+               "ADD PRIMARY KEY (key, value)")
+    db.execute("UPDATE app_settings SET value = '\"changed\"' WHERE key = 'f(x)'")
+    code, out, err = run(capsys, data, "diff", "--file", path.name)
+    assert code == 10, err
+    assert ("app_settings: 5 rows in the file, 5 live (compared as whole rows (the file's "
+            "primary key is not the live one))\n  only in the file: 1\n  only live: 1") in out
+    assert "audit_events" not in out  # no key, and no difference
+    code, out, _ = run(capsys, data, "diff", "--file", path.name, "--json")
+    report = json.loads(out)["tables"]
+    assert report["audit_events"]["compared_as"] == "whole rows (no primary key)"
+
+
 def test_diff_of_a_table_the_file_does_not_hold_is_refused(stack, data, capsys):
     path = make_backup(capsys, data, "--tables", "app_settings")
     code, _, err = run(capsys, data, "diff", "--file", path.name, "--tables", "users")
