@@ -2307,7 +2307,9 @@ class RangeRead:
         try:
             page = self._ahead.take()
         except BaseException:
-            self._ahead.close()
+            # The reading failed (its thread has stopped), or Ctrl-C: that is not held up by a
+            # request in flight, which only reads (as after an error elsewhere, join()).
+            self.join(0)
             raise
         if page is None:
             self._ahead.close()
@@ -2326,9 +2328,13 @@ class RangeRead:
 
     def __iter__(self):
         page = self.first_page()
-        while page is not None:
-            yield page
-            page = self._next_page()
+        try:
+            while page is not None:
+                yield page
+                page = self._next_page()
+        except GeneratorExit:  # its consumer stopped early (an error, Ctrl-C): so does reading
+            self.join()
+            raise
 
 
 class CompressingWriter:

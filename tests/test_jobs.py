@@ -402,3 +402,67 @@ def test_a_row_changed_between_the_safety_read_and_the_plan_is_restored(
                                                                "app_settings"))
     assert code != 0 or sorted(row_texts(db, "app_settings")) == want, \
         "restore said every row matches, but app_settings differs from the file"
+
+
+# --- a key range read ahead (RangeRead) -----------------------------------------------------------
+
+def scratch_range(stack, tmp_path, scratch):
+    """A RangeRead of the scratch table's 300 rows (pages of 50, from PAGE_SIZE) through a
+    SupabaseApi of its own, and that api."""
+    config = supabase_backup.Config(url=stack.url, key=stack.service_role_key,
+                                    key_setting="SUPABASE_SERVICE_ROLE_KEY", data_dir=tmp_path,
+                                    sources=(), settings={})
+    api = supabase_backup.SupabaseApi(config)
+    meta = supabase_backup.discover_tables(api.openapi())[scratch]
+    read = supabase_backup.RangeRead(api, scratch, supabase_backup.with_stored_forms(meta), None,
+                                     None)
+    return read, api
+
+
+def reading_threads():
+    return [t for t in threading.enumerate() if t.name == "parallel" and t.is_alive()]
+
+
+def test_a_range_whose_comparison_fails_half_way_stops_its_reading_thread(
+        stack, scratch, tmp_path, monkeypatch):
+    """An error while a key range's rows are compared, after its first page (step 3's spool on a
+    full disk, say): the thread reading that range ahead stops with the comparison, rather than
+    waiting for the rest of the process's life."""
+    monkeypatch.setattr(supabase_backup, "PAGE_SIZE", 50)
+    read, api = scratch_range(stack, tmp_path, scratch)
+    try:
+        compared = []
+        with pytest.raises(OSError, match="No space left"):
+            for page in read:
+                compared += [row["id"] for row in page]
+                if len(compared) > 50:
+                    raise OSError(28, "No space left on device")
+        assert compared == list(range(1, 101))
+        wait_for(lambda: not reading_threads(), timeout=supabase_backup.THREAD_GRACE + 5,
+                 what="the range's reading thread to stop")
+    finally:
+        read.join()
+        api.close()
+
+
+def test_ctrl_c_while_a_range_waits_for_a_slow_page_is_not_held_up(
+        stack, scratch, tmp_path, monkeypatch):
+    """Ctrl-C while a comparison waits for its range's next page (a slow answer in flight)
+    reaches the run at once: its rollback, or diff's exit, does not wait for that answer."""
+    monkeypatch.setattr(supabase_backup, "PAGE_SIZE", 50)
+    stack.faults.add(kind="read", table=scratch, after=2, action="latency", delay=4)
+    read, api = scratch_range(stack, tmp_path, scratch)
+    ctrl_c = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+    try:
+        assert [row["id"] for row in read.first_page()] == list(range(1, 51))  # not slowed
+        started = time.monotonic()
+        ctrl_c.start()
+        with pytest.raises(KeyboardInterrupt):
+            for _ in read:
+                pass  # the second page takes 4 s
+        assert time.monotonic() - started < 2.5
+    finally:
+        ctrl_c.cancel()
+        # The slow answer still comes; its thread then ends (it only reads).
+        wait_for(lambda: not reading_threads(), what="the range's reading thread to stop")
+        api.close()
