@@ -5814,8 +5814,9 @@ class StorageRestore:
 
 class RunParts:
     """What the steps of a restore run share. RestoreRun (the flow, below) sets the attributes
-    these use in its __init__: api, config, paths, args, plans, order, auth, storage, the
-    restore log and the safety backup's paths."""
+    these use in its __init__ (api, config, paths, args, file_path, dry_run, progress, plans,
+    order, auth, storage, restore_log, safety_path, safety_read_path, safety_recipients,
+    plain_copies, _step) and its class attribute mode."""
 
     @property
     def accept_json_null(self):
@@ -6396,7 +6397,6 @@ class RestoreRun(RunParts):
         raise RestoreError(f"{self.mode} failed ({reason}); every table it touched was rolled "
                            f"back to {self.safety_path.name} and verified: the database is as "
                            f"before{except_columns} (log: {self.restore_log.path})")
-
 
 
 # --- 21. The rollback run; what a restore asks first and prints last ------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 import threading
 from collections import Counter
@@ -30,6 +31,13 @@ import supabase_backup  # noqa: E402
 
 DEFAULT_MAX_ROWS = 1000
 DEFAULT_STATEMENT_TIMEOUT = "8s"
+
+# The Ctrl-C tests send SIGINT to the tool's processes and to this one. A shell without job
+# control starts a background command (`pytest &`, cron's `... &`) with SIGINT ignored, and
+# every process started from it would inherit that: Ctrl-C would do nothing and those tests
+# would fail for a reason that is not the tool's. Python's own handler, as in a foreground run.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
