@@ -1118,6 +1118,12 @@ def select_list(meta):
                     for c in meta["columns"])
 
 
+def key_select(meta, columns):
+    """The select parameter for only these columns, each in the form select_list reads it."""
+    stored = file_forms(meta)
+    return ",".join(quote_field(c) + ("::text" if stored.get(c) else "") for c in columns)
+
+
 def read_order(meta):
     """(order_by columns, paging): the key for keyset paging, else every sortable column."""
     if meta["primary_key"]:
@@ -2650,8 +2656,13 @@ def split_points(api, table, count):
     if ranges < 2:
         return []
 
+    # Only the key columns (in their stored forms): the server skips `offset` rows for each
+    # probe, and with every column selected it builds each skipped row whole (an index-only
+    # scan cannot serve it).
+    keys = key_select(table.meta, table.order_by)
+
     def key_at(offset):
-        rows = api.page(table.name, table.select, table.order_by, None, 1, offset)
+        rows = api.page(table.name, keys, table.order_by, None, 1, offset)
         return [rows[0].get(column) for column in table.order_by] if rows else None
 
     found = {compact_json(key): key for key in in_parallel(
@@ -2659,7 +2670,7 @@ def split_points(api, table, count):
         if key is not None}
     if not found:
         return []
-    rows = api.page(table.name, table.select, table.order_by, None, len(found),
+    rows = api.page(table.name, keys, table.order_by, None, len(found),
                     where=[key_filter(table.order_by, list(found.values()))])
     return [[row.get(column) for column in table.order_by] for row in rows]
 
