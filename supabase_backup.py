@@ -1114,12 +1114,12 @@ def select_list(meta):
     """The select parameter for a table: every column, cast to text where it is stored so."""
     if not any(c.get("stored_as") for c in meta["columns"]):
         return "*"
-    return ",".join(quote_field(c["name"]) + ("::text" if c.get("stored_as") else "")
-                    for c in meta["columns"])
+    return key_select(meta, [c["name"] for c in meta["columns"]])
 
 
 def key_select(meta, columns):
-    """The select parameter for only these columns, each in the form select_list reads it."""
+    """The select parameter for these columns, each cast to text where it is stored so (the
+    split-point probes ask for the key columns only; select_list for every column)."""
     stored = file_forms(meta)
     return ",".join(quote_field(c) + ("::text" if stored.get(c) else "") for c in columns)
 
