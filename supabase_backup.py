@@ -2297,8 +2297,9 @@ class Spool:
 
 class RangeRead:
     """The live rows of one key range (TablePages with after and until), read by a thread of
-    its own (a Parallel of one) from the start and up to two pages ahead, so that its first page
-    overlaps comparing the range before. Reads only."""
+    its own (a Parallel of one) from the start and up to two pages ahead, so that fetching and
+    parsing a page overlaps encoding the one before (a backup's read_range) or comparing it, and
+    a range's first page the range before (diff, verification). Reads only."""
 
     def __init__(self, api, name, meta, after, until):
         self.pages = TablePages(api, name, meta, after, until)
@@ -2678,7 +2679,10 @@ def split_points(api, table, count):
 def read_range(api, table, index, spool):
     """Read one key range of a table into its spool (the first range checks the date style)."""
     after, until = table.ranges[index]
-    pages, rows = TablePages(api, table.name, table.meta, after, until), 0
+    # The next pages are fetched (and parsed) by the RangeRead's own thread while this one
+    # encodes and spools the page before: on loopback, where no round trip hides either, the
+    # two halves of the work overlap.
+    pages, rows = RangeRead(api, table.name, table.meta, after, until), 0
     pk, first, last, rising = table.order_by, None, None, table.paging == "keyset"
     try:
         for page in pages:
@@ -2694,8 +2698,9 @@ def read_range(api, table, index, spool):
                         break
                     first, last = key if first is None else first, key
         table.range_keys[index] = (first, last, rising) if rows else None
-        table.range_read(api, pages.pages)
+        table.range_read(api, pages.pages.pages)
     except BaseException as exc:
+        pages.join(0)  # no page is read after the range failed
         spool.finish(table_failure(table.name, exc))
         raise
     spool.finish()
