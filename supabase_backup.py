@@ -2152,9 +2152,10 @@ def delete_remote(client, location, names):
 # --- 8. Background work and progress --------------------------------------------------------------
 # All the threading, one primitive: Parallel runs calls in threads of its own, a bounded number
 # ahead, and hands their results back in order. It makes several requests at once (in_parallel: a
-# backup's key ranges, a restore's batches), reads a key range's pages ahead of their comparison
-# (RangeRead: one thread) and compresses beside encoding (CompressingWriter: one thread, fed by
-# put()). Spool carries what one thread makes to another; and the one progress display.
+# backup's key ranges, a restore's batches), reads a key range's pages ahead of their encoding or
+# comparison (RangeRead: one thread) and compresses beside encoding (CompressingWriter: one
+# thread, fed by put()). Spool carries what one thread makes to another; and the one progress
+# display.
 
 class _Call:
     """One call of in_parallel: its function, and its result or error once done."""
