@@ -2680,13 +2680,12 @@ def split_points(api, table, count):
 def read_range(api, table, index, spool):
     """Read one key range of a table into its spool (the first range checks the date style)."""
     after, until = table.ranges[index]
-    # The next pages are fetched (and parsed) by the RangeRead's own thread while this one
-    # encodes and spools the page before: on loopback, where no round trip hides either, the
-    # two halves of the work overlap.
-    pages, rows = RangeRead(api, table.name, table.meta, after, until), 0
+    # The range's next pages are fetched and parsed by a thread of its own (RangeRead) while
+    # this one encodes and spools the page before (bench/PROFILE.md, "Issue 14").
+    reader, rows = RangeRead(api, table.name, table.meta, after, until), 0
     pk, first, last, rising = table.order_by, None, None, table.paging == "keyset"
     try:
-        for page in pages:
+        for page in reader:
             if index == 0 and rows == 0:
                 check_iso_dates(table.name, table.meta, page)
             spool.write(b"\n".join([row_json(row).encode() for row in page]) + b"\n")
@@ -2699,9 +2698,9 @@ def read_range(api, table, index, spool):
                         break
                     first, last = key if first is None else first, key
         table.range_keys[index] = (first, last, rising) if rows else None
-        table.range_read(api, pages.pages.pages)
+        table.range_read(api, reader.pages.pages)  # the TablePages' count of pages read
     except BaseException as exc:
-        pages.join(0)  # no page is read after the range failed
+        reader.join(0)  # no page is read after the range failed
         spool.finish(table_failure(table.name, exc))
         raise
     spool.finish()
