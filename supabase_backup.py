@@ -2593,7 +2593,7 @@ class TableRead:
     def __init__(self, api, name, meta):
         self.name, self.meta = name, with_stored_forms(meta)
         pages = TablePages(api, name, self.meta)
-        self.order_by, self.paging, self.select = pages.order_by, pages.paging, pages.select
+        self.order_by, self.paging = pages.order_by, pages.paging
         self.count_before, self.count_method = count_rows(api, name)
         self.ranges = [(None, None)]
         if self.paging == "keyset":
